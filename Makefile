@@ -1,0 +1,32 @@
+# simcot: set-up, the embedded default run, and the tests.
+#   make run      set up .venv and train + evaluate the default (tiny-llama, CoT-SFT, CPU, ~3 min)
+#   make test     set up .venv and run the test suite
+# A GPU machine picks its own torch build:  make setup TORCH_SPEC="torch==2.13.0" ALLOW_NVIDIA=1
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+ALLOW_NVIDIA ?= 0
+BIN := $(VENV)/bin
+PYTEST_ARGS ?= -q
+
+.PHONY: setup run test bench clean
+
+setup: $(VENV)/.installed
+
+# torch first and pinned, so nothing later resolves an unpinned torch (several GB of CUDA wheels).
+$(VENV)/.installed: setup.cfg pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64"
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m simcot.launchers.check_env --allow-nvidia=$(ALLOW_NVIDIA)
+	touch $@
+
+run: setup
+	$(BIN)/simcot train
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+clean:
+	rm -rf $(VENV) build *.egg-info

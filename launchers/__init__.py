@@ -1,0 +1,1 @@
+"""The `simcot` command line, DeepSpeed configs, recipes, hostfile and SLURM scripts."""

@@ -1,0 +1,31 @@
+"""Post-install check: the torch build that was asked for, and no stray CUDA wheels.
+
+An unpinned ``torch`` (or a package that asks for a newer one) silently pulls several GB of
+``nvidia-*`` wheels onto a CPU machine; this fails the set-up loudly instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as md
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--allow-nvidia", default="0", help="1 on GPU machines whose torch build needs nvidia-* wheels")
+    args = p.parse_args(argv)
+    names = sorted({(d.metadata["Name"] or "").lower() for d in md.distributions()})
+    nvidia = [n for n in names if n.startswith("nvidia-")]
+    torch_version = md.version("torch")
+    print(f"torch {torch_version}; {len(names)} packages installed")
+    if nvidia and args.allow_nvidia not in ("1", "true", "yes"):
+        print(f"error: CUDA wheels were installed: {', '.join(nvidia)}. Something resolved an unpinned torch; "
+              f"install torch first (make setup TORCH_SPEC=...) or pass ALLOW_NVIDIA=1 on a GPU machine.",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

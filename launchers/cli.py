@@ -1,0 +1,148 @@
+"""The ``simcot`` command line (python-fire).
+
+    simcot train [--config FILE.yaml] [--section.key VALUE ...]
+    simcot eval --checkpoint RUN_OR_CHECKPOINT [--eval.split test] [--section.key VALUE ...]
+    simcot data --source arith|mult|gsm8k|prosqa|<format> [--split] [--n] [--format] [--out]
+
+Options are the fields of the config dataclasses (``simcot train --help`` lists them all with
+their defaults); a YAML file sets many at once and command-line flags override it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from simcot.train.config import Config, ConfigError, help_text, load_config
+
+USAGE = """usage: simcot COMMAND [options]
+
+commands:
+  train     train a model (default: CoT-SFT of tiny-llama on generated arithmetic, CPU, a few minutes)
+  eval      evaluate a checkpoint on a split (batched greedy decoding, exact match)
+  data      preview a data source or write it as jsonl / GSM8K-Aug / iCoT text
+
+`simcot COMMAND --help` lists the options of a command with their defaults.
+"""
+
+
+def _help_requested(overrides: dict) -> bool:
+    return bool(overrides.pop("help", False) or overrides.pop("h", False))
+
+
+def _config_help(command: str, extra: str = "") -> str:
+    head = f"usage: simcot {command} [--config FILE.yaml] [--section.key VALUE ...]\n{extra}\noptions (default):"
+    return "\n".join([head, *help_text(Config)])
+
+
+def _fail(e: Exception) -> None:
+    print(f"simcot: error: {e}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def train(config: str = "", **overrides):
+    """Train a model; every config field is an option (see --help)."""
+    if _help_requested(overrides):
+        print(_config_help("train", "Train, evaluate on val and test, log everything to MLflow."))
+        return
+    try:
+        cfg = load_config(config or None, overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+    from simcot.train.formats import DataError
+    from simcot.train.runner import run_training
+
+    try:
+        summary = run_training(cfg, overrides)
+    except DataError as e:
+        _fail(e)
+    print(json.dumps(summary, indent=2))
+
+
+def eval(checkpoint: str = "", out: str = "", **overrides):  # noqa: A001 - the command's name
+    """Evaluate a checkpoint (a checkpoint folder or a run folder) on a split."""
+    if _help_requested(overrides) or not checkpoint:
+        extra = ("  --checkpoint  run folder or checkpoint folder (required)\n"
+                 "  --out         predictions JSONL path (default: beside the checkpoint)\n"
+                 "  Any config key overrides the checkpoint's own config, e.g. --eval.split val --eval.batch_size 64")
+        print(_config_help("eval --checkpoint PATH", extra))
+        if not checkpoint and not overrides:
+            return
+        if not checkpoint:
+            _fail(ValueError("--checkpoint is required"))
+    from simcot.train.runner import run_evaluation
+
+    try:
+        print(json.dumps(run_evaluation(checkpoint, overrides, out), indent=2))
+    except (ConfigError, FileNotFoundError) as e:
+        _fail(e)
+
+
+DATA_HELP = """usage: simcot data [options]
+
+Preview a data source, or write any source as jsonl, GSM8K-Aug text (aug) or iCoT text (icot).
+
+options (default):
+  --source='arith'     arith | mult (generated), gsm8k | prosqa (shared data), or a file format
+                       jsonl | gsm8k-jsonl | aug | icot | coconut (with --path)
+  --split='train'      train | val | test
+  --n=0                rows (generators: how many to make, default 1000; files: a cap, 0 = all)
+  --seed=0             generator seed
+  --steps=3            arith: operations per problem
+  --digits=4           mult: digits per factor (2..6)
+  --gsm8k_steps='equations'  gsm8k: equations (<<expr>> annotations) or text (solution lines)
+  --path=''            input file for a file format
+  --data_dir=''        shared data folder (default $SIMCOT_DATA_DIR or ../shared/data)
+  --format='preview'   preview | jsonl | aug | icot
+  --out=''             output file (required unless previewing)
+  --preview=3          rows to print when previewing
+"""
+
+
+def data(source: str = "arith", split: str = "train", n: int = 0, seed: int = 0, steps: int = 3, digits: int = 4,
+         gsm8k_steps: str = "equations", path: str = "", data_dir: str = "", format: str = "preview",  # noqa: A002
+         out: str = "", preview: int = 3, **extra):
+    """Preview or convert a data source (see --help)."""
+    if _help_requested(extra):
+        print(DATA_HELP)
+        return
+    if extra:
+        _fail(ValueError(f"unknown option(s) for data: {', '.join('--' + k for k in extra)}"))
+    from simcot.train.formats import DataError, write_records
+    from simcot.train.sources import load_source
+
+    try:
+        records = load_source(str(source), str(split), n=int(n), seed=int(seed), steps=int(steps),
+                              digits=int(digits), data_dir_=str(data_dir), gsm8k_steps=str(gsm8k_steps),
+                              path=str(path))
+        if format == "preview":
+            for r in records[:preview]:
+                print(json.dumps(r, ensure_ascii=False))
+            print(f"# {len(records)} rows from {source}:{split}", file=sys.stderr)
+            return
+        if not out:
+            raise DataError("--out is required to write a file (or use --format preview)")
+        count = write_records(records, out, str(format))
+    except (DataError, ValueError) as e:
+        _fail(e)
+    print(f"wrote {count} rows to {out} ({format})", file=sys.stderr)
+
+
+COMMANDS = {"train": train, "eval": eval, "data": data}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return
+    if argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        _fail(ValueError(f"unknown command '{argv[0]}'"))
+    import fire
+
+    fire.Fire(COMMANDS, command=argv, name="simcot")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Model presets, loading, the latent rollout, projections and the step decoder."""

@@ -1,0 +1,108 @@
+"""Access to the parts of a causal LM, and batched greedy decoding with a KV cache.
+
+Decoding takes a left-padded batch (positions that ignore the padding, an attention mask that
+hides it) and an optional cache already holding a prefix (the latent rollout fills one), then
+runs one single-token forward per step for the whole batch. Finished rows keep emitting pad.
+Under ZeRO-3 every rank must make the same number of forward passes, so the stop decision is
+all-reduced across the data-parallel group when one is given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def unwrap(lm: nn.Module) -> nn.Module:
+    """The HF model under a peft wrapper (or the model itself)."""
+    get_base = getattr(lm, "get_base_model", None)
+    return get_base() if callable(get_base) else lm
+
+
+def body(lm: nn.Module) -> nn.Module:
+    """The transformer stack that returns final (normed) hidden states."""
+    return unwrap(lm).get_decoder()
+
+
+def head(lm: nn.Module) -> nn.Module:
+    return unwrap(lm).get_output_embeddings()
+
+
+def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad id lists: (ids, attention_mask), both (B, T)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if s:
+            ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that skip padding: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def any_rank(flag: torch.Tensor, group=None) -> bool:
+    """True if `flag` (a bool scalar tensor) is true on any rank of the group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        t = flag.to(torch.int32).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        return bool(t.item())
+    return bool(flag.item())
+
+
+@dataclass
+class Prefill:
+    """State after the prompt ran: the logits of its last position, cache, mask, next positions."""
+
+    logits: torch.Tensor  # (B, V)
+    cache: object
+    mask: torch.Tensor  # (B, T_cache)
+    next_pos: torch.Tensor  # (B,)
+
+
+def prefill_ids(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:
+    pos = positions(mask)
+    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    return Prefill(out.logits[:, -1], out.past_key_values, mask, pos[:, -1] + 1)
+
+
+@torch.no_grad()
+def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int,
+                  group=None, synced: bool = False) -> torch.Tensor:
+    """Greedy continuation of `state`: (B, <= max_new_tokens) ids, pad after each row's eos.
+
+    `synced` forces every rank to run the same number of steps (ZeRO-3); the stop test is then
+    an all-reduce over `group`.
+    """
+    bsz = state.logits.shape[0]
+    device = state.logits.device
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    mask, cache, pos = state.mask, state.cache, state.next_pos.clone()
+    logits = state.logits
+    out = []
+    for t in range(max_new_tokens):
+        tok = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), logits.argmax(-1))
+        out.append(tok)
+        done = done | (tok == eos_id)
+        if t == max_new_tokens - 1:
+            break
+        stop = not any_rank(~done.all(), group) if synced else bool(done.all())
+        if stop:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        step = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=cache,
+                  use_cache=True)
+        cache, logits = step.past_key_values, step.logits[:, -1]
+        pos = pos + 1
+    return torch.stack(out, dim=1) if out else torch.empty(bsz, 0, dtype=torch.long, device=device)
+
+
+def trim_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[: ids.index(eos_id)] if eos_id in ids else ids

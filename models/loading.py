@@ -1,0 +1,114 @@
+"""Build the tokenizer and the causal LM from a :class:`ModelConfig`.
+
+- A preset without ``pretrained``: a random-init model from the preset's config, sized to the
+  tokenizer (a SentencePiece tokenizer trained on the task text unless one is given).
+- A path or hub name (or a preset with ``pretrained``): ``from_pretrained`` for both; simcot's
+  special tokens are added and the embeddings resized, new rows initialised from an existing
+  token (Coconut copies ``<<``) or from the mean embedding.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from simcot.models.presets import get_preset
+from simcot.train.config import ModelConfig
+from simcot.train.tokenizer import load_tokenizer, record_texts, train_sentencepiece
+
+log = logging.getLogger(__name__)
+
+
+def is_random_init(mcfg: ModelConfig) -> bool:
+    return get_preset(mcfg.name) is not None and not mcfg.pretrained
+
+
+def weights_source(mcfg: ModelConfig) -> str:
+    preset = get_preset(mcfg.name)
+    if preset is not None:
+        if not preset.hub_id:
+            raise ValueError(f"preset '{mcfg.name}' has no pretrained weights; drop --model.pretrained")
+        return preset.hub_id
+    return mcfg.name
+
+
+def build_tokenizer(mcfg: ModelConfig, train_records, answer_prefix: str, cache_dir: str | Path):
+    """The run's tokenizer; a locally trained one is cached in `cache_dir` and reused."""
+    if mcfg.tokenizer:
+        return load_tokenizer(mcfg.tokenizer)
+    if not is_random_init(mcfg):
+        return load_tokenizer(weights_source(mcfg))
+    cache_dir = Path(cache_dir)
+    if (cache_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(cache_dir))
+    log.info("training a SentencePiece tokenizer (vocab %d) on %d records", mcfg.vocab_size, len(train_records))
+    return train_sentencepiece(record_texts(train_records, answer_prefix), mcfg.vocab_size, cache_dir)
+
+
+def _init_new_rows(model, tok, n_old: int, init_from: str) -> None:
+    """Initialise embedding (and untied lm_head) rows added for new tokens."""
+    n_new = len(tok)
+    if n_new <= n_old:
+        return
+    src = tok.encode(init_from, add_special_tokens=False) if init_from else []
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else None
+    with torch.no_grad():
+        for w in {id(emb): emb, id(head): head}.values():
+            if w is None:
+                continue
+            if len(src) == 1 and src[0] < n_old:
+                w[n_old:n_new] = w[src[0]]
+            else:
+                w[n_old:n_new] = w[:n_old].mean(0)
+    if len(src) != 1:
+        log.info("'%s' is not a single token: new special-token rows start at the mean embedding", init_from)
+
+
+def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpoint: str | Path | None = None):
+    """The causal LM.
+
+    With `checkpoint` (a simcot checkpoint folder) the architecture comes from its config.json
+    and the weights are left to the caller (the engine loads them): nothing is downloaded or
+    loaded twice.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if checkpoint is not None:
+        cfg = AutoConfig.from_pretrained(str(checkpoint))
+        cfg._attn_implementation = mcfg.attn_implementation
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    elif is_random_init(mcfg):
+        cfg = get_preset(mcfg.name).hf_config(len(tok), mcfg.hidden_size, mcfg.num_layers, mcfg.num_heads,
+                                              mcfg.attn_implementation)
+        cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(weights_source(mcfg), dtype=dtype,
+                                                     attn_implementation=mcfg.attn_implementation)
+    n_old = model.get_input_embeddings().weight.shape[0]
+    if len(tok) > n_old:
+        model.resize_token_embeddings(len(tok), mean_resizing=False)
+        _init_new_rows(model, tok, n_old, mcfg.init_special_from)
+    elif len(tok) < n_old and checkpoint is None and is_random_init(mcfg):
+        raise ValueError(f"model vocabulary ({n_old}) is larger than the tokenizer's ({len(tok)})")
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def apply_lora(model, mcfg: ModelConfig):
+    """Wrap the LM with a peft LoRA adapter (CODI/SIM-CoT use r=128, alpha=32 at scale)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("model.lora_r > 0 needs peft: pip install 'simcot[lora]'") from e
+    targets = mcfg.lora_targets
+    if targets == "auto":
+        family = model.config.model_type
+        targets = "c_attn,c_proj,c_fc" if family == "gpt2" else "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
+                      target_modules=[t.strip() for t in targets.split(",")], task_type="CAUSAL_LM")
+    return get_peft_model(model, lcfg)

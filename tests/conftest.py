@@ -1,0 +1,50 @@
+"""Test-wide setup: the Triton interpreter (before any kernel module is imported), a private
+MLflow store per test session, and helpers that build tiny configs."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("SIMCOT_DATA_DIR", REPO.parent / "shared" / "data"))
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _mlflow_store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlruns.db'}"
+    yield
+
+
+def tiny_overrides(tmp_path, **extra) -> dict:
+    """Overrides for a seconds-long run: a 2-layer 32-wide llama on 3-step arithmetic."""
+    base = {
+        "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.vocab_size": 300,
+        "data.n_train": 64, "data.n_val": 8, "data.n_test": 8, "data.steps": 2,
+        "train.out_dir": str(tmp_path / "runs"), "train.run_name": "t", "train.epochs": 2,
+        "train.batch_size": 16, "train.micro_batch_size": 8, "train.lr": 3e-3, "train.warmup_steps": 2,
+        "train.log_every": 1, "eval.batch_size": 8, "eval.max_new_tokens": 24, "tracking.enabled": False,
+    }
+    base.update(extra)
+    return base
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    def make(**extra):
+        from simcot.train.config import load_config
+
+        ov = tiny_overrides(tmp_path, **extra)
+        return load_config(None, ov), ov
+
+    return make

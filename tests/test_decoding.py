@@ -1,0 +1,54 @@
+"""Batched greedy decoding (left padding, KV cache) equals one-sample-at-a-time decoding."""
+
+import torch
+
+from simcot.models.decoding import greedy_decode, left_pad, prefill_ids
+from simcot.models.presets import PRESETS
+from transformers import AutoModelForCausalLM
+
+
+def _model(name):
+    torch.manual_seed(0)
+    cfg = PRESETS[name].hf_config(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2)
+    return AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval()
+
+
+def _decode(model, prompts, n=12):
+    ids, mask = left_pad(prompts, pad_id=0)
+    out = greedy_decode(model, prefill_ids(model, ids, mask), n, eos_id=1, pad_id=0)
+    return [row.tolist() for row in out]
+
+
+def test_batched_equals_unbatched_for_llama_and_gpt2():
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 9, 5, 1, 7)]
+    for name in ("tiny-llama", "tiny-gpt2"):
+        model = _model(name)
+        batched = _decode(model, prompts)
+        single = [_decode(model, [p])[0] for p in prompts]
+        for b, s in zip(batched, single):
+            assert b[: len(s)] == s and all(t == 0 for t in b[len(s):])
+
+
+class _Scripted(torch.nn.Module):
+    """A fake LM whose row r emits token 5 until its scripted step, then eos (1)."""
+
+    def __init__(self, eos_at):
+        super().__init__()
+        self.eos_at, self.calls = eos_at, 0
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values=None, use_cache=True, **kw):
+        step = self.calls
+        self.calls += 1
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], 8)
+        for r, at in enumerate(self.eos_at):
+            logits[r, -1, 1 if step >= at else 5] = 1.0
+        return type("Out", (), {"logits": logits, "past_key_values": None})()
+
+
+def test_rows_stop_at_eos_pad_after_and_decoding_ends_when_all_are_done():
+    lm = _Scripted(eos_at=[2, 0, 1])
+    ids, mask = left_pad([[5, 6], [7], [2, 3, 4]], 0)
+    out = greedy_decode(lm, prefill_ids(lm, ids, mask), 10, eos_id=1, pad_id=0)
+    assert out.tolist() == [[5, 5, 1], [1, 0, 0], [5, 1, 0]]
+    assert lm.calls == 3  # prefill + two steps: no forward after every row finished

@@ -1,0 +1,100 @@
+"""Readers on the shared data and on malformed input; writers round-trip."""
+
+import json
+
+import pytest
+
+from conftest import SHARED_DATA
+from simcot.train.formats import (DataError, format_aug, parse_gsm8k_answer, read_file, sniff_format,
+                                  write_records)
+from simcot.train.sources import load_source
+
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
+
+
+@needs_shared
+def test_gsm8k_shared_splits_have_all_rows_and_equation_steps():
+    train = read_file(SHARED_DATA / "gsm8k" / "train.jsonl")
+    test = read_file(SHARED_DATA / "gsm8k" / "test.jsonl")
+    assert (len(train), len(test)) == (7473, 1319)
+    first = test[0]
+    assert first["steps"] == ["<<16-3-4=9>>", "<<9*2=18>>"] and first["answer"] == "18"
+    assert all(s.startswith("<<") and s.endswith(">>") for r in train[:200] for s in r["steps"])
+
+
+@needs_shared
+def test_gsm8k_text_steps_are_the_solution_lines_without_annotations():
+    test = read_file(SHARED_DATA / "gsm8k" / "test.jsonl", gsm8k_steps="text")
+    assert test[0]["steps"][0].startswith("Janet sells 16 - 3 - 4 = 9")
+    assert all("<<" not in s for r in test[:100] for s in r["steps"])
+
+
+@needs_shared
+def test_prosqa_test_split_reads_500_rows():
+    rows = read_file(SHARED_DATA / "prosqa" / "test.json")
+    assert len(rows) == 500
+    assert rows[0]["steps"] and rows[0]["answer"].endswith(".")
+
+
+@needs_shared
+def test_gsm8k_writes_as_aug_lines_and_reads_back(tmp_path):
+    records = load_source("gsm8k", "test")
+    out = tmp_path / "test.txt"
+    assert write_records(records, out, "aug") == 1319
+    back = read_file(out)  # sniffed as aug
+    assert sniff_format(out) == "aug"
+    assert [r["steps"] for r in back] == [r["steps"] for r in records]
+    assert [r["answer"] for r in back] == [r["answer"] for r in records]
+
+
+def test_aug_line_parses_into_steps_and_answer(tmp_path):
+    p = tmp_path / "a.txt"
+    p.write_text("Natalia sold 48 clips||<<48/2=24>> <<48+24=72>> #### 72\n")
+    assert read_file(p, "aug") == [{"question": "Natalia sold 48 clips", "steps": ["<<48/2=24>>", "<<48+24=72>>"],
+                                    "answer": "72"}]
+
+
+def test_icot_line_parses_partial_products_as_steps(tmp_path):
+    p = tmp_path / "m.txt"
+    p.write_text("5 6 * 7 4||5 9 3 + 0 0 2 2 #### 5 9 5 2\n")
+    assert read_file(p) == [{"question": "5 6 * 7 4", "steps": ["5 9 3", "0 0 2 2"], "answer": "5 9 5 2"}]
+
+
+@pytest.mark.parametrize("content, fmt, message", [
+    ("q||<<1+1=2>> 2\n", "aug", "m.txt:1: missing '####' before the answer"),
+    ("ok||<<1=1>> #### 1\nno separator here #### 3\n", "aug", "m.txt:2: missing '||' between question and reasoning"),
+    ("q||<<1=1>> #### \n", "aug", "m.txt:1: empty answer"),
+    ('{"question": "q", "steps": ["a"], "answer": "1"}\n{"question": "q", "answer": "1"}\n', "jsonl",
+     "m.txt:2: field 'steps' must be a list of strings"),
+    ('{"question": "q", "steps": [], "answer": "1"}\n{oops\n', "jsonl", "m.txt:2: invalid JSON"),
+    ('{"question": "q", "answer": "no final line"}\n', "gsm8k-jsonl", "m.txt:1: no '####' final-answer line"),
+    ('{"steps": [], "answer": "1"}\n', "jsonl", "m.txt:1: missing field 'question'"),
+])
+def test_malformed_rows_name_file_line_and_problem(tmp_path, content, fmt, message):
+    p = tmp_path / "m.txt"
+    p.write_text(content)
+    with pytest.raises(DataError) as e:
+        read_file(p, fmt)
+    assert str(e.value).startswith(str(tmp_path / message.split(":")[0]) + ":" + message.split(":", 1)[1])
+
+
+def test_coconut_json_must_be_a_list(tmp_path):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps({"question": "q"}))
+    with pytest.raises(DataError, match=r"c.json: expected a JSON list of records"):
+        read_file(p)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(DataError, match=r"data file not found: .*nope.jsonl"):
+        read_file(tmp_path / "nope.jsonl")
+
+
+def test_aug_writer_refuses_steps_with_spaces():
+    with pytest.raises(DataError, match="one whitespace-free expression per step"):
+        format_aug({"question": "q", "steps": ["two words"], "answer": "1"})
+
+
+def test_gsm8k_answer_commas_are_removed():
+    steps, final = parse_gsm8k_answer("He has <<1000+234=1234>>1,234 apples.\n#### 1,234")
+    assert steps == ["<<1000+234=1234>>"] and final == "1234"

@@ -1,0 +1,23 @@
+"""A regular (non-editable) install carries every sub-package and no generic top-level names."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_regular_install_imports_from_another_folder(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--target", str(target), str(REPO)], check=True, capture_output=True, timeout=300)
+    top = {p.name for p in target.iterdir() if not p.name.endswith((".dist-info", ".egg-info"))}
+    assert "simcot" in top and not top & {"models", "train", "kernels", "launchers", "tests"}, top
+    code = ("import simcot.train.methods, simcot.train.runner, simcot.models.decoding, simcot.kernels, "
+            "simcot.launchers.cli, simcot; print(simcot.train.methods.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().startswith(str(target))
+    shipped = {p.name for p in (target / "simcot" / "launchers").rglob("*") if p.is_file()}
+    assert "cli.py" in shipped

@@ -1,0 +1,1 @@
+"""Config, data, tokenizer, the training loop, evaluation, tracking and the methods."""

@@ -1,0 +1,102 @@
+"""Checkpoints: written atomically, found again by --resume.
+
+A checkpoint is a folder ``<run>/checkpoints/step_NNNNNNN`` holding the engine's part (weights
+as safetensors + optimizer/scheduler state, or DeepSpeed's shards), the tokenizer, the model's
+HF ``config.json``, the simcot config, the trainer state (step, epoch, data position, MLflow run)
+and the RNG states. It is assembled under a temporary name and renamed into place, and the
+``latest`` pointer is replaced atomically, so a crash mid-save never leaves a half checkpoint
+behind the pointer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simcot.models.decoding import unwrap
+
+LATEST = "latest"
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: Path, step: int, engine, tok, config_yaml: str, trainer_state: dict,
+                    keep: int = 2, is_writer: bool = True) -> Path:
+    """Write a checkpoint; every rank calls this (the engine may save shards), rank 0 writes the rest."""
+    ckpt_root = Path(run_dir) / "checkpoints"
+    final = ckpt_root / f"step_{step:07d}"
+    tmp = ckpt_root / f".step_{step:07d}.tmp"
+    if is_writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    _barrier()
+    engine.save(tmp)
+    if is_writer:
+        tok.save_pretrained(str(tmp))
+        unwrap(engine.module.lm).config.save_pretrained(str(tmp))
+        (tmp / "config.yaml").write_text(config_yaml)
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
+        torch.save(rng_state(), tmp / "rng.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(ckpt_root / LATEST, final.name)
+        _prune(ckpt_root, keep)
+    _barrier()
+    return final
+
+
+def _prune(ckpt_root: Path, keep: int) -> None:
+    ckpts = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in ckpts[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder from a checkpoint, a run folder or a checkpoints folder."""
+    p = Path(path)
+    for cand in (p, p / "checkpoints"):
+        if (cand / "trainer_state.json").is_file():
+            return cand
+        if (cand / LATEST).is_file():
+            target = cand / (cand / LATEST).read_text().strip()
+            if (target / "trainer_state.json").is_file():
+                return target
+    raise FileNotFoundError(f"no checkpoint found at {p} (expected a checkpoint folder or a run folder "
+                            f"with checkpoints/{LATEST})")
+
+
+def load_trainer_state(ckpt: Path) -> dict:
+    return json.loads((Path(ckpt) / "trainer_state.json").read_text())

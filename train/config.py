@@ -1,0 +1,303 @@
+"""Typed configuration: nested dataclasses, loaded from YAML with dotted command-line overrides.
+
+Every field carries a one-line doc (``opt(default, "doc")``) that becomes the ``--help`` text,
+so the dataclasses below *are* the reference for every option. Unknown keys are errors that
+name the key (a typo must never silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported with the offending key."""
+
+
+def opt(default: Any, doc: str) -> Any:
+    """A dataclass field with a default and a help line."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("tiny-llama", "Preset (tiny-llama, tiny-gpt2, gpt2, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b) "
+                    "or a Hugging Face model path/name")
+    pretrained: bool = opt(False, "Load weights with from_pretrained (always true for a path that is not a preset)")
+    tokenizer: str = opt("", "Tokenizer path/name; empty = the model's own, or a SentencePiece tokenizer trained "
+                         "on the task text for randomly initialised presets")
+    vocab_size: int = opt(384, "Vocabulary size of the locally trained SentencePiece tokenizer (a soft limit)")
+    hidden_size: int = opt(0, "Override the preset's hidden size (0 = keep)")
+    num_layers: int = opt(0, "Override the preset's number of layers (0 = keep)")
+    num_heads: int = opt(0, "Override the preset's number of attention heads (0 = keep)")
+    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa or eager")
+    init_special_from: str = opt("<<", "Initialise the embeddings of new special tokens from this token "
+                                 "(Coconut copies '<<'); falls back to the mean embedding when it is not one token")
+    lora_r: int = opt(0, "LoRA rank on the main model (0 = full fine-tuning); needs peft")
+    lora_alpha: int = opt(32, "LoRA alpha")
+    lora_dropout: float = opt(0.1, "LoRA dropout")
+    lora_targets: str = opt("auto", "Comma-separated module names for LoRA; auto = all linear layers of the family")
+    gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing in the main model")
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("arith", "Task: arith | mult (generated), gsm8k | prosqa (shared data), or a file format "
+                      "jsonl | gsm8k-jsonl | aug | icot | coconut read from train_file/val_file/test_file")
+    train_file: str = opt("", "Training file (overrides the source's own train split)")
+    val_file: str = opt("", "Validation file (overrides the source's own validation split)")
+    test_file: str = opt("", "Test file (overrides the source's own test split)")
+    data_dir: str = opt("", "Folder of the shared data sets; empty = $SIMCOT_DATA_DIR or ../shared/data")
+    n_train: int = opt(4000, "Training rows (generated count, or a cap on a file; 0 = all of a file)")
+    n_val: int = opt(200, "Validation rows (held out from train when the source has no validation split)")
+    n_test: int = opt(500, "Test rows (0 = all of a file)")
+    seed: int = opt(0, "Seed of the generators and of the validation hold-out")
+    steps: int = opt(3, "arith: number of reasoning steps (operations) per problem")
+    min_steps: int = opt(0, "arith: draw the step count uniformly from [min_steps, steps] (0 = always `steps`)")
+    max_operand: int = opt(9, "arith: operands are drawn from 1..max_operand")
+    max_value: int = opt(99, "arith: every intermediate value stays within 0..max_value")
+    digits: int = opt(4, "mult: digits of each factor (k x k multiplication, k = 2..6)")
+    gsm8k_steps: str = opt("equations", "gsm8k: steps are the <<expr=value>> annotations (equations) or the "
+                           "natural-language lines (text)")
+    answer_prefix: str = opt("### ", "Text before the answer in every target; evaluation reads the text after it")
+    max_tokens: int = opt(0, "Drop training examples longer than this many tokens (0 = keep all)")
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = opt("runs", "Folder of run directories (checkpoints, predictions, tokenizer)")
+    run_name: str = opt("", "Run directory and MLflow run name; empty = <method>-<model>-<source>-<time>")
+    epochs: int = opt(8, "Training epochs")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = epochs decide)")
+    batch_size: int = opt(64, "Global batch size in samples per optimizer step (fixed for any world size)")
+    micro_batch_size: int = opt(32, "Samples per forward pass per process; accumulation = batch/(micro x world)")
+    lr: float = opt(3e-3, "Peak learning rate")
+    min_lr_ratio: float = opt(0.1, "Final learning rate of the cosine schedule as a fraction of lr")
+    schedule: str = opt("cosine", "Learning-rate schedule after warm-up: cosine | linear | constant")
+    warmup_steps: int = opt(20, "Linear warm-up steps (ignored when warmup_ratio > 0)")
+    warmup_ratio: float = opt(0.0, "Warm-up as a fraction of all steps")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to norms and biases)")
+    beta1: float = opt(0.9, "AdamW beta1")
+    beta2: float = opt(0.95, "AdamW beta2")
+    grad_clip: float = opt(1.0, "Clip the global gradient norm to this value (0 = off)")
+    seed: int = opt(0, "Seed for initialisation, data order and dropout")
+    precision: str = opt("fp32", "fp32 | bf16 | fp16 (autocast on the device; DeepSpeed mixed precision)")
+    device: str = opt("auto", "auto | cpu | cuda | cuda:N")
+    log_every: int = opt(10, "Log metrics every N optimizer steps")
+    eval_every: int = opt(0, "Evaluate on the validation split every N epochs (0 = only at the end)")
+    save_every: int = opt(0, "Checkpoint every N optimizer steps (0 = at the end of every epoch)")
+    keep_checkpoints: int = opt(2, "Keep only the newest N checkpoints")
+    resume: str = opt("", "Resume from a checkpoint folder, a run folder (its latest checkpoint) or 'auto'")
+    init_from: str = opt("", "Start from the weights of a checkpoint (e.g. a CoT-SFT run for Coconut)")
+    threads: int = opt(0, "torch CPU threads (0 = torch's default)")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = opt(128, "Evaluation batch size (greedy decoding with a KV cache, left padding)")
+    max_new_tokens: int = opt(64, "Maximum generated tokens per answer")
+    n_val: int = opt(0, "Cap on validation rows evaluated during training (0 = all)")
+    n_test: int = opt(0, "Cap on test rows evaluated at the end (0 = all)")
+    match: str = opt("exact", "Answer rule: exact (text after the answer prefix, numbers normalised) | "
+                     "last_number | any_number (SemCoT's lenient rule)")
+    split: str = opt("test", "Split for `simcot eval`: val | test | train")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = opt(True, "Log the run to MLflow")
+    uri: str = opt("", "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db")
+    experiment: str = opt("simcot", "MLflow experiment name")
+    parent_run_id: str = opt("", "Nest this run under a parent MLflow run (sweeps)")
+
+
+@dataclass
+class Config:
+    method: str = opt("cot", "Training objective: nocot | cot")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading, overriding, flattening
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else int(value)
+            except ValueError:
+                pass
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, (list, tuple)):  # fire turns "a,b" into a tuple
+            return ",".join(str(v) for v in value)
+        return "" if value is None else str(value)
+    else:
+        return value
+    raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    close = difflib.get_close_matches(key.rsplit(".", 1)[-1], known, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def apply_dict(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set fields of a dataclass instance from a (possibly nested) dict, strictly."""
+    types = _field_types(type(obj))
+    for key, value in values.items():
+        full = f"{prefix}{key}"
+        if key not in types:
+            raise _unknown(full, list(types))
+        tp = types[key]
+        if _is_dataclass_type(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{full}' is a section; give it a mapping, not {value!r}")
+            apply_dict(getattr(obj, key), value, prefix=f"{full}.")
+        else:
+            setattr(obj, key, _coerce(value, tp, full))
+
+
+def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Apply dotted overrides such as {"train.lr": 1e-4, "method": "coconut"}."""
+    for dotted, value in overrides.items():
+        parts = dotted.replace("-", "_").split(".")
+        nested: dict = {parts[-1]: value}
+        for p in reversed(parts[:-1]):
+            nested = {p: nested}
+        apply_dict(cfg, nested)
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, then validation."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        apply_dict(cfg, data)
+    apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def config_from_dict(d: dict) -> Config:
+    cfg = Config()
+    apply_dict(cfg, d)
+    return cfg
+
+
+_CHOICES = {
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.schedule": ("cosine", "linear", "constant"),
+    "eval.match": ("exact", "last_number", "any_number"),
+    "eval.split": ("train", "val", "test"),
+    "data.gsm8k_steps": ("equations", "text"),
+    "model.attn_implementation": ("sdpa", "eager"),
+}
+
+
+def validate(cfg: Config) -> None:
+    from simcot.train.methods import METHODS  # local: methods import heavy modules
+
+    if cfg.method not in METHODS:
+        raise ConfigError(f"config key 'method': unknown method '{cfg.method}' (choose from {', '.join(METHODS)})")
+    flat = flatten(to_dict(cfg))
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            raise ConfigError(f"config key '{key}': '{flat[key]}' is not one of {', '.join(choices)}")
+    t = cfg.train
+    for key in ("batch_size", "micro_batch_size"):
+        if getattr(t, key) < 1:
+            raise ConfigError(f"config key 'train.{key}' must be >= 1")
+    if t.batch_size % t.micro_batch_size:
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                          f"train.micro_batch_size ({t.micro_batch_size})")
+    METHODS[cfg.method].validate(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Help text generated from the field docs
+
+
+def help_text(cls: type = Config, prefix: str = "") -> list[str]:
+    lines = []
+    inst = cls()
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        if _is_dataclass_type(tp):
+            lines.append("")
+            lines.append(f"  [{prefix}{f.name}]")
+            lines.extend(help_text(tp, f"{prefix}{f.name}."))
+        else:
+            default = getattr(inst, f.name)
+            lines.append(f"  --{prefix}{f.name}={default!r}")
+            lines.append(f"        {f.metadata.get('doc', '')}")
+    return lines

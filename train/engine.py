@@ -1,0 +1,120 @@
+"""The engine owns the model's optimisation: optimizer, schedule, precision, accumulation, and
+the model/optimizer half of a checkpoint.
+
+``TorchEngine`` is plain PyTorch (one process, CPU or one GPU). The DeepSpeed engine offers the
+same five calls (forward, backward, step, save, load), so the loop never knows which it drives.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from simcot.train.config import TrainConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def lr_lambda(tcfg: TrainConfig, total_steps: int):
+    """Multiplier of the peak lr at each step: linear warm-up, then cosine/linear/constant."""
+    warmup = int(tcfg.warmup_ratio * total_steps) if tcfg.warmup_ratio > 0 else tcfg.warmup_steps
+    warmup = min(warmup, max(total_steps - 1, 0))
+    floor = tcfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if tcfg.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        if tcfg.schedule == "linear":
+            return floor + (1 - floor) * (1 - progress)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms, biases and 1-D parameters are not decayed (as nanoGPT)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class TorchEngine:
+    rank = 0
+    world_size = 1
+
+    def __init__(self, model: torch.nn.Module, tcfg: TrainConfig, total_steps: int, device: torch.device,
+                 accum: int):
+        self.module = model.to(device)
+        self.tcfg = tcfg
+        self.device = device
+        self.accum = accum
+        self.total_steps = total_steps
+        dtype = DTYPES[tcfg.precision]
+        self.autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+                         else contextlib.nullcontext())
+        self.scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
+        self._build_optimizer()
+
+    def _build_optimizer(self) -> None:
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, self.tcfg.weight_decay), lr=self.tcfg.lr,
+                                           betas=(self.tcfg.beta1, self.tcfg.beta2), fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tcfg, self.total_steps))
+
+    def reset_optimizer(self) -> None:
+        """A fresh AdamW (Coconut resets it at stage changes); the schedule keeps its position."""
+        step = self.scheduler.last_epoch
+        self._build_optimizer()
+        for _ in range(step):
+            self.scheduler.step()
+
+    def forward(self, fn, *args):
+        with self.autocast:
+            return self.module(fn, *args)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.accum
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> dict[str, float]:
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, clip)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"grad_norm": float(norm), "lr": lr}
+
+    def save(self, path: Path) -> None:
+        save_model(self.module, str(path / "model.safetensors"))
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, path / "optimizer.pt")
+
+    def load(self, path: Path, weights_only: bool = False) -> None:
+        missing, unexpected = load_model(self.module, str(path / "model.safetensors"), strict=True,
+                                         device=str(self.device))
+        if weights_only:
+            return
+        state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,99 @@
+"""Batched evaluation: the method's prompt, its prefill (plain or latent rollout), then batched
+greedy decoding with a KV cache; exact match of the final answer; predictions as JSONL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from simcot.models.decoding import greedy_decode, trim_at_eos
+from simcot.train.answers import extract, is_correct
+
+
+@dataclass
+class EvalResult:
+    split: str
+    n: int
+    correct: int
+    seconds: float
+    generated_tokens: float  # mean generated tokens per sample (answer + any explicit steps)
+    predictions: list[dict] = field(default_factory=list)
+    metrics: dict[str, float] = field(default_factory=dict)  # method-specific (latent health, ...)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(self.n, 1)
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.n / max(self.seconds, 1e-9)
+
+    def summary(self) -> dict[str, float]:
+        out = {f"{self.split}/accuracy": self.accuracy, f"{self.split}/samples_per_s": self.samples_per_s,
+               f"{self.split}/generated_tokens": self.generated_tokens, f"{self.split}/n": float(self.n)}
+        out.update({f"{self.split}/{k}": v for k, v in self.metrics.items()})
+        return out
+
+    def write(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for p in self.predictions:
+                f.write(json.dumps(p, ensure_ascii=False) + "\n")
+        tmp.replace(path)
+        return path
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str, split: str,
+             device: torch.device, epoch: int | None = None, n_latents: int | None = None) -> EvalResult:
+    """Accuracy of greedy decoding on `examples`.
+
+    Prompts are sorted by length so each batch wastes little padding; predictions come back in
+    the original order. `n_latents` overrides the method's latent count (latent sweeps).
+    """
+    was_training = model.training
+    model.eval()
+    prompts = [method.eval_prompt(ex, epoch) for ex in examples]
+    if n_latents is not None:
+        for p in prompts:
+            p.n_latents = n_latents
+    order = sorted(range(len(examples)), key=lambda i: len(prompts[i].ids))
+    marker = answer_prefix.strip()
+    preds: list[dict | None] = [None] * len(examples)
+    metric_sums: dict[str, float] = {}
+    correct, gen_tokens = 0, 0
+    _sync(device)
+    t0 = time.perf_counter()
+    for start in range(0, len(order), ecfg.batch_size):
+        idx = order[start:start + ecfg.batch_size]
+        state = method.prefill(model, [prompts[i] for i in idx], device)
+        gen = greedy_decode(model.lm, state, ecfg.max_new_tokens, method.special.eos, method.special.pad)
+        for k, v in getattr(state, "metrics", {}).items():
+            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * len(idx)
+        for row, i in enumerate(idx):
+            ids = trim_at_eos(gen[row].tolist(), method.special.eos)
+            text = tok.decode(ids, skip_special_tokens=False)
+            ok = is_correct(text, examples[i]["answer"], ecfg.match, marker)
+            correct += ok
+            gen_tokens += len(ids)
+            preds[i] = {"idx": examples[i]["idx"], "gold": examples[i]["answer"],
+                        "prediction": extract(text, marker), "correct": bool(ok), "generated": text,
+                        "n_latents": prompts[i].n_latents}
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    if was_training:
+        model.train()
+    n = len(examples)
+    metrics = {k: v / max(n, 1) for k, v in metric_sums.items()}
+    return EvalResult(split, n, correct, seconds, gen_tokens / max(n, 1), preds, metrics)

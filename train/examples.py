@@ -1,0 +1,32 @@
+"""Records -> token ids, once per run (not once per epoch), with ``datasets.Dataset.map``."""
+
+from __future__ import annotations
+
+import logging
+
+from simcot.train.formats import Record
+from simcot.train.tokenizer import encode_record
+
+log = logging.getLogger(__name__)
+
+
+def example_length(ex: dict) -> int:
+    return len(ex["q"]) + sum(len(s) for s in ex["steps"]) + len(ex["a"])
+
+
+def tokenize(records: list[Record], tok, answer_prefix: str, max_tokens: int = 0, num_proc: int = 0) -> list[dict]:
+    """Tokenized examples (each keeps its row index `idx` in the split and the raw question)."""
+    if not records:
+        return []
+    from datasets import Dataset
+
+    ds = Dataset.from_list([{"idx": i, **r} for i, r in enumerate(records)])
+    ds = ds.map(lambda r: encode_record(tok, r, answer_prefix), num_proc=num_proc or None,
+                remove_columns=["steps", "answer"], desc=None)
+    examples = ds.to_list()
+    if max_tokens > 0:
+        kept = [ex for ex in examples if example_length(ex) <= max_tokens]
+        if len(kept) < len(examples):
+            log.info("dropped %d examples longer than %d tokens", len(examples) - len(kept), max_tokens)
+        examples = kept
+    return examples

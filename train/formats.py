@@ -1,0 +1,239 @@
+"""Readers and writers for the task formats simcot understands.
+
+Every reader yields records ``{"question": str, "steps": list[str], "answer": str}``: one shape
+for every task, so methods never look at where the data came from. A malformed row raises a
+:class:`DataError` naming the file, the line and the problem, before any training starts.
+
+Formats:
+- ``gsm8k-jsonl``: GSM8K as released, ``{"question", "answer"}`` with ``<<48/2=24>>``
+  calculator annotations and a final ``#### 72`` line.
+- ``aug``: the GSM8K-Aug text of the implicit-CoT papers, ``question||<<a*b=c>> <<c+d=e>> #### e``
+  (one step per whitespace-separated expression, as Coconut's preprocessing splits it).
+- ``icot``: the iCoT multiplication text, ``5 6 3 2 * 7 4 3 4||<partial products> #### <digits>``
+  (digits least-significant first, steps separated by `` + ``).
+- ``coconut``: Coconut's JSON list of ``{"question", "steps", "answer", ...}`` (e.g. ProsQA).
+- ``jsonl``: one ``{"question", "steps", "answer"}`` object per line, for users' own data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+Record = dict  # {"question": str, "steps": list[str], "answer": str}
+
+_ANNOTATION = re.compile(r"<<([^<>]*)>>")
+
+
+class DataError(ValueError):
+    """A malformed input row: the message names the file, the line and the problem."""
+
+
+def _where(path: Path, line: int) -> str:
+    return f"{path}:{line}"
+
+
+def _check_record(rec: object, where: str) -> Record:
+    if not isinstance(rec, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for key in ("question", "answer"):
+        if key not in rec:
+            raise DataError(f"{where}: missing field '{key}'")
+        if not isinstance(rec[key], (str, int, float)) or isinstance(rec[key], bool):
+            raise DataError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+    steps = rec.get("steps")
+    if not isinstance(steps, list) or not all(isinstance(s, str) for s in steps):
+        raise DataError(f"{where}: field 'steps' must be a list of strings")
+    question, answer = str(rec["question"]).strip(), str(rec["answer"]).strip()
+    if not question:
+        raise DataError(f"{where}: empty question")
+    if not answer:
+        raise DataError(f"{where}: empty answer")
+    return {"question": question, "steps": [s.strip() for s in steps if s.strip()], "answer": answer}
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                yield i, json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{_where(path, i)}: invalid JSON ({e.msg})") from None
+
+
+# ------------------------------------------------------------------------------------- GSM8K
+
+
+def parse_gsm8k_answer(answer: str, steps: str = "equations") -> tuple[list[str], str]:
+    """Split a GSM8K solution into (steps, final answer); raises ValueError without '####'."""
+    if "####" not in answer:
+        raise ValueError("no '####' final-answer line")
+    body, final = answer.rsplit("####", 1)
+    final = final.strip().replace(",", "")
+    if not final:
+        raise ValueError("empty final answer after '####'")
+    if steps == "equations":
+        out = [f"<<{m.strip()}>>" for m in _ANNOTATION.findall(body)]
+    elif steps == "text":
+        out = [_ANNOTATION.sub("", line).strip() for line in body.splitlines()]
+        out = [s for s in out if s]
+    else:
+        raise ValueError(f"unknown gsm8k step style '{steps}'")
+    return out, final
+
+
+def read_gsm8k_jsonl(path: Path, steps: str = "equations") -> Iterator[Record]:
+    for i, obj in _json_lines(path):
+        where = _where(path, i)
+        if not isinstance(obj, dict) or "question" not in obj or "answer" not in obj:
+            raise DataError(f"{where}: expected an object with 'question' and 'answer'")
+        if not isinstance(obj["answer"], str):
+            raise DataError(f"{where}: field 'answer' must be a string")
+        try:
+            st, final = parse_gsm8k_answer(obj["answer"], steps)
+        except ValueError as e:
+            raise DataError(f"{where}: {e}") from None
+        yield _check_record({"question": obj["question"], "steps": st, "answer": final}, where)
+
+
+# --------------------------------------------------------------------------- aug / icot text
+
+
+def _parse_text_line(line: str, where: str, split_steps: Callable[[str], list[str]]) -> Record:
+    if "||" not in line:
+        raise DataError(f"{where}: missing '||' between question and reasoning")
+    question, rest = line.split("||", 1)
+    if "####" not in rest:
+        raise DataError(f"{where}: missing '####' before the answer")
+    cot, answer = rest.rsplit("####", 1)
+    return _check_record({"question": question, "steps": split_steps(cot), "answer": answer}, where)
+
+
+def _read_text(path: Path, split_steps: Callable[[str], list[str]]) -> Iterator[Record]:
+    with path.open(encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            line = line.rstrip("\n")
+            if line.strip():
+                yield _parse_text_line(line, _where(path, i), split_steps)
+
+
+def split_aug_steps(cot: str) -> list[str]:
+    return cot.split()
+
+
+def split_icot_steps(cot: str) -> list[str]:
+    return [s.strip() for s in cot.split(" + ") if s.strip()]
+
+
+def read_aug(path: Path) -> Iterator[Record]:
+    return _read_text(path, split_aug_steps)
+
+
+def read_icot(path: Path) -> Iterator[Record]:
+    return _read_text(path, split_icot_steps)
+
+
+# ---------------------------------------------------------------------------- JSON / JSONL
+
+
+def read_coconut_json(path: Path) -> Iterator[Record]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{_where(path, e.lineno)}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    for i, obj in enumerate(data):
+        yield _check_record(obj, f"{path}: record {i}")
+
+
+def read_jsonl(path: Path) -> Iterator[Record]:
+    for i, obj in _json_lines(path):
+        yield _check_record(obj, _where(path, i))
+
+
+READERS: dict[str, Callable[[Path], Iterable[Record]]] = {
+    "jsonl": read_jsonl,
+    "gsm8k-jsonl": read_gsm8k_jsonl,
+    "aug": read_aug,
+    "icot": read_icot,
+    "coconut": read_coconut_json,
+}
+
+
+def read_file(path: str | Path, fmt: str = "auto", gsm8k_steps: str = "equations") -> list[Record]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    if fmt == "auto":
+        fmt = sniff_format(path)
+    if fmt not in READERS:
+        raise DataError(f"unknown data format '{fmt}' for {path} (choose from {', '.join(READERS)})")
+    if fmt == "gsm8k-jsonl":
+        return list(read_gsm8k_jsonl(path, gsm8k_steps))
+    return list(READERS[fmt](path))
+
+
+def sniff_format(path: Path) -> str:
+    """Guess a format from the extension and the first row."""
+    if path.suffix == ".json":
+        return "coconut"
+    with path.open(encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "")
+    if path.suffix == ".jsonl" or first.lstrip().startswith("{"):
+        try:
+            obj = json.loads(first)
+        except json.JSONDecodeError:
+            return "jsonl"  # the reader reports the bad line
+        return "jsonl" if isinstance(obj, dict) and "steps" in obj else "gsm8k-jsonl"
+    if "||" in first:
+        cot = first.split("||", 1)[1]
+        return "icot" if " + " in cot and "<<" not in cot else "aug"
+    raise DataError(f"{path}: cannot tell the format from the first line; pass --format")
+
+
+# --------------------------------------------------------------------------------- writers
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def format_aug(rec: Record) -> str:
+    if any(len(s.split()) != 1 for s in rec["steps"]):
+        raise DataError("the aug format holds one whitespace-free expression per step; "
+                        "these steps contain spaces (write them as jsonl)")
+    steps = " ".join(rec["steps"])
+    return f"{_one_line(rec['question'])}||{steps} #### {rec['answer']}"
+
+
+def format_icot(rec: Record) -> str:
+    return f"{_one_line(rec['question'])}||{' + '.join(rec['steps'])} #### {rec['answer']}"
+
+
+def format_jsonl(rec: Record) -> str:
+    return json.dumps({"question": rec["question"], "steps": rec["steps"], "answer": rec["answer"]},
+                      ensure_ascii=False)
+
+
+WRITERS: dict[str, Callable[[Record], str]] = {"jsonl": format_jsonl, "aug": format_aug, "icot": format_icot}
+
+
+def write_records(records: Iterable[Record], path: str | Path, fmt: str) -> int:
+    """Write records atomically (a half-written file never replaces a good one)."""
+    if fmt not in WRITERS:
+        raise DataError(f"unknown output format '{fmt}' (choose from {', '.join(WRITERS)})")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    n = 0
+    with tmp.open("w", encoding="utf-8") as f:
+        for rec in records:
+            f.write(WRITERS[fmt](rec) + "\n")
+            n += 1
+    tmp.replace(path)
+    return n

@@ -1,0 +1,104 @@
+"""What a method is: an object that turns a batch of tokenized records into a loss.
+
+A method decides the token layout of its training sequences (``collate``), computes its
+objective inside the model's forward (``loss``), and says how evaluation prompts look
+(``eval_prompt``). The training loop, evaluation, checkpoints and tracking are shared.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from simcot.kernels import fused_linear_cross_entropy
+from simcot.models.decoding import Prefill, head, left_pad, prefill_ids
+from simcot.models.latent_lm import LatentLM
+from simcot.train.tokenizer import SpecialIds
+
+IGNORE = -100
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # the one scalar that is backpropagated
+    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # logged components (detached)
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # prompt tokens (for latent methods: up to and including <bot>)
+    n_latents: int = 0
+
+
+class Method:
+    name: ClassVar[str]
+    uses_latents: ClassVar[bool] = False
+
+    def __init__(self, cfg, tok, special: SpecialIds):
+        self.cfg = cfg
+        self.tok = tok
+        self.special = special
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        """Raise ConfigError for settings this method cannot run with."""
+
+    def setup_model(self, model: LatentLM) -> None:
+        """Add the method's extra modules (projection, step decoder) to a fresh model."""
+
+    def stage(self, epoch: int) -> int:
+        """Curriculum stage of an epoch (0 for methods without a curriculum)."""
+        return 0
+
+    def reset_optimizer_at(self, epoch: int) -> bool:
+        """Start `epoch` with a fresh optimizer (Coconut's reset_optimizer)."""
+        return False
+
+    def collate(self, examples: list[dict], epoch: int, rng: random.Random) -> dict:
+        raise NotImplementedError
+
+    def loss(self, model: LatentLM, batch: dict) -> LossOutput:
+        raise NotImplementedError
+
+    def eval_prompt(self, ex: dict, epoch: int | None = None) -> Prompt:
+        raise NotImplementedError
+
+    def prefill(self, model: LatentLM, prompts: list[Prompt], device: torch.device) -> Prefill:
+        """Run the prompts (left-padded) and return the state greedy decoding continues from."""
+        ids, mask = left_pad([p.ids for p in prompts], self.special.pad)
+        return prefill_ids(model.lm, ids.to(device), mask.to(device))
+
+
+# ------------------------------------------------------------------------------ shared helpers
+
+
+def right_pad(seqs: list[list[int]], value: int) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def lm_batch(seqs: list[list[int]], labels: list[list[int]], pad_id: int) -> dict:
+    """Right-padded causal-LM batch: input_ids, attention_mask, labels (IGNORE on padding)."""
+    ids = right_pad(seqs, pad_id)
+    mask = right_pad([[1] * len(s) for s in seqs], 0)
+    return {"input_ids": ids, "attention_mask": mask, "labels": right_pad(labels, IGNORE),
+            "n_tokens": torch.tensor(int(mask.sum()))}
+
+
+def shifted_ce(lm, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of `hidden` (B, T, H) against `labels` (B, T), IGNORE skipped.
+
+    Only supervised positions reach the head, through the fused linear cross-entropy, so the
+    (tokens x vocabulary) logits are never materialised.
+    """
+    h = hidden[:, :-1]
+    y = labels[:, 1:]
+    keep = y != IGNORE
+    out = head(lm)
+    return fused_linear_cross_entropy(h[keep], out.weight, y[keep], bias=out.bias, reduction=reduction)

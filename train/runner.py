@@ -1,0 +1,290 @@
+"""Assembling a run: config -> data -> tokenizer -> model + method -> engine -> tracker -> loop.
+
+``run_training`` is what ``simcot train`` calls; ``run_evaluation`` is ``simcot eval``. Both mark
+the MLflow run FAILED when something raises (KILLED on Ctrl-C) and re-raise.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import random
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from simcot.models.latent_lm import LatentLM
+from simcot.models.loading import apply_lora, build_lm, build_tokenizer
+from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint, set_rng_state
+from simcot.train.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict, validate
+from simcot.train.engine import DTYPES, TorchEngine
+from simcot.train.examples import tokenize
+from simcot.train.loop import Trainer, TrainState
+from simcot.train.methods import METHODS
+from simcot.train.sources import Splits, load_splits
+from simcot.train.tokenizer import SpecialIds, load_tokenizer
+from simcot.train.tracking import make_tracker
+
+log = logging.getLogger("simcot")
+
+
+def setup_logging(rank: int = 0) -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def default_run_name(cfg: Config) -> str:
+    return f"{cfg.method}-{Path(cfg.model.name).name}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def git_info() -> dict[str, str]:
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=root, capture_output=True, text=True, timeout=10)
+        if sha.returncode == 0:
+            return {"git.commit": sha.stdout.strip(), "git.dirty": str(bool(dirty.stdout.strip()))}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"version.python": platform.python_version()}
+    for pkg in ("torch", "transformers", "deepspeed", "triton", "datasets", "mlflow", "simcot"):
+        try:
+            out[f"version.{pkg}"] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[f"version.{pkg}"] = "absent"
+    return out
+
+
+@dataclass
+class Built:
+    """Everything a run needs, assembled from a config."""
+
+    cfg: Config
+    splits: Splits
+    tok: object
+    special: SpecialIds
+    examples: dict[str, list[dict]]
+    model: LatentLM
+    method: object
+
+
+def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_from: Path | None = None) -> Built:
+    """Data, tokenizer, tokenized examples, model and method.
+
+    `checkpoint`: take the tokenizer and the architecture from a checkpoint (its weights are
+    loaded afterwards by the caller). `tokenizer_from`: only the tokenizer (train.init_from).
+    """
+    splits = load_splits(cfg.data)
+    tokenizer_from = checkpoint or tokenizer_from
+    if tokenizer_from:
+        tok = load_tokenizer(str(tokenizer_from))
+    else:
+        tok = build_tokenizer(cfg.model, splits.train, cfg.data.answer_prefix, run_dir / "tokenizer")
+    special = SpecialIds.of(tok)
+    examples = {s: tokenize(splits[s], tok, cfg.data.answer_prefix, cfg.data.max_tokens if s == "train" else 0)
+                for s in ("train", "val", "test")}
+    torch.manual_seed(cfg.train.seed)
+    lm = build_lm(cfg.model, tok, torch.float32, checkpoint=checkpoint)
+    if cfg.model.lora_r > 0:
+        lm = apply_lora(lm, cfg.model)
+    model = LatentLM(lm)
+    method = METHODS[cfg.method](cfg, tok, special)
+    method.setup_model(model)
+    return Built(cfg, splits, tok, special, examples, model, method)
+
+
+def load_lm_weights(model: LatentLM, ckpt: Path) -> None:
+    """Copy the main LM's weights from a checkpoint (``train.init_from``); extras start fresh."""
+    from safetensors.torch import load_file
+
+    state = {k[3:]: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith("lm.")}
+    missing, unexpected = model.lm.load_state_dict(state, strict=False)
+    tied = {n for n, _ in model.lm.named_parameters(remove_duplicate=False)} - {n for n, _ in model.lm.named_parameters()}
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"init_from {ckpt}: weights do not match the model (missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]})")
+
+
+def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
+    params = {k: v for k, v in flatten(to_dict(cfg)).items()}
+    params.update({"world_size": world, "global_batch_size": cfg.train.batch_size,
+                   "grad_accumulation": cfg.train.batch_size // (cfg.train.micro_batch_size * world)})
+    for split, n in built.splits.sizes().items():
+        params[f"data.{split}_rows"] = n
+        params[f"data.{split}_examples"] = len(built.examples[split])
+    for split, h in built.splits.hashes().items():
+        params[f"data.{split}_hash"] = h
+    params["model.parameters"] = sum(p.numel() for p in built.model.lm.parameters())
+    params["model.vocab_size"] = len(built.tok)
+    params.update(versions())
+    params.update(git_info())
+    return params
+
+
+def _tags(cfg: Config) -> dict[str, str]:
+    return {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.source, "n_latents": "0",
+            "zero_stage": "none", "hosts": "1"}
+
+
+def run_training(cfg: Config, overrides: dict | None = None) -> dict:
+    """Train (or resume) a run, evaluate it on val and test, and return a summary."""
+    setup_logging()
+    state = TrainState()
+    resume_ckpt = None
+    if cfg.train.resume:
+        resume_ckpt = resolve_checkpoint(_resume_target(cfg))
+        saved = config_from_dict(__import__("yaml").safe_load((resume_ckpt / "config.yaml").read_text()))
+        apply_overrides(saved, {k: v for k, v in (overrides or {}).items() if k != "train.resume"})
+        saved.train.resume = cfg.train.resume
+        validate(saved)
+        cfg = saved
+        state = TrainState(**load_trainer_state(resume_ckpt))
+        run_dir = resume_ckpt.parent.parent
+        cfg.train.run_name = run_dir.name
+    else:
+        cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
+        run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.train.seed)
+    device = resolve_device(cfg.train.device)
+
+    init_ckpt = resolve_checkpoint(cfg.train.init_from) if cfg.train.init_from else None
+    built = build(cfg, run_dir, checkpoint=resume_ckpt, tokenizer_from=init_ckpt)
+    if init_ckpt is not None and resume_ckpt is None:
+        load_lm_weights(built.model, init_ckpt)
+    world = 1
+    accum = cfg.train.batch_size // (cfg.train.micro_batch_size * world)
+    steps_per_epoch = max(1, len(built.examples["train"]) // cfg.train.batch_size)
+    total = cfg.train.epochs * steps_per_epoch
+    total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
+    engine = TorchEngine(built.model, cfg.train, total, device, accum)
+    if resume_ckpt is not None:
+        engine.load(resume_ckpt)
+        set_rng_state(torch.load(resume_ckpt / "rng.pt", weights_only=False))
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_ckpt, state.global_step, state.epoch,
+                 state.step_in_epoch)
+
+    tracker = make_tracker(cfg.tracking, cfg.train.run_name, engine.rank, run_id=state.mlflow_run_id)
+    state.mlflow_run_id = tracker.run_id
+    config_yaml = dump_yaml(cfg)
+    try:
+        if resume_ckpt is None:
+            tracker.log_params(_run_params(cfg, built, world))
+            tracker.set_tags(_tags(cfg))
+            tracker.log_text(config_yaml, "config.yaml")
+        trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, tracker, run_dir, config_yaml)
+        t0 = time.perf_counter()
+        state = trainer.fit(state)
+        train_seconds = time.perf_counter() - t0
+        results = {}
+        for split, cap in (("val", cfg.eval.n_val), ("test", cfg.eval.n_test)):
+            if built.examples[split]:
+                results[split] = trainer.run_eval(split, cap, state, final=True)
+        tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
+        tracker.finish("FINISHED")
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException as e:
+        tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
+        tracker.finish("FAILED")
+        raise
+    return {"run_dir": str(run_dir), "run_id": tracker.run_id, "tracking_uri": getattr(tracker, "uri", ""),
+            "steps": state.global_step, "train_seconds": train_seconds, "checkpoint": state.last_checkpoint,
+            "final_loss": trainer.history[-1]["loss"] if trainer.history else float("nan"),
+            **{f"{s}_accuracy": r.accuracy for s, r in results.items()},
+            **{f"{s}_samples_per_s": r.samples_per_s for s, r in results.items()}}
+
+
+def _resume_target(cfg: Config) -> str:
+    if cfg.train.resume != "auto":
+        return cfg.train.resume
+    if not cfg.train.run_name:
+        raise ValueError("train.resume=auto needs train.run_name to find the run folder")
+    return str(Path(cfg.train.out_dir) / cfg.train.run_name)
+
+
+def load_checkpoint_config(ckpt: Path, overrides: dict | None = None) -> Config:
+    import yaml
+
+    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    apply_overrides(cfg, overrides or {})
+    validate(cfg)
+    return cfg
+
+
+def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None, device: str = "auto"):
+    """(cfg, built, device) with the checkpoint's weights loaded (strictly) on `device`."""
+    from safetensors.torch import load_model
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg = load_checkpoint_config(ckpt, overrides)
+    dev = resolve_device(device if device != "auto" else cfg.train.device)
+    built = build(cfg, ckpt.parent.parent, checkpoint=ckpt)
+    built.model.to(dev)
+    load_model(built.model, str(ckpt / "model.safetensors"), strict=True, device=str(dev))
+    return cfg, built, dev
+
+
+def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: str = "") -> dict:
+    """Evaluate a checkpoint on one split; logs a new MLflow run tagged with the training run."""
+    from simcot.train.evaluate import evaluate
+
+    setup_logging()
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg, built, dev = load_checkpoint_model(ckpt, overrides)
+    split = cfg.eval.split
+    cap = {"val": cfg.eval.n_val, "test": cfg.eval.n_test}.get(split, 0)
+    examples = built.examples[split][:cap] if cap > 0 else built.examples[split]
+    if not examples:
+        raise ValueError(f"split '{split}' of source '{cfg.data.source}' is empty")
+    trained = load_trainer_state(ckpt)
+    tracker = make_tracker(cfg.tracking, f"eval-{cfg.train.run_name}-{split}")
+    try:
+        tracker.set_tags({**_tags(cfg), "simcot.eval_of": trained.get("mlflow_run_id", ""),
+                          "simcot.checkpoint": str(ckpt.resolve())})
+        tracker.log_params({k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(("eval.", "data."))})
+        res = evaluate(built.model, built.method, examples, built.tok, cfg.eval, cfg.data.answer_prefix, split, dev,
+                       epoch=trained.get("epoch"))
+        tracker.log_metrics(res.summary(), trained.get("global_step", 0))
+        path = res.write(Path(out) if out else ckpt / f"predictions_{split}.jsonl")
+        tracker.log_artifact(path, "predictions")
+        tracker.finish("FINISHED")
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    log.info("%s accuracy %.4f (%d/%d), %.1f samples/s -> %s", split, res.accuracy, res.correct, res.n,
+             res.samples_per_s, path)
+    return {"split": split, "accuracy": res.accuracy, "n": res.n, "samples_per_s": res.samples_per_s,
+            "predictions": str(path), "run_id": tracker.run_id}

@@ -1,0 +1,117 @@
+"""Tokenizers and the token layout of a record.
+
+Two kinds of tokenizer, one interface (a ``transformers`` tokenizer):
+- a real model's own tokenizer (``AutoTokenizer.from_pretrained``), with simcot's special tokens
+  added once;
+- offline, a SentencePiece model trained in well under a second on the task's training text,
+  wrapped as ``LlamaTokenizer`` and saved next to the run so a checkpoint carries it.
+
+The text template follows Coconut: ``question\\n`` then each step as ``step\\n`` then
+``### answer`` and eos. ``\\n`` is the step separator (a single token in every tokenizer) and
+the latent methods' markers are the special tokens below.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+from simcot.train.formats import Record
+
+log = logging.getLogger(__name__)
+
+BOT = "<|start-latent|>"
+EOT = "<|end-latent|>"
+LATENT = "<|latent|>"
+SPECIAL_TOKENS = (BOT, EOT, LATENT)
+STEP_SEP = "\n"
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    bot: int
+    eot: int
+    latent: int
+    pad: int
+    eos: int
+
+    @classmethod
+    def of(cls, tok) -> "SpecialIds":
+        ids = tok.convert_tokens_to_ids(list(SPECIAL_TOKENS))
+        return cls(bot=ids[0], eot=ids[1], latent=ids[2], pad=tok.pad_token_id, eos=tok.eos_token_id)
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, out_dir: str | Path):
+    """Train a unigram SentencePiece model on `texts` and save it as a HF tokenizer in `out_dir`.
+
+    Byte fallback keeps every character representable; digits are split so numbers are read
+    digit by digit (what small arithmetic models need); the special tokens and the step
+    separator are single pieces.
+    """
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(list(texts)), model_writer=buf, vocab_size=max(vocab_size, 300),
+        model_type="unigram", hard_vocab_limit=False, byte_fallback=True, split_digits=True,
+        user_defined_symbols=[STEP_SEP, *SPECIAL_TOKENS], normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False, character_coverage=1.0,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, pad_piece="<pad>", unk_piece="<unk>",
+        bos_piece="<s>", eos_piece="</s>", num_threads=1, shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+    raw = out_dir / "sp"
+    raw.mkdir(exist_ok=True)
+    (raw / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = LlamaTokenizer.from_pretrained(str(raw), pad_token="<pad>", add_prefix_space=False)
+    tok.save_pretrained(str(out_dir))
+    return load_tokenizer(str(out_dir))
+
+
+def record_texts(records: Iterable[Record], answer_prefix: str) -> Iterable[str]:
+    for r in records:
+        yield r["question"]
+        yield from r["steps"]
+        yield answer_prefix + r["answer"]
+
+
+def load_tokenizer(name_or_path: str):
+    """A HF tokenizer with a pad token and simcot's special tokens (added when missing)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(name_or_path)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # as Coconut does; padding is always masked
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+    if tok.eos_token_id is None:
+        raise ValueError(f"tokenizer {name_or_path} has no eos token")
+    return tok
+
+
+def encode_record(tok, rec: Record, answer_prefix: str) -> dict:
+    """Token ids of one record: question (+bos), steps, answer (+eos), and where the answer starts.
+
+    ``a_marker`` is the number of answer tokens that belong to the prefix ('### '); the token
+    just before the answer proper (CODI's distillation position) is ``a[a_marker - 1]``.
+    """
+    q = tok(rec["question"] + STEP_SEP, add_special_tokens=True)["input_ids"]
+    if tok.eos_token_id is not None and q and q[-1] == tok.eos_token_id:
+        q = q[:-1]  # some tokenizers append eos when asked for special tokens
+    steps = [tok.encode(s + STEP_SEP, add_special_tokens=False) for s in rec["steps"]]
+    a = tok.encode(answer_prefix + rec["answer"], add_special_tokens=False)
+    marker = tok.encode(answer_prefix.rstrip(), add_special_tokens=False) if answer_prefix.strip() else []
+    n = 0
+    while n < min(len(marker), len(a) - 1) and marker[n] == a[n]:
+        n += 1
+    if n == 0:  # merged across the boundary: tokenise the two parts apart
+        a = marker + tok.encode(rec["answer"], add_special_tokens=False)
+        n = len(marker)
+    return {"q": q, "steps": steps, "a": a + [tok.eos_token_id], "a_marker": max(n, 1), "answer": rec["answer"]}

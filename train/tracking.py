@@ -1,0 +1,102 @@
+"""MLflow tracking: one run per training job, written by rank 0 only.
+
+The default store is SQLite in the working directory (``sqlite:///<cwd>/mlruns.db``, artifacts
+in ``./mlartifacts``), so nothing has to be started; ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
+selects any other store, including a remote ``mlflow server``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_MAX_PARAM = 6000  # MLflow's limit on a param value
+
+
+def default_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+
+
+class NullTracker:
+    """Stands in on non-zero ranks and when tracking is disabled."""
+
+    run_id = ""
+    uri = ""
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
+    def log_text(self, text: str, name: str) -> None: ...
+    def finish(self, status: str = "FINISHED") -> None: ...
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str = "", parent_run_id: str = ""):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri or default_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            kw = {}
+            if self.uri.startswith("sqlite:"):  # keep artifacts beside the local store
+                db = Path(self.uri.split(":///", 1)[1])
+                kw["artifact_location"] = (db.parent / "mlartifacts").as_uri()
+            exp_id = self.client.create_experiment(experiment, **kw)
+        else:
+            exp_id = exp.experiment_id
+        if run_id:  # resuming: keep writing into the same run
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+        else:
+            tags = {"mlflow.runName": run_name}
+            if parent_run_id:
+                tags["mlflow.parentRunId"] = parent_run_id
+            self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
+        self.experiment_id = exp_id
+
+    def log_params(self, params):
+        from mlflow.entities import Param
+
+        existing = self.client.get_run(self.run_id).data.params
+        items = [Param(k, str(v)[:_MAX_PARAM]) for k, v in params.items() if k not in existing]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def set_tags(self, tags):
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        if items:
+            self.client.log_batch(self.run_id, tags=items)
+
+    def log_metrics(self, metrics, step):
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for i in range(0, len(items), 500):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+
+    def log_artifact(self, path, artifact_path=None):
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_text(self, text, name):
+        self.client.log_text(self.run_id, text, name)
+
+    def finish(self, status="FINISHED"):
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def make_tracker(tcfg, run_name: str, rank: int = 0, run_id: str = "") -> NullTracker:
+    if rank != 0 or not tcfg.enabled:
+        return NullTracker()
+    return MlflowTracker(tcfg.uri, tcfg.experiment, run_name, run_id=run_id, parent_run_id=tcfg.parent_run_id)
