@@ -58,7 +58,7 @@ class DataConfig:
     val_file: str = opt("", "Validation file (overrides the source's own validation split)")
     test_file: str = opt("", "Test file (overrides the source's own test split)")
     data_dir: str = opt("", "Folder of the shared data sets; empty = $SIMCOT_DATA_DIR or ../shared/data")
-    n_train: int = opt(4000, "Training rows (generated count, or a cap on a file; 0 = all of a file)")
+    n_train: int = opt(8000, "Training rows (generated count, or a cap on a file; 0 = all of a file)")
     n_val: int = opt(200, "Validation rows (held out from train when the source has no validation split)")
     n_test: int = opt(500, "Test rows (0 = all of a file)")
     seed: int = opt(0, "Seed of the generators and of the validation hold-out")
