@@ -9,9 +9,10 @@ import torch.nn.functional as F
 def linear_cross_entropy_reference(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
                                    z_loss=0.0, label_smoothing=0.0):
     """Materialises the logits: the definition every other path is tested against."""
-    logits = (hidden @ weight.T).float()
+    logits = hidden @ weight.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + bias.to(logits.dtype)
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     if z_loss:

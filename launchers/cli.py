@@ -21,6 +21,7 @@ commands:
   train     train a model (default: CoT-SFT of tiny-llama on generated arithmetic, CPU, a few minutes)
   eval      evaluate a checkpoint on a split (batched greedy decoding, exact match)
   data      preview a data source or write it as jsonl / GSM8K-Aug / iCoT text
+  decode    decode a SIM-CoT model's latents into text with its step decoder
 
 `simcot COMMAND --help` lists the options of a command with their defaults.
 """
@@ -128,7 +129,36 @@ def data(source: str = "arith", split: str = "train", n: int = 0, seed: int = 0,
     print(f"wrote {count} rows to {out} ({format})", file=sys.stderr)
 
 
-COMMANDS = {"train": train, "eval": eval, "data": data}
+DECODE_HELP = """usage: simcot decode --checkpoint RUN_OR_CHECKPOINT [--question TEXT | --split test --n 20]
+
+Decode a SIM-CoT model's latents into text with its step decoder, beside the gold steps.
+
+options (default):
+  --checkpoint=''   a SIM-CoT run or checkpoint folder (required)
+  --question=''     decode the latents of this question (else rows of --split)
+  --split='test'    train | val | test
+  --n=20            rows of the split
+  --out=''          JSONL output (default: decoded_latents.jsonl in the checkpoint); also an MLflow artifact
+"""
+
+
+def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int = 20, out: str = "", **overrides):
+    """Decode latents to text with the SIM-CoT step decoder (see --help)."""
+    if _help_requested(overrides) or not checkpoint:
+        print(DECODE_HELP)
+        if not checkpoint and overrides:
+            _fail(ValueError("--checkpoint is required"))
+        return
+    from simcot.train.decode_latents import decode_latents, format_results
+
+    try:
+        results = decode_latents(checkpoint, str(question), str(split), int(n), overrides, out)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        _fail(e)
+    print(format_results(results))
+
+
+COMMANDS = {"train": train, "eval": eval, "data": data, "decode": decode}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -9,7 +9,7 @@ all-reduced across the data-parallel group when one is given.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -65,6 +65,7 @@ class Prefill:
     cache: object
     mask: torch.Tensor  # (B, T_cache)
     next_pos: torch.Tensor  # (B,)
+    metrics: dict = field(default_factory=dict)  # per-batch means reported by evaluation (latent health)
 
 
 def prefill_ids(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:

@@ -36,4 +36,6 @@ def test_encode_record_layout(tmp_path):
     assert [tok.decode(s) for s in ex["steps"]] == ["3+4=7\n", "7-2=5\n"]
     assert ex["a"][-1] == tok.eos_token_id
     assert tok.decode(ex["a"][:-1]) == "### 5"
-    assert tok.decode(ex["a"][: ex["a_marker"]]) == "###"  # the token before the answer is the marker's last
+    # a[a_marker] starts the answer proper; the token before it (CODI's distillation position)
+    # is the last token of '### ' (here the whitespace piece)
+    assert tok.decode(ex["a"][: ex["a_marker"]]) == "### " and tok.decode(ex["a"][ex["a_marker"]:-1]) == "5"

@@ -111,6 +111,8 @@ class EvalConfig:
     match: str = opt("exact", "Answer rule: exact (text after the answer prefix, numbers normalised) | "
                      "last_number | any_number (SemCoT's lenient rule)")
     split: str = opt("test", "Split for `simcot eval`: val | test | train")
+    n_latents: int = opt(-1, "Latents at evaluation (-1 = the method's own count for the evaluated epoch)")
+    latent_sweep: str = opt("", "Also evaluate with these latent counts, e.g. '1,2,4,8' (logged per count)")
 
 
 @dataclass
@@ -122,13 +124,57 @@ class TrackingConfig:
 
 
 @dataclass
+class CoconutConfig:
+    c_thought: int = opt(1, "Latents per replaced reasoning step (c)")
+    epochs_per_stage: int = opt(1, "Epochs per curriculum stage; stage k replaces the first k steps by k*c latents")
+    max_latent_stage: int = opt(3, "Last stage; after it every step is replaced")
+    stage_offset: int = opt(0, "Stage of the first epoch (the reference's `resume`: 1 starts Coconut at stage 1 "
+                            "from a CoT-SFT checkpoint)")
+    pad_latent_to_max: bool = opt(False, "After the last stage give every sample max_latent_stage*c latents "
+                                  "(else min(#steps, max_latent_stage)*c)")
+    uniform_prob: float = opt(0.0, "Probability that a sample trains at a random stage in [0, #steps]")
+    reset_optimizer: str = opt("stage", "Fresh AdamW at: stage (each stage change) | epoch (the reference) | none")
+
+
+@dataclass
+class CodiConfig:
+    n_latents: int = opt(6, "Latents fed between <bot> and <eot> (the first comes from the <bot> state)")
+    distill_weight: float = opt(1.0, "gamma: weight of the hidden-state distillation (1 for GPT-2, 20 for LLaMA)")
+    distill_loss: str = opt("smooth_l1", "Distillation distance: smooth_l1 | mse")
+    distill_div_std: bool = opt(True, "Divide each layer's distance by the teacher's std at that layer")
+    teacher_weight: float = opt(1.0, "Weight of the teacher's CE on question + CoT + answer")
+    student_weight: float = opt(1.0, "Weight of the student's CE on the answer after <eot>")
+    projection: bool = opt(True, "Pass latents through Linear-GELU-Linear-LayerNorm before feeding them back")
+    proj_dim: int = opt(0, "Hidden width of the projection (0 = the model's hidden size)")
+    drop_last_step: bool = opt(False, "Drop the last CoT step from the teacher (the reference's include_last_cot=False)")
+
+
+@dataclass
+class StepDecoderConfig:
+    decoder: str = opt("copy", "SIM-CoT step decoder: copy (a separate copy of the base model, fully trained) | "
+                       "shared (the main model with a LoRA adapter) | small (a smaller LM behind a linear bridge)")
+    weight: float = opt(1.0, "Weight of the step-decoder loss")
+    normalization: str = opt("auto", "sequence (summed NLL per step / #steps: the Coconut fork) | token (token mean: "
+                             "the CODI fork) | auto (sequence on Coconut, token on CODI)")
+    lora_r: int = opt(16, "shared: rank of the decoder's LoRA adapter on the main model")
+    lora_alpha: int = opt(32, "shared: LoRA alpha")
+    small_layers: int = opt(2, "small: layers of the decoder LM")
+    small_hidden: int = opt(0, "small: hidden size of the decoder LM (0 = half the main model's)")
+    small_model: str = opt("", "small: a pretrained decoder LM path/name instead of a config-built one")
+    max_step_tokens: int = opt(64, "Truncate each decoded step (merged steps included) to this many tokens")
+
+
+@dataclass
 class Config:
-    method: str = opt("cot", "Training objective: nocot | cot")
+    method: str = opt("cot", "Training objective: nocot | cot | coconut | codi | simcot-coconut | simcot-codi")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    coconut: CoconutConfig = field(default_factory=CoconutConfig)
+    codi: CodiConfig = field(default_factory=CodiConfig)
+    simcot: StepDecoderConfig = field(default_factory=StepDecoderConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +307,10 @@ _CHOICES = {
     "eval.split": ("train", "val", "test"),
     "data.gsm8k_steps": ("equations", "text"),
     "model.attn_implementation": ("sdpa", "eager"),
+    "coconut.reset_optimizer": ("stage", "epoch", "none"),
+    "codi.distill_loss": ("smooth_l1", "mse"),
+    "simcot.decoder": ("copy", "shared", "small"),
+    "simcot.normalization": ("auto", "sequence", "token"),
 }
 
 

@@ -72,10 +72,11 @@ class TorchEngine:
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW (Coconut resets it at stage changes); the schedule keeps its position."""
-        step = self.scheduler.last_epoch
+        sched_state = self.scheduler.state_dict()
         self._build_optimizer()
-        for _ in range(step):
-            self.scheduler.step()
+        self.scheduler.load_state_dict(sched_state)
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
 
     def forward(self, fn, *args):
         with self.autocast:

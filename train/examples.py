@@ -18,8 +18,10 @@ def tokenize(records: list[Record], tok, answer_prefix: str, max_tokens: int = 0
     """Tokenized examples (each keeps its row index `idx` in the split and the raw question)."""
     if not records:
         return []
+    import datasets
     from datasets import Dataset
 
+    datasets.disable_progress_bars()
     ds = Dataset.from_list([{"idx": i, **r} for i, r in enumerate(records)])
     ds = ds.map(lambda r: encode_record(tok, r, answer_prefix), num_proc=num_proc or None,
                 remove_columns=["steps", "answer"], desc=None)

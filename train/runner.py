@@ -96,11 +96,13 @@ class Built:
     method: object
 
 
-def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_from: Path | None = None) -> Built:
+def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_from: Path | None = None,
+          inference: bool = False) -> Built:
     """Data, tokenizer, tokenized examples, model and method.
 
     `checkpoint`: take the tokenizer and the architecture from a checkpoint (its weights are
     loaded afterwards by the caller). `tokenizer_from`: only the tokenizer (train.init_from).
+    `inference`: build only what evaluation needs (no SIM-CoT step decoder).
     """
     splits = load_splits(cfg.data)
     tokenizer_from = checkpoint or tokenizer_from
@@ -116,7 +118,7 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_
     if cfg.model.lora_r > 0:
         lm = apply_lora(lm, cfg.model)
     model = LatentLM(lm)
-    method = METHODS[cfg.method](cfg, tok, special)
+    method = METHODS[cfg.method](cfg, tok, special, inference=inference)
     method.setup_model(model)
     return Built(cfg, splits, tok, special, examples, model, method)
 
@@ -244,16 +246,26 @@ def load_checkpoint_config(ckpt: Path, overrides: dict | None = None) -> Config:
     return cfg
 
 
-def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None, device: str = "auto"):
-    """(cfg, built, device) with the checkpoint's weights loaded (strictly) on `device`."""
+def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None, device: str = "auto",
+                          inference: bool = True):
+    """(cfg, built, device) with the checkpoint's weights loaded on `device`.
+
+    Loading is strict: every parameter of the model must be in the file and nothing else may be,
+    except the SIM-CoT step decoder's weights, which an inference model does not build.
+    """
     from safetensors.torch import load_model
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_checkpoint_config(ckpt, overrides)
     dev = resolve_device(device if device != "auto" else cfg.train.device)
-    built = build(cfg, ckpt.parent.parent, checkpoint=ckpt)
+    built = build(cfg, ckpt.parent.parent, checkpoint=ckpt, inference=inference)
     built.model.to(dev)
-    load_model(built.model, str(ckpt / "model.safetensors"), strict=True, device=str(dev))
+    missing, unexpected = load_model(built.model, str(ckpt / "model.safetensors"), strict=False, device=str(dev))
+    unexpected = [k for k in unexpected if not (inference and k.startswith("step_decoder."))]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {ckpt} does not match the model built from its config: "
+                         f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
+    built.model.eval()
     return cfg, built, dev
 
 

@@ -99,19 +99,23 @@ def load_tokenizer(name_or_path: str):
 def encode_record(tok, rec: Record, answer_prefix: str) -> dict:
     """Token ids of one record: question (+bos), steps, answer (+eos), and where the answer starts.
 
-    ``a_marker`` is the number of answer tokens that belong to the prefix ('### '); the token
-    just before the answer proper (CODI's distillation position) is ``a[a_marker - 1]``.
+    ``a_marker`` is the index in ``a`` of the first token of the answer proper (after the
+    prefix '### ' and any whitespace token), so ``a[a_marker - 1]`` is the token just before the
+    answer: CODI's distillation position (':' for GPT-2, the space after it for LLaMA tokenizers).
     """
     q = tok(rec["question"] + STEP_SEP, add_special_tokens=True)["input_ids"]
     if tok.eos_token_id is not None and q and q[-1] == tok.eos_token_id:
         q = q[:-1]  # some tokenizers append eos when asked for special tokens
     steps = [tok.encode(s + STEP_SEP, add_special_tokens=False) for s in rec["steps"]]
     a = tok.encode(answer_prefix + rec["answer"], add_special_tokens=False)
-    marker = tok.encode(answer_prefix.rstrip(), add_special_tokens=False) if answer_prefix.strip() else []
-    n = 0
-    while n < min(len(marker), len(a) - 1) and marker[n] == a[n]:
-        n += 1
-    if n == 0:  # merged across the boundary: tokenise the two parts apart
-        a = marker + tok.encode(rec["answer"], add_special_tokens=False)
-        n = len(marker)
-    return {"q": q, "steps": steps, "a": a + [tok.eos_token_id], "a_marker": max(n, 1), "answer": rec["answer"]}
+    return {"q": q, "steps": steps, "a": a + [tok.eos_token_id], "a_marker": _answer_start(tok, a, answer_prefix),
+            "answer": rec["answer"]}
+
+
+def _answer_start(tok, a: list[int], answer_prefix: str) -> int:
+    """First index of `a` whose token adds non-whitespace text beyond the prefix."""
+    n = len(answer_prefix.rstrip())
+    for i in range(1, len(a) + 1):
+        if tok.decode(a[:i])[n:].strip():
+            return max(i - 1, 1) if n else i - 1
+    return len(a)

@@ -31,16 +31,18 @@ class LossOutput:
 class Prompt:
     ids: list[int]  # prompt tokens (for latent methods: up to and including <bot>)
     n_latents: int = 0
+    ex: dict | None = None  # the example (gold steps for step-decoding metrics)
 
 
 class Method:
     name: ClassVar[str]
     uses_latents: ClassVar[bool] = False
 
-    def __init__(self, cfg, tok, special: SpecialIds):
+    def __init__(self, cfg, tok, special: SpecialIds, inference: bool = False):
         self.cfg = cfg
         self.tok = tok
         self.special = special
+        self.inference = inference  # build only what evaluation needs (no step decoder)
 
     @classmethod
     def validate(cls, cfg) -> None:

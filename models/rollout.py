@@ -1,0 +1,130 @@
+"""The batched continuous-thought rollout, shared by every latent method, in training and eval.
+
+Layout of a batch (prefixes left-padded so every row's ``<bot>`` sits in the same column)::
+
+    [pad .. pad  question  <bot>] [slot 0] [slot 1] .. [slot L-1] [<eot> continuation ...]
+     prefix: one forward, KV cache    one single-position forward     one forward on the cache
+                                      per latent step, whole batch
+
+Row i thinks for ``n_i <= L`` steps. At step j the rows with ``j >= n_i`` are done: their slot
+gets attention-mask 0 (no later position sees it) and their position id does not advance, so
+the continuation of every row is positioned exactly as if it had no padding slots at all. This
+replaces per-sample Python loops with masks, and the loop count depends only on L (a Python
+int known when the batch is collated), so there is no host sync inside it.
+
+A latent is the last-layer hidden state (after the final norm) at the previous position, passed
+through the method's feedback (identity for Coconut, the projection MLP for CODI) and fed as the
+next input embedding. Nothing is detached: gradients flow through every latent step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import torch.nn.functional as F
+
+from simcot.models.decoding import Prefill, body, head, positions
+
+
+def latent_feedback(hidden, thinking, token_ids, embedding, *, proj=None, norm=None):
+    # Plain PyTorch until the fused kernel lands (kernels issue): same signature.
+    h = hidden
+    if proj is not None:
+        w1, b1, w2, b2 = proj
+        h = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
+    if norm is not None:
+        w, b, eps = norm
+        h = F.layer_norm(h, (h.shape[-1],), w, b, eps)
+    return torch.where(thinking[:, None], h, embedding[token_ids].to(h.dtype))
+
+
+@dataclass
+class Rollout:
+    cache: object  # KV cache holding prefix + latent slots
+    mask: torch.Tensor  # (B, P + L) attention mask over the cache
+    next_pos: torch.Tensor  # (B,) position id of each row's next token
+    fed: list[torch.Tensor]  # L tensors (B, H): the embeddings fed at the latent slots
+    thinking: torch.Tensor  # (B, L) bool: slot j of row i is a real latent
+    h_final: torch.Tensor  # (B, H) hidden state after each row's last latent (at <bot> when n_i = 0)
+
+    @property
+    def latents(self) -> torch.Tensor:
+        """(B, L, H): the fed latents, stacked (differentiable: the step decoder reads them)."""
+        if not self.fed:
+            return self.h_final.new_zeros(self.h_final.shape[0], 0, self.h_final.shape[1])
+        return torch.stack(self.fed, 1)
+
+
+def feedback_params(model) -> dict:
+    """The projection/norm tensors of a model's latent feedback, in latent_feedback's format."""
+    proj = getattr(model, "projection", None)
+    return proj.feedback_args() if proj is not None else {}
+
+
+def rank_max(n: int) -> int:
+    """The largest `n` over the data-parallel ranks: every rank must run as many forwards (ZeRO-3)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([n], dtype=torch.long)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return n
+
+
+def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
+                max_latents: int) -> Rollout:
+    """Prefix forward with a cache, then `max_latents` single-position latent steps for the batch.
+
+    `n_latents` (B,) on the model's device; `max_latents` a Python int (>= n_latents.max()).
+    """
+    stack = body(model.lm)
+    emb = model.lm.get_input_embeddings().weight
+    fb = feedback_params(model)
+    max_latents = rank_max(max_latents)
+    pos = positions(prefix_mask)
+    out = stack(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True)
+    h = out.last_hidden_state[:, -1]
+    cache, mask, next_pos = out.past_key_values, prefix_mask, pos[:, -1] + 1
+    h_final = h
+    pad_ids = torch.full_like(n_latents, model.lm.config.pad_token_id or 0)
+    fed, thinking_all = [], []
+    for j in range(max_latents):
+        thinking = n_latents > j
+        e = latent_feedback(h, thinking, pad_ids, emb, **fb)
+        mask = torch.cat([mask, thinking.to(mask.dtype)[:, None]], dim=1)
+        out = stack(inputs_embeds=e[:, None].to(emb.dtype), attention_mask=mask, position_ids=next_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        h = out.last_hidden_state[:, -1]
+        h_final = torch.where(thinking[:, None], h, h_final)
+        next_pos = next_pos + thinking.long()
+        fed.append(e)
+        thinking_all.append(thinking)
+    thinking_t = (torch.stack(thinking_all, 1) if thinking_all
+                  else torch.zeros(h.shape[0], 0, dtype=torch.bool, device=h.device))
+    return Rollout(cache, mask, next_pos, fed, thinking_t, h_final)
+
+
+def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, output_hidden_states: bool = False):
+    """One forward of right-padded tokens on the rollout's cache (teacher forcing)."""
+    full_mask = torch.cat([ro.mask, mask], dim=1)
+    pos = ro.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
+    return body(model.lm)(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=ro.cache,
+                          use_cache=True, output_hidden_states=output_hidden_states)
+
+
+@torch.no_grad()
+def prefill_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
+                    max_latents: int, eot_id: int) -> tuple[Prefill, Rollout]:
+    """Evaluation: prefix, latents, then ``<eot>``; returns the state greedy decoding continues from."""
+    ro = run_latents(model, prefix_ids, prefix_mask, n_latents, max_latents)
+    eot = torch.full((prefix_ids.shape[0], 1), eot_id, dtype=torch.long, device=prefix_ids.device)
+    ones = torch.ones_like(eot)
+    out = continue_tokens(model, ro, eot, ones)
+    logits = head(model.lm)(out.last_hidden_state[:, -1])
+    state = Prefill(logits, out.past_key_values, torch.cat([ro.mask, ones], 1), ro.next_pos + 1)
+    return state, ro

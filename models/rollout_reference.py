@@ -1,0 +1,52 @@
+"""Plain references for the batched rollout: the definitions it is tested and benchmarked against.
+
+- :func:`per_sample_hidden`: one sample, no padding, no cache; the full sequence is re-run once
+  per latent (Coconut's multi-pass algorithm in its simplest form).
+- :func:`multipass_hidden`: the same multi-pass algorithm on a padded batch (the reference's way:
+  every pass recomputes the whole prefix, no KV cache).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from simcot.models.decoding import body, positions
+
+
+def _feedback(model, h: torch.Tensor) -> torch.Tensor:
+    proj = getattr(model, "projection", None)
+    return proj(h) if proj is not None else h
+
+
+def per_sample_hidden(model, prefix: list[int], n_latents: int, cont: list[int]) -> torch.Tensor:
+    """Hidden states (len(cont), H) of `cont` after `prefix` and `n_latents` recycled latents."""
+    stack = body(model.lm)
+    dev = next(model.parameters()).device
+    ids = torch.tensor([prefix + [0] * n_latents + cont], device=dev)
+    embeds = model.lm.get_input_embeddings()(ids)
+    start = len(prefix)
+    for j in range(n_latents):
+        h = stack(inputs_embeds=embeds[:, : start + j]).last_hidden_state[:, -1]
+        embeds = torch.cat([embeds[:, : start + j], _feedback(model, h)[:, None], embeds[:, start + j + 1:]], 1)
+    return stack(inputs_embeds=embeds).last_hidden_state[0, start + n_latents:]
+
+
+def multipass_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
+                     max_latents: int, cont_ids: torch.Tensor, cont_mask: torch.Tensor) -> torch.Tensor:
+    """Batched multi-pass without a cache, same layout as the rollout: hidden states (B, C, H)."""
+    stack = body(model.lm)
+    emb = model.lm.get_input_embeddings()
+    bsz, plen = prefix_ids.shape
+    slot_mask = (torch.arange(max_latents, device=prefix_ids.device)[None] < n_latents[:, None]).long()
+    mask = torch.cat([prefix_mask, slot_mask, cont_mask], 1)
+    pos = positions(mask)
+    pad = torch.zeros(bsz, max_latents, dtype=torch.long, device=prefix_ids.device)
+    embeds = emb(torch.cat([prefix_ids, pad, cont_ids], 1))
+    for j in range(max_latents):
+        end = plen + j
+        h = stack(inputs_embeds=embeds[:, :end], attention_mask=mask[:, :end],
+                  position_ids=pos[:, :end]).last_hidden_state[:, -1]
+        e = torch.where(slot_mask[:, j, None].bool(), _feedback(model, h), embeds[:, end])
+        embeds = torch.cat([embeds[:, :end], e[:, None], embeds[:, end + 1:]], 1)
+    out = stack(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
+    return out[:, plen + max_latents:]

@@ -1,0 +1,80 @@
+"""`simcot decode`: read a SIM-CoT model's latents back as text with its step decoder.
+
+For each question: the latent rollout runs as at evaluation, every latent slot (a group of c
+latents for Coconut) is greedy-decoded by the step decoder with a KV cache, and printed beside
+the gold step it was aligned with in training; the model's own answer follows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from simcot.models.decoding import greedy_decode, left_pad, trim_at_eos
+from simcot.models.rollout import prefill_latents
+from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
+from simcot.train.tokenizer import encode_record
+from simcot.train.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: int = 20,
+                   overrides: dict | None = None, out: str = "") -> list[dict]:
+    from simcot.train.runner import load_checkpoint_model
+
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg, built, dev = load_checkpoint_model(ckpt, overrides, inference=False)
+    method, tok = built.method, built.tok
+    if not hasattr(method, "decode_slots"):
+        raise ValueError(f"simcot decode needs a SIM-CoT checkpoint (method simcot-coconut or simcot-codi); "
+                         f"{ckpt} was trained with '{cfg.method}'")
+    if question:
+        examples = [dict(encode_record(tok, {"question": question, "steps": [], "answer": "?"},
+                                       cfg.data.answer_prefix), idx=0)]
+    else:
+        examples = built.examples[split][:n]
+        if not examples:
+            raise ValueError(f"split '{split}' of source '{cfg.data.source}' is empty")
+    epoch = load_trainer_state(ckpt).get("epoch")
+    prompts = [method.eval_prompt(ex, epoch) for ex in examples]
+    ids, mask = left_pad([p.ids for p in prompts], method.special.pad)
+    counts = torch.tensor([p.n_latents for p in prompts], device=dev)
+    with torch.no_grad():
+        state, ro = prefill_latents(built.model, ids.to(dev), mask.to(dev), counts, int(counts.max()),
+                                    method.special.eot)
+        answers = greedy_decode(built.model.lm, state, cfg.eval.max_new_tokens, method.special.eos,
+                                method.special.pad)
+        rows = [r for i, p in enumerate(prompts) for r in method.decode_slots(i, p)]
+        from simcot.train.methods.step_supervision import decode_texts
+
+        texts = decode_texts(built.model, method.latent_table(built.model, ro), rows, method.group, tok,
+                             method.special.eos, method.special.pad, cfg.simcot.max_step_tokens) if rows else []
+    results = []
+    for i, (ex, p) in enumerate(zip(examples, prompts)):
+        slots = [{"slot": g, "decoded": text, "gold": tok.decode(gold).strip() if gold else ""}
+                 for (j, g, gold), text in zip(rows, texts) if j == i]
+        answer = tok.decode(trim_at_eos(answers[i].tolist(), method.special.eos))
+        results.append({"question": question or tok.decode(ex["q"]).strip(), "gold_answer": ex["answer"],
+                        "n_latents": p.n_latents, "slots": slots, "generated": answer.strip()})
+    path = Path(out) if out else ckpt / "decoded_latents.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
+    tracker = make_tracker(cfg.tracking, f"decode-{cfg.train.run_name}")
+    tracker.set_tags({"method": cfg.method, "simcot.checkpoint": str(ckpt.resolve())})
+    tracker.log_artifact(path, "decoded_latents")
+    tracker.finish("FINISHED")
+    return results
+
+
+def format_results(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        lines.append(f"Q: {r['question']}")
+        for s in r["slots"]:
+            gold = f"   | gold: {s['gold']}" if s["gold"] else ""
+            lines.append(f"  latent {s['slot']}: {s['decoded']}{gold}")
+        lines.append(f"  answer: {r['generated']}   (gold {r['gold_answer']})")
+    return "\n".join(lines)

@@ -1,0 +1,35 @@
+"""What every continuous-thought method shares: the latent prefill for evaluation."""
+
+from __future__ import annotations
+
+import torch
+
+from simcot.models.decoding import Prefill, left_pad
+from simcot.models.latent_health import latent_health
+from simcot.models.rollout import prefill_latents
+from simcot.train.methods.base import Method, Prompt
+
+
+class LatentMethod(Method):
+    uses_latents = True
+
+    def latent_count(self, epoch: int | None) -> int:
+        """Latents at evaluation for a model trained up to `epoch`."""
+        raise NotImplementedError
+
+    def eval_prompt(self, ex, epoch=None):
+        n = self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.latent_count(epoch)
+        return Prompt(ex["q"] + [self.special.bot], n, ex)
+
+    def prefill(self, model, prompts: list[Prompt], device: torch.device) -> Prefill:
+        ids, mask = left_pad([p.ids for p in prompts], self.special.pad)
+        n = torch.tensor([p.n_latents for p in prompts], device=device)
+        state, ro = prefill_latents(model, ids.to(device), mask.to(device), n, max(p.n_latents for p in prompts),
+                                    self.special.eot)
+        state.metrics = latent_health(ro.latents, ro.thinking)
+        state.metrics.update(self.eval_metrics(model, prompts, ro))
+        return state
+
+    def eval_metrics(self, model, prompts: list[Prompt], ro) -> dict[str, float]:
+        """Extra per-batch evaluation metrics (SIM-CoT: step-decoding exact match)."""
+        return {}

@@ -1,0 +1,120 @@
+"""SIM-CoT's step-level supervision, shared by SIM-CoT on Coconut and on CODI.
+
+Alignment of explicit steps to latent slots (one slot = one latent for CODI, a group of c latents
+for Coconut): the first slots get one step each; when there are more steps than slots the rest
+are merged into the last slot; slots without a step get a filler (Coconut: the answer as a
+pseudo-step) or no loss (CODI). Every slot of every sample goes through the decoder in **one**
+batched forward (the reference runs a Python loop per slot).
+
+Normalisation, per slot index g, then the mean over slot indices that have targets:
+- ``sequence`` (Coconut fork): summed token NLL of the rows at g / number of such rows;
+- ``token`` (CODI fork): token-mean NLL over the rows at g.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from simcot.kernels import fused_linear_cross_entropy
+from simcot.models.step_decoder import StepDecoder
+from simcot.train.methods.base import IGNORE, right_pad
+
+
+def align_steps(steps: list[list[int]], n_slots: int, filler: list[int] | None) -> list[list[int] | None]:
+    """Targets of each slot (None = no loss for that slot)."""
+    if n_slots <= 0:
+        return []
+    if len(steps) > n_slots:
+        merged = [t for s in steps[n_slots - 1:] for t in s]
+        return [list(s) for s in steps[: n_slots - 1]] + [merged]
+    return [list(s) for s in steps] + [filler] * (n_slots - len(steps))
+
+
+def build_decoder(model, scfg) -> StepDecoder:
+    return StepDecoder(scfg.decoder, model.lm, scfg)
+
+
+Row = tuple[int, int, list[int]]  # (sample, slot index g, target tokens); latents g*c .. g*c+c-1
+
+
+def decoder_batch(rows: list[Row], group: int, eos: int, pad: int, max_tokens: int) -> dict:
+    """Tensors for the decoder pass. Row (i, g, target) reads latents [g*c, (g+1)*c) of sample i.
+
+    With no rows a dummy row without targets is added, so every step makes exactly one decoder
+    forward (under ZeRO-3 every rank must run the same passes).
+    """
+    dummy = not rows
+    if dummy:
+        rows = [(0, 0, [])]
+    targets = [t[:max_tokens] + [eos] for _, _, t in rows]
+    labels = [[IGNORE] * len(t) if dummy else t for t in targets]
+    return {"dec_ids": right_pad(targets, pad), "dec_mask": right_pad([[1] * len(t) for t in targets], 0),
+            "dec_labels": right_pad(labels, IGNORE), "dec_sample": torch.tensor([i for i, _, _ in rows]),
+            "dec_index": torch.tensor([g * group for _, g, _ in rows])[:, None] + torch.arange(group)[None],
+            "dec_slot": torch.tensor([g for _, g, _ in rows]), "dec_dummy": torch.tensor([dummy] * len(rows)),
+            "dec_slots": 1 + max(g for _, g, _ in rows)}
+
+
+def gather_prefix(table: torch.Tensor, sample: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(R, c, H) latents of each row from `table` (B, S, H); missing slots (dummy rows) read zeros."""
+    width = int(index.max()) + 1 if index.numel() else 0
+    if table.shape[1] < width:
+        table = torch.cat([table, table.new_zeros(table.shape[0], width - table.shape[1], table.shape[2])], 1)
+    return table[sample[:, None], index]
+
+
+def decoder_loss(model, table: torch.Tensor, batch: dict, normalization: str) -> torch.Tensor:
+    """The step-decoder loss; `table` (B, S, H) holds each sample's latents (differentiable)."""
+    dec: StepDecoder = model.step_decoder
+    prefix = gather_prefix(table, batch["dec_sample"], batch["dec_index"])
+    prefix = torch.where(batch["dec_dummy"][:, None, None], torch.zeros_like(prefix), prefix)
+    hidden = dec.hidden(model.lm, prefix, batch["dec_ids"], batch["dec_mask"])
+    c = prefix.shape[1]
+    labels = torch.cat([torch.full_like(batch["dec_ids"][:, :c], IGNORE), batch["dec_labels"]], 1)
+    # the last latent predicts the first step token: shift over [latents, tokens]
+    h, y = hidden[:, :-1], labels[:, 1:]
+    out = dec.output_head(model.lm)
+    per_tok = fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), out.weight, y.reshape(-1), bias=out.bias,
+                                         reduction="none").view_as(y)
+    valid = (y != IGNORE).to(per_tok.dtype)
+    nll, count = (per_tok * valid).sum(1), valid.sum(1)
+    slots = batch["dec_slots"]
+    slot = batch["dec_slot"]
+    slot_nll = per_tok.new_zeros(slots).index_add(0, slot, nll)
+    slot_tokens = per_tok.new_zeros(slots).index_add(0, slot, count)
+    slot_rows = per_tok.new_zeros(slots).index_add(0, slot, (count > 0).to(per_tok.dtype))
+    denom = slot_rows if normalization == "sequence" else slot_tokens
+    present = (slot_rows > 0).to(per_tok.dtype)
+    per_slot = slot_nll / denom.clamp(min=1)
+    return (per_slot * present).sum() / present.sum().clamp(min=1)
+
+
+def _row_prefix(table: torch.Tensor, rows: list[Row], group: int) -> torch.Tensor:
+    dev = table.device
+    sample = torch.tensor([i for i, _, _ in rows], device=dev)
+    index = torch.tensor([g * group for _, g, _ in rows], device=dev)[:, None] + torch.arange(group, device=dev)
+    return gather_prefix(table, sample, index)
+
+
+@torch.no_grad()
+def step_match(model, table: torch.Tensor, rows: list[Row], group: int, tok, eos: int, pad: int,
+               max_tokens: int) -> dict[str, float]:
+    """Greedy-decode every slot and compare with its target step (exact match of the text)."""
+    if not rows:
+        return {}
+    out = model.step_decoder.generate(model.lm, _row_prefix(table, rows, group), max_tokens + 1, eos, pad)
+    hits: dict[int, list[float]] = {}
+    for (_, g, target), ids in zip(rows, out.tolist()):
+        ids = ids[: ids.index(eos)] if eos in ids else ids
+        hits.setdefault(g, []).append(float(tok.decode(ids).strip() == tok.decode(target[:max_tokens]).strip()))
+    metrics = {f"decoder_step_match/slot_{g}": sum(v) / len(v) for g, v in sorted(hits.items())}
+    metrics["decoder_step_match"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
+    return metrics
+
+
+@torch.no_grad()
+def decode_texts(model, table: torch.Tensor, rows: list[Row], group: int, tok, eos: int, pad: int,
+                 max_tokens: int) -> list[str]:
+    """Decoded text of each row's latent group (for `simcot decode`)."""
+    out = model.step_decoder.generate(model.lm, _row_prefix(table, rows, group), max_tokens, eos, pad)
+    return [tok.decode(ids[: ids.index(eos)] if eos in ids else ids).strip() for ids in out.tolist()]
