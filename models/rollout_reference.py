@@ -50,3 +50,27 @@ def multipass_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
         embeds = torch.cat([embeds[:, :end], e[:, None], embeds[:, end + 1:]], 1)
     out = stack(inputs_embeds=embeds, attention_mask=mask, position_ids=pos).last_hidden_state
     return out[:, plen + max_latents:]
+
+
+@torch.no_grad()
+def naive_generate(model, prefix: list[int], n_latents: int, eot_id: int, max_new_tokens: int,
+                   eos_id: int) -> list[int]:
+    """Batch-1 generation without a KV cache, as Coconut's reference `generate` does it: the latents
+    by the multi-pass algorithm, then every new token re-runs the whole sequence."""
+    stack = body(model.lm)
+    head_ = model.lm.get_output_embeddings()
+    emb = model.lm.get_input_embeddings()
+    dev = next(model.parameters()).device
+    embeds = emb(torch.tensor([prefix], device=dev))
+    for _ in range(n_latents):
+        h = stack(inputs_embeds=embeds).last_hidden_state[:, -1]
+        embeds = torch.cat([embeds, _feedback(model, h)[:, None]], 1)
+    embeds = torch.cat([embeds, emb(torch.tensor([[eot_id]], device=dev))], 1)
+    out = []
+    for _ in range(max_new_tokens):
+        tok = int(head_(stack(inputs_embeds=embeds).last_hidden_state[:, -1]).argmax(-1))
+        out.append(tok)
+        if tok == eos_id:
+            break
+        embeds = torch.cat([embeds, emb(torch.tensor([[tok]], device=dev))], 1)
+    return out

@@ -139,3 +139,34 @@ def test_decode_prints_each_latent_beside_its_gold_step(tiny):
         cfg2, _ = __import__("conftest").tiny_overrides, None
         plain = run_training(tiny(**{"train.epochs": 1, "train.run_name": "plain"})[0])["checkpoint"]
         decode_latents(plain, overrides={"tracking.enabled": False})
+
+
+def test_coconut_starts_from_a_cot_checkpoint_and_sweeps_latent_counts(tiny, monkeypatch):
+    import simcot.train.runner as runner
+
+    cot = run_training(tiny(**{"train.epochs": 2, "train.run_name": "cot-init"})[0])
+    logged = {}
+    real = runner.make_tracker
+
+    class Spy:
+        def __init__(self, t):
+            self.t = t
+
+        def __getattr__(self, k):
+            return getattr(self.t, k)
+
+        def log_metrics(self, m, step):
+            logged.update(m)
+
+    monkeypatch.setattr(runner, "make_tracker", lambda *a, **k: Spy(real(*a, **k)))
+    cfg, _ = tiny(method="coconut", **LATENT, **{"train.init_from": cot["run_dir"], "coconut.stage_offset": 1,
+                                                 "train.epochs": 1, "train.run_name": "coco",
+                                                 "eval.latent_sweep": "0,3"})
+    built = build(cfg, Path(cfg.train.out_dir) / "probe", tokenizer_from=Path(cot["checkpoint"]))
+    runner.load_lm_weights(built.model, Path(cot["checkpoint"]))
+    _, cot_model, _ = load_checkpoint_model(cot["checkpoint"])
+    assert all(torch.equal(p, cot_model.model.state_dict()[k]) for k, p in built.model.state_dict().items())
+    summary = run_training(cfg)
+    assert {"test_latents_0_accuracy", "test_latents_3_accuracy"} <= summary.keys()
+    assert {"test/latents_3/accuracy", "test/latents_3/latent_cos_within", "test/latents_0/accuracy"} <= logged.keys()
+    assert "test/latents_0/latent_norm" not in logged  # no latents, no latent metrics

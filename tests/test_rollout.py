@@ -103,3 +103,18 @@ def test_gradients_flow_through_every_latent_step():
     shifted_ce(model.lm, out.last_hidden_state, torch.tensor([[IGNORE, 7, 8]])).backward()
     per_step = torch.stack([e.grad[0].norm() for e in ro.fed])
     assert (per_step > 0).all(), per_step  # no detach anywhere in the chain
+
+
+def test_batched_latent_generation_equals_batch1_generation_without_cache():
+    from simcot.models.decoding import greedy_decode
+    from simcot.models.rollout import prefill_latents
+    from simcot.models.rollout_reference import naive_generate
+
+    model = _model("tiny-llama", True)
+    prefixes, n_latents, _, _ = _batch()
+    ids, mask = left_pad(prefixes, PAD)
+    state, _ = prefill_latents(model, ids, mask, torch.tensor(n_latents), max(n_latents), EOT)
+    out = greedy_decode(model.lm, state, 10, eos_id=1, pad_id=PAD)
+    for i, (p, n) in enumerate(zip(prefixes, n_latents)):
+        ref = naive_generate(model, p, n, EOT, 10, eos_id=1)
+        assert out[i, : len(ref)].tolist() == ref

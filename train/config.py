@@ -330,6 +330,9 @@ def validate(cfg: Config) -> None:
     if t.batch_size % t.micro_batch_size:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
+    if any(not k.strip().isdigit() for k in cfg.eval.latent_sweep.split(",") if k.strip()):
+        raise ConfigError(f"config key 'eval.latent_sweep': expected comma-separated counts like '1,2,4', "
+                          f"got '{cfg.eval.latent_sweep}'")
     METHODS[cfg.method].validate(cfg)
 
 

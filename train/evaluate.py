@@ -33,10 +33,12 @@ class EvalResult:
     def samples_per_s(self) -> float:
         return self.n / max(self.seconds, 1e-9)
 
-    def summary(self) -> dict[str, float]:
-        out = {f"{self.split}/accuracy": self.accuracy, f"{self.split}/samples_per_s": self.samples_per_s,
-               f"{self.split}/generated_tokens": self.generated_tokens, f"{self.split}/n": float(self.n)}
-        out.update({f"{self.split}/{k}": v for k, v in self.metrics.items()})
+    def summary(self, name: str | None = None) -> dict[str, float]:
+        """Metrics under `name/` (default the split), e.g. test/accuracy or test/latents_4/accuracy."""
+        name = name or self.split
+        out = {f"{name}/accuracy": self.accuracy, f"{name}/samples_per_s": self.samples_per_s,
+               f"{name}/generated_tokens": self.generated_tokens, f"{name}/n": float(self.n)}
+        out.update({f"{name}/{k}": v for k, v in self.metrics.items()})
         return out
 
     def write(self, path: Path) -> Path:

@@ -204,16 +204,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------- eval & save
 
-    def run_eval(self, split: str, cap: int, state: TrainState, final: bool = False) -> EvalResult:
+    @staticmethod
+    def trained_epoch(state: TrainState) -> int:
+        """The last epoch the weights were trained in (what the curriculum stage is read from)."""
+        return state.epoch - 1 if state.step_in_epoch == 0 and state.epoch > 0 else state.epoch
+
+    def run_eval(self, split: str, cap: int, state: TrainState, final: bool = False,
+                 n_latents: int | None = None) -> EvalResult:
         examples = self.examples[split][:cap] if cap > 0 else self.examples[split]
         res = evaluate(self.engine.module, self.method, examples, self.tok, self.cfg.eval,
-                       self.cfg.data.answer_prefix, split, self.engine.device, epoch=state.epoch)
-        self.tracker.log_metrics(res.summary(), state.global_step)
+                       self.cfg.data.answer_prefix, split, self.engine.device, epoch=self.trained_epoch(state),
+                       n_latents=n_latents)
+        name = split if n_latents is None else f"{split}/latents_{n_latents}"
+        self.tracker.log_metrics(res.summary(name), state.global_step)
         if self.rank == 0:
-            log.info("%s accuracy %.4f (%d/%d) | %.1f samples/s", split, res.accuracy, res.correct, res.n,
+            log.info("%s accuracy %.4f (%d/%d) | %.1f samples/s", name, res.accuracy, res.correct, res.n,
                      res.samples_per_s)
             if final:
-                path = res.write(self.run_dir / f"predictions_{split}.jsonl")
+                suffix = "" if n_latents is None else f"_latents_{n_latents}"
+                path = res.write(self.run_dir / f"predictions_{split}{suffix}.jsonl")
                 self.tracker.log_artifact(path, "predictions")
         return res
 

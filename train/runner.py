@@ -124,13 +124,22 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_
 
 
 def load_lm_weights(model: LatentLM, ckpt: Path) -> None:
-    """Copy the main LM's weights from a checkpoint (``train.init_from``); extras start fresh."""
+    """Copy the main LM's weights from a checkpoint (``train.init_from``); extras start fresh.
+
+    safetensors stores one name per tied tensor (embeddings and lm_head), so every name of a tie
+    group is filled from whichever one the file kept; then the load is strict.
+    """
     from safetensors.torch import load_file
 
     state = {k[3:]: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith("lm.")}
+    groups: dict[int, list[str]] = {}
+    for name, p in model.lm.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        kept = next((n for n in names if n in state), None)
+        for n in names if kept else []:
+            state.setdefault(n, state[kept])
     missing, unexpected = model.lm.load_state_dict(state, strict=False)
-    tied = {n for n, _ in model.lm.named_parameters(remove_duplicate=False)} - {n for n, _ in model.lm.named_parameters()}
-    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise ValueError(f"init_from {ckpt}: weights do not match the model (missing {missing[:5]}, "
                          f"unexpected {unexpected[:5]})")
@@ -152,9 +161,14 @@ def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
     return params
 
 
-def _tags(cfg: Config) -> dict[str, str]:
-    return {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.source, "n_latents": "0",
+def _tags(cfg: Config, method) -> dict[str, str]:
+    n = method.eval_latents(max(cfg.train.epochs - 1, 0))
+    return {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.source, "n_latents": str(n),
             "zero_stage": "none", "hosts": "1"}
+
+
+def latent_sweep(cfg: Config) -> list[int]:
+    return [int(k) for k in cfg.eval.latent_sweep.split(",") if k.strip()]
 
 
 def run_training(cfg: Config, overrides: dict | None = None) -> dict:
@@ -203,7 +217,7 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     try:
         if resume_ckpt is None:
             tracker.log_params(_run_params(cfg, built, world))
-            tracker.set_tags(_tags(cfg))
+            tracker.set_tags(_tags(cfg, built.method))
             tracker.log_text(config_yaml, "config.yaml")
         trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, tracker, run_dir, config_yaml)
         t0 = time.perf_counter()
@@ -213,6 +227,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         for split, cap in (("val", cfg.eval.n_val), ("test", cfg.eval.n_test)):
             if built.examples[split]:
                 results[split] = trainer.run_eval(split, cap, state, final=True)
+                for k in latent_sweep(cfg) if built.method.uses_latents else []:
+                    results[f"{split}_latents_{k}"] = trainer.run_eval(split, cap, state, final=True, n_latents=k)
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
         tracker.finish("FINISHED")
     except KeyboardInterrupt:
@@ -284,7 +300,7 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
     trained = load_trainer_state(ckpt)
     tracker = make_tracker(cfg.tracking, f"eval-{cfg.train.run_name}-{split}")
     try:
-        tracker.set_tags({**_tags(cfg), "simcot.eval_of": trained.get("mlflow_run_id", ""),
+        tracker.set_tags({**_tags(cfg, built.method), "simcot.eval_of": trained.get("mlflow_run_id", ""),
                           "simcot.checkpoint": str(ckpt.resolve())})
         tracker.log_params({k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(("eval.", "data."))})
         res = evaluate(built.model, built.method, examples, built.tok, cfg.eval, cfg.data.answer_prefix, split, dev,

@@ -65,6 +65,10 @@ class Method:
     def loss(self, model: LatentLM, batch: dict) -> LossOutput:
         raise NotImplementedError
 
+    def eval_latents(self, epoch: int | None) -> int:
+        """Latents an evaluation prompt gets after training up to `epoch` (0: no latents)."""
+        return 0
+
     def eval_prompt(self, ex: dict, epoch: int | None = None) -> Prompt:
         raise NotImplementedError
 

@@ -17,9 +17,11 @@ class LatentMethod(Method):
         """Latents at evaluation for a model trained up to `epoch`."""
         raise NotImplementedError
 
+    def eval_latents(self, epoch: int | None) -> int:
+        return self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.latent_count(epoch)
+
     def eval_prompt(self, ex, epoch=None):
-        n = self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.latent_count(epoch)
-        return Prompt(ex["q"] + [self.special.bot], n, ex)
+        return Prompt(ex["q"] + [self.special.bot], self.eval_latents(epoch), ex)
 
     def prefill(self, model, prompts: list[Prompt], device: torch.device) -> Prefill:
         ids, mask = left_pad([p.ids for p in prompts], self.special.pad)
