@@ -50,14 +50,23 @@ def train(config: str = "", **overrides):
         cfg = load_config(config or None, overrides)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
+    from simcot.train.distributed import dist_env, fail_loudly, is_distributed, shutdown
     from simcot.train.formats import DataError
     from simcot.train.runner import run_training
 
     try:
         summary = run_training(cfg, overrides)
-    except DataError as e:
+    except (DataError, ConfigError) as e:
+        if is_distributed():
+            fail_loudly(dist_env().rank, e)
         _fail(e)
-    print(json.dumps(summary, indent=2))
+    except BaseException as e:
+        if is_distributed():  # never wait in a collective for ranks that will not come
+            fail_loudly(dist_env().rank, e)
+        raise
+    if dist_env().rank == 0:
+        print(json.dumps(summary, indent=2))
+    shutdown()
 
 
 def eval(checkpoint: str = "", out: str = "", **overrides):  # noqa: A001 - the command's name
@@ -161,8 +170,22 @@ def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int
 COMMANDS = {"train": train, "eval": eval, "data": data, "decode": decode}
 
 
+def _strip_local_rank(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends --local_rank=N; the rank comes from LOCAL_RANK instead."""
+    out, skip = [], False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--local_rank"):
+            skip = a == "--local_rank"
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return

@@ -55,7 +55,7 @@ def _init_new_rows(model, tok, n_old: int, init_from: str) -> None:
     src = tok.encode(init_from, add_special_tokens=False) if init_from else []
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight if model.get_output_embeddings() is not None else None
-    with torch.no_grad():
+    with _gathered_for_write([w for w in (emb, head) if w is not None]), torch.no_grad():
         for w in {id(emb): emb, id(head): head}.values():
             if w is None:
                 continue
@@ -65,6 +65,17 @@ def _init_new_rows(model, tok, n_old: int, init_from: str) -> None:
                 w[n_old:n_new] = w[:n_old].mean(0)
     if len(src) != 1:
         log.info("'%s' is not a single token: new special-token rows start at the mean embedding", init_from)
+
+
+def _gathered_for_write(params):
+    """ZeRO-3 partitions weights to empty shards: gather them (rank 0 writes, then re-partition)."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpoint: str | Path | None = None):

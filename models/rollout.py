@@ -22,11 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 import torch.nn.functional as F
 
 from simcot.models.decoding import Prefill, body, head, positions
+from simcot.train.distributed import rank_max
 
 
 def latent_feedback(hidden, thinking, token_ids, embedding, *, proj=None, norm=None):
@@ -62,17 +62,6 @@ def feedback_params(model) -> dict:
     """The projection/norm tensors of a model's latent feedback, in latent_feedback's format."""
     proj = getattr(model, "projection", None)
     return proj.feedback_args() if proj is not None else {}
-
-
-def rank_max(n: int) -> int:
-    """The largest `n` over the data-parallel ranks: every rank must run as many forwards (ZeRO-3)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([n], dtype=torch.long)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-    return n
 
 
 def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,

@@ -25,7 +25,8 @@ import math
 import torch
 from torch import nn
 
-from simcot.models.decoding import body, head, unwrap
+from simcot.models.decoding import any_rank, body, head, unwrap
+from simcot.train.distributed import is_distributed
 
 
 class LoRAPair(nn.Module):
@@ -61,8 +62,7 @@ class StepDecoder(nn.Module):
         self.adapters = None
         self._active = False
         if kind == "copy":
-            src = copy.deepcopy(main_lm)  # of the weights the main model starts from
-            self.lm = src.merge_and_unload() if hasattr(src, "merge_and_unload") else src
+            self.lm = _clone(main_lm)  # of the weights the main model starts from
             self.lm.train()
         elif kind == "small":
             self.lm = self._small_lm(base, scfg)
@@ -146,11 +146,37 @@ class StepDecoder(nn.Module):
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
                 toks.append(nxt)
                 done = done | (nxt == eos_id)
-                if bool(done.all()) or t == max_new_tokens - 1:
+                if t == max_new_tokens - 1:
+                    break
+                if (not any_rank(~done.all())) if is_distributed() else bool(done.all()):
                     break
                 e = self._embed_in(emb(nxt)[:, None].to(prefix.dtype))
                 out = stack(inputs_embeds=e, past_key_values=out.past_key_values, use_cache=True)
         return torch.stack(toks, 1) if toks else torch.empty(rows, 0, dtype=torch.long, device=prefix.device)
+
+
+def _clone(main_lm: nn.Module) -> nn.Module:
+    """A trainable copy of the main LM (LoRA merged in); under ZeRO-3 built partitioned and filled
+    parameter by parameter, since a deepcopy of empty shards copies nothing."""
+    base = unwrap(main_lm)
+    if not any(hasattr(p, "ds_id") for p in base.parameters()):
+        src = copy.deepcopy(main_lm)
+        return src.merge_and_unload() if hasattr(src, "merge_and_unload") else src
+    if base is not main_lm:
+        raise ValueError("simcot.decoder=copy of a LoRA model under ZeRO-3 is not supported; "
+                         "use simcot.decoder=shared (the references' 8B setting is LoRA + decoder)")
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM
+
+    clone = AutoModelForCausalLM.from_config(base.config)  # partitioned by zero.Init (HfDeepSpeedConfig is alive)
+    src = dict(base.named_parameters())
+    for name, p in clone.named_parameters():
+        with deepspeed.zero.GatheredParameters([p, src[name]], modifier_rank=0):
+            if dist.get_rank() == 0:
+                with torch.no_grad():
+                    p.copy_(src[name])
+    return clone
 
 
 def _n_heads(cfg) -> int:

@@ -56,12 +56,13 @@ def save_checkpoint(run_dir: Path, step: int, engine, tok, config_yaml: str, tra
         tmp.mkdir(parents=True)
     _barrier()
     engine.save(tmp)
+    torch.save(rng_state(), tmp / f"rng_rank{engine.rank}.pt")  # dropout streams differ per rank
+    _barrier()
     if is_writer:
         tok.save_pretrained(str(tmp))
         unwrap(engine.module.lm).config.save_pretrained(str(tmp))
         (tmp / "config.yaml").write_text(config_yaml)
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2))
-        torch.save(rng_state(), tmp / "rng.pt")
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -98,5 +99,60 @@ def resolve_checkpoint(path: str | Path) -> Path:
                             f"with checkpoints/{LATEST})")
 
 
+def load_rng_state(ckpt: Path, rank: int) -> None:
+    path = Path(ckpt) / f"rng_rank{rank}.pt"
+    if not path.is_file():  # resumed on more processes than saved it: data order is still exact
+        import logging
+
+        logging.getLogger(__name__).warning("%s has no RNG state for rank %d (saved by fewer processes): "
+                                            "dropout streams will differ from the original run", ckpt, rank)
+        return
+    set_rng_state(torch.load(path, weights_only=False))
+
+
 def load_trainer_state(ckpt: Path) -> dict:
     return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+
+
+def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The full (consolidated) state dict of a checkpoint, whichever engine wrote it.
+
+    ``model.safetensors`` (plain PyTorch engine), or DeepSpeed's folder: ZeRO 1-3 shards are
+    consolidated to fp32 with DeepSpeed's zero-to-fp32; stage 0 keeps the module state whole.
+    """
+    ckpt = Path(ckpt)
+    if (ckpt / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(ckpt / "model.safetensors"))
+    ds = ckpt / "deepspeed"
+    if not ds.is_dir():
+        raise FileNotFoundError(f"{ckpt} holds neither model.safetensors nor a deepspeed/ checkpoint")
+    if any(ds.glob("*optim_states.pt")) and any(ds.glob("zero_pp_rank_*")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed"))
+    return torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+
+
+def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str,
+                      ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load `state` so that every parameter is covered and nothing foreign is left over.
+
+    Checkpoints keep one name per tied tensor (embeddings and lm_head): every name of a tie group
+    is filled from the one present. Keys under `ignore_prefixes` (e.g. the step decoder, absent
+    from an inference model) may be dropped; anything else missing or unexpected is an error.
+    """
+    state = dict(state)
+    groups: dict[int, list[str]] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    for names in groups.values():
+        kept = next((n for n in names if n in state), None)
+        for n in names if kept else []:
+            state.setdefault(n, state[kept])
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    unexpected = [k for k in unexpected if not k.startswith(ignore_prefixes)]
+    if missing or unexpected:
+        raise ValueError(f"{where} does not match the model built from its config: missing {sorted(missing)[:8]}, "
+                         f"unexpected {sorted(unexpected)[:8]}")

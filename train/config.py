@@ -165,6 +165,19 @@ class StepDecoderConfig:
 
 
 @dataclass
+class DeepSpeedConfig:
+    enabled: bool = opt(False, "Train under the DeepSpeed engine (automatic when launched on several processes)")
+    zero_stage: int = opt(0, "ZeRO stage 0 | 1 | 2 | 3")
+    offload_optimizer: str = opt("none", "Optimizer state offload: none | cpu | nvme")
+    offload_params: str = opt("none", "Parameter offload (ZeRO-3): none | cpu | nvme")
+    nvme_path: str = opt("/local_nvme", "Folder for nvme offload")
+    config: str = opt("", "A DeepSpeed config: a JSON path or a template (zero2, zero3, zero3_offload); "
+                      "batch sizes, precision and clipping are filled in from this config")
+    gather_for_eval: bool = opt(True, "ZeRO-3: gather the full weights once for no-grad evaluation")
+    timeout_minutes: int = opt(30, "Collective timeout: a rank stuck longer than this ends the job")
+
+
+@dataclass
 class Config:
     method: str = opt("cot", "Training objective: nocot | cot | coconut | codi | simcot-coconut | simcot-codi")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -175,6 +188,7 @@ class Config:
     coconut: CoconutConfig = field(default_factory=CoconutConfig)
     codi: CodiConfig = field(default_factory=CodiConfig)
     simcot: StepDecoderConfig = field(default_factory=StepDecoderConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 
 # --------------------------------------------------------------------------------------------
@@ -311,6 +325,8 @@ _CHOICES = {
     "codi.distill_loss": ("smooth_l1", "mse"),
     "simcot.decoder": ("copy", "shared", "small"),
     "simcot.normalization": ("auto", "sequence", "token"),
+    "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),
+    "deepspeed.offload_params": ("none", "cpu", "nvme"),
 }
 
 
@@ -330,6 +346,13 @@ def validate(cfg: Config) -> None:
     if t.batch_size % t.micro_batch_size:
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
                           f"train.micro_batch_size ({t.micro_batch_size})")
+    ds = cfg.deepspeed
+    if ds.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"config key 'deepspeed.zero_stage': {ds.zero_stage} is not one of 0, 1, 2, 3")
+    if ds.offload_params != "none" and ds.zero_stage != 3:
+        raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
+    if ds.offload_optimizer != "none" and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
     if any(not k.strip().isdigit() for k in cfg.eval.latent_sweep.split(",") if k.strip()):
         raise ConfigError(f"config key 'eval.latent_sweep': expected comma-separated counts like '1,2,4', "
                           f"got '{cfg.eval.latent_sweep}'")

@@ -78,6 +78,9 @@ class TorchEngine:
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
 
+    def eval_context(self):
+        return contextlib.nullcontext()
+
     def forward(self, fn, *args):
         with self.autocast:
             return self.module(fn, *args)

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from simcot.models.decoding import greedy_decode, trim_at_eos
 from simcot.train.answers import extract, is_correct
+from simcot.train.distributed import gather_objects, is_distributed, rank_max
 
 
 @dataclass
@@ -59,11 +61,14 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str, split: str,
              device: torch.device, epoch: int | None = None, n_latents: int | None = None) -> EvalResult:
-    """Accuracy of greedy decoding on `examples`.
+    """Accuracy of greedy decoding on `examples` (every rank gets the same result).
 
     Prompts are sorted by length so each batch wastes little padding; predictions come back in
-    the original order. `n_latents` overrides the method's latent count (latent sweeps).
+    the original order. `n_latents` overrides the method's latent count (latent sweeps). With
+    several ranks each evaluates a shard; all run the same number of batches and decode steps
+    (ZeRO-3 gathers parameters in every forward), then the results are gathered.
     """
+    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     was_training = model.training
     model.eval()
     prompts = [method.eval_prompt(ex, epoch) for ex in examples]
@@ -71,31 +76,42 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
         for p in prompts:
             p.n_latents = n_latents
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i].ids))
+    shard = order[rank::world]
+    batches = [shard[i:i + ecfg.batch_size] for i in range(0, len(shard), ecfg.batch_size)]
+    n_batches = rank_max(len(batches))
     marker = answer_prefix.strip()
-    preds: list[dict | None] = [None] * len(examples)
-    metric_sums: dict[str, float] = {}
-    correct, gen_tokens = 0, 0
+    local = {"preds": [], "metric_sums": {}, "correct": 0, "gen_tokens": 0}
     _sync(device)
     t0 = time.perf_counter()
-    for start in range(0, len(order), ecfg.batch_size):
-        idx = order[start:start + ecfg.batch_size]
+    for b in range(n_batches):
+        idx = batches[min(b, len(batches) - 1)] if batches else order[:1]  # extra batches: re-run, discard
         state = method.prefill(model, [prompts[i] for i in idx], device)
-        gen = greedy_decode(model.lm, state, ecfg.max_new_tokens, method.special.eos, method.special.pad)
-        for k, v in getattr(state, "metrics", {}).items():
-            metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * len(idx)
+        gen = greedy_decode(model.lm, state, ecfg.max_new_tokens, method.special.eos, method.special.pad,
+                            synced=world > 1)
+        if b >= len(batches):
+            continue
+        for k, v in state.metrics.items():
+            local["metric_sums"][k] = local["metric_sums"].get(k, 0.0) + float(v) * len(idx)
         for row, i in enumerate(idx):
             ids = trim_at_eos(gen[row].tolist(), method.special.eos)
             text = tok.decode(ids, skip_special_tokens=False)
             ok = is_correct(text, examples[i]["answer"], ecfg.match, marker)
-            correct += ok
-            gen_tokens += len(ids)
-            preds[i] = {"idx": examples[i]["idx"], "gold": examples[i]["answer"],
-                        "prediction": extract(text, marker), "correct": bool(ok), "generated": text,
-                        "n_latents": prompts[i].n_latents}
+            local["correct"] += ok
+            local["gen_tokens"] += len(ids)
+            local["preds"].append((i, {"idx": examples[i]["idx"], "gold": examples[i]["answer"],
+                                       "prediction": extract(text, marker), "correct": bool(ok),
+                                       "generated": text, "n_latents": prompts[i].n_latents}))
     _sync(device)
     seconds = time.perf_counter() - t0
     if was_training:
         model.train()
+    parts = gather_objects(local)
+    preds = [p for _, p in sorted((x for part in parts for x in part["preds"]), key=lambda x: x[0])]
     n = len(examples)
-    metrics = {k: v / max(n, 1) for k, v in metric_sums.items()}
-    return EvalResult(split, n, correct, seconds, gen_tokens / max(n, 1), preds, metrics)
+    sums: dict[str, float] = {}
+    for part in parts:
+        for k, v in part["metric_sums"].items():
+            sums[k] = sums.get(k, 0.0) + v
+    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+    return EvalResult(split, n, sum(p["correct"] for p in parts), seconds,
+                      sum(p["gen_tokens"] for p in parts) / max(n, 1), preds, metrics)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from simcot.train.checkpoint import save_checkpoint
+from simcot.train.distributed import maybe_inject_fault
 from simcot.train.evaluate import EvalResult, evaluate
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ class Trainer:
         parts: dict[str, float] = {}
         loss_sum, tokens, samples = 0.0, 0, 0
         mbs = micro_batches(order, state.step_in_epoch, t.batch_size, t.micro_batch_size, self.rank, self.world)
+        maybe_inject_fault(self.rank, state.global_step + 1)
         for j, idx in enumerate(mbs):
             rng = random.Random(f"{t.seed}-{state.epoch}-{state.step_in_epoch}-{j}-{self.rank}")
             batch = self.method.collate([self.examples["train"][i] for i in idx], state.epoch, rng)
@@ -212,9 +214,10 @@ class Trainer:
     def run_eval(self, split: str, cap: int, state: TrainState, final: bool = False,
                  n_latents: int | None = None) -> EvalResult:
         examples = self.examples[split][:cap] if cap > 0 else self.examples[split]
-        res = evaluate(self.engine.module, self.method, examples, self.tok, self.cfg.eval,
-                       self.cfg.data.answer_prefix, split, self.engine.device, epoch=self.trained_epoch(state),
-                       n_latents=n_latents)
+        with self.engine.eval_context():
+            res = evaluate(self.engine.module, self.method, examples, self.tok, self.cfg.eval,
+                           self.cfg.data.answer_prefix, split, self.engine.device,
+                           epoch=self.trained_epoch(state), n_latents=n_latents)
         name = split if n_latents is None else f"{split}/latents_{n_latents}"
         self.tracker.log_metrics(res.summary(name), state.global_step)
         if self.rank == 0:

@@ -11,6 +11,7 @@ import os
 import platform
 import random
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +21,13 @@ import torch
 
 from simcot.models.latent_lm import LatentLM
 from simcot.models.loading import apply_lora, build_lm, build_tokenizer
-from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint, set_rng_state
-from simcot.train.config import Config, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict, validate
-from simcot.train.engine import DTYPES, TorchEngine
+from simcot.train.checkpoint import (load_rng_state, load_state_strict, load_trainer_state, load_weights,
+                                    resolve_checkpoint)
+from simcot.train.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict,
+                                 validate)
+from simcot.train.distributed import gather_objects, init_distributed, uses_deepspeed
+from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
+from simcot.train.engine import TorchEngine
 from simcot.train.examples import tokenize
 from simcot.train.loop import Trainer, TrainState
 from simcot.train.methods import METHODS
@@ -124,25 +129,9 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_
 
 
 def load_lm_weights(model: LatentLM, ckpt: Path) -> None:
-    """Copy the main LM's weights from a checkpoint (``train.init_from``); extras start fresh.
-
-    safetensors stores one name per tied tensor (embeddings and lm_head), so every name of a tie
-    group is filled from whichever one the file kept; then the load is strict.
-    """
-    from safetensors.torch import load_file
-
-    state = {k[3:]: v for k, v in load_file(str(ckpt / "model.safetensors")).items() if k.startswith("lm.")}
-    groups: dict[int, list[str]] = {}
-    for name, p in model.lm.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(p), []).append(name)
-    for names in groups.values():
-        kept = next((n for n in names if n in state), None)
-        for n in names if kept else []:
-            state.setdefault(n, state[kept])
-    missing, unexpected = model.lm.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(f"init_from {ckpt}: weights do not match the model (missing {missing[:5]}, "
-                         f"unexpected {unexpected[:5]})")
+    """Copy the main LM's weights from a checkpoint (``train.init_from``); extras start fresh."""
+    state = {k[3:]: v for k, v in load_weights(ckpt).items() if k.startswith("lm.")}
+    load_state_strict(model.lm, state, f"init_from {ckpt}")
 
 
 def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
@@ -171,9 +160,18 @@ def latent_sweep(cfg: Config) -> list[int]:
     return [int(k) for k in cfg.eval.latent_sweep.split(",") if k.strip()]
 
 
+def _on_sigterm(signum, frame):  # launchers stop surviving ranks with SIGTERM: record the run as KILLED
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     """Train (or resume) a run, evaluate it on val and test, and return a summary."""
-    setup_logging()
+    import signal
+
+    info = init_distributed(cfg)
+    setup_logging(info.rank)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_sigterm)
     state = TrainState()
     resume_ckpt = None
     if cfg.train.resume:
@@ -186,28 +184,44 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         state = TrainState(**load_trainer_state(resume_ckpt))
         run_dir = resume_ckpt.parent.parent
         cfg.train.run_name = run_dir.name
-    else:
-        cfg.train.run_name = cfg.train.run_name or default_run_name(cfg)
+    else:  # every rank must agree on the run folder: rank 0 names it
+        cfg.train.run_name = cfg.train.run_name or gather_objects(default_run_name(cfg))[0]
         run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and info.world > 1:
+        device = torch.device("cuda", info.local_rank)
+    t = cfg.train
+    world = info.world
+    if t.batch_size % (t.micro_batch_size * world):
+        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
+                          f"({t.micro_batch_size}) x world size ({world})")
+    accum = t.batch_size // (t.micro_batch_size * world)
+    ds_config, hf_ds_config = None, None
+    if uses_deepspeed(cfg):
+        ds_config = build_ds_config(cfg, world, accum, on_cpu=device.type == "cpu")
+        if zero3_enabled(ds_config):  # must exist (and stay alive) before any model is built
+            from transformers.integrations import HfDeepSpeedConfig
+
+            hf_ds_config = HfDeepSpeedConfig(ds_config)
 
     init_ckpt = resolve_checkpoint(cfg.train.init_from) if cfg.train.init_from else None
     built = build(cfg, run_dir, checkpoint=resume_ckpt, tokenizer_from=init_ckpt)
     if init_ckpt is not None and resume_ckpt is None:
         load_lm_weights(built.model, init_ckpt)
-    world = 1
-    accum = cfg.train.batch_size // (cfg.train.micro_batch_size * world)
-    steps_per_epoch = max(1, len(built.examples["train"]) // cfg.train.batch_size)
-    total = cfg.train.epochs * steps_per_epoch
-    total = min(total, cfg.train.max_steps) if cfg.train.max_steps else total
-    engine = TorchEngine(built.model, cfg.train, total, device, accum)
+    steps_per_epoch = max(1, len(built.examples["train"]) // t.batch_size)
+    total = min(t.epochs * steps_per_epoch, t.max_steps) if t.max_steps else t.epochs * steps_per_epoch
+    if ds_config is not None:
+        engine = DeepSpeedEngine(built.model, cfg, total, device, accum, ds_config)
+    else:
+        engine = TorchEngine(built.model, cfg.train, total, device, accum)
     if resume_ckpt is not None:
         engine.load(resume_ckpt)
-        set_rng_state(torch.load(resume_ckpt / "rng.pt", weights_only=False))
+        load_rng_state(resume_ckpt, engine.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_ckpt, state.global_step, state.epoch,
                  state.step_in_epoch)
 
@@ -215,9 +229,11 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     state.mlflow_run_id = tracker.run_id
     config_yaml = dump_yaml(cfg)
     try:
+        hosts = len(set(gather_objects(platform.node())))
         if resume_ckpt is None:
             tracker.log_params(_run_params(cfg, built, world))
-            tracker.set_tags(_tags(cfg, built.method))
+            tracker.set_tags({**_tags(cfg, built.method), "hosts": str(hosts),
+                              "zero_stage": str(ds_config["zero_optimization"]["stage"]) if ds_config else "none"})
             tracker.log_text(config_yaml, "config.yaml")
         trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, tracker, run_dir, config_yaml)
         t0 = time.perf_counter()
@@ -231,6 +247,7 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
                     results[f"{split}_latents_{k}"] = trainer.run_eval(split, cap, state, final=True, n_latents=k)
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
         tracker.finish("FINISHED")
+        del hf_ds_config  # kept alive until here: transformers reads it while models are built and saved
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
@@ -269,19 +286,13 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None,
     Loading is strict: every parameter of the model must be in the file and nothing else may be,
     except the SIM-CoT step decoder's weights, which an inference model does not build.
     """
-    from safetensors.torch import load_model
-
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_checkpoint_config(ckpt, overrides)
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     built = build(cfg, ckpt.parent.parent, checkpoint=ckpt, inference=inference)
-    built.model.to(dev)
-    missing, unexpected = load_model(built.model, str(ckpt / "model.safetensors"), strict=False, device=str(dev))
-    unexpected = [k for k in unexpected if not (inference and k.startswith("step_decoder."))]
-    if missing or unexpected:
-        raise ValueError(f"checkpoint {ckpt} does not match the model built from its config: "
-                         f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
-    built.model.eval()
+    load_state_strict(built.model, load_weights(ckpt), f"checkpoint {ckpt}",
+                      ("step_decoder.",) if inference else ())
+    built.model.to(dev).eval()
     return cfg, built, dev
 
 

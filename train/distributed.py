@@ -1,0 +1,115 @@
+"""Process-group plumbing: who am I, start/stop the group, gather results, fail loudly.
+
+Launchers (torchrun, the ``deepspeed`` launcher, SLURM's srun via ``launchers/slurm``) set RANK,
+WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain ``simcot train`` is one process.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def dist_env() -> DistInfo:
+    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
+                    int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def uses_deepspeed(cfg) -> bool:
+    d = cfg.deepspeed
+    return d.enabled or bool(d.config) or d.zero_stage > 0 or dist_env().world > 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(cfg) -> DistInfo:
+    """Start the process group when DeepSpeed is in use (gloo on CPU, nccl on GPU)."""
+    info = dist_env()
+    if not uses_deepspeed(cfg):
+        return info
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if info.world == 1:  # a single process still needs an address to rendezvous with itself
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(info.local_rank)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
+                                   auto_mpi_discovery=False,
+                                   timeout=timedelta(minutes=cfg.deepspeed.timeout_minutes))
+    return dist_env()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank_max(n: int) -> int:
+    """The largest `n` over the ranks: under ZeRO-3 every rank must run as many forward passes."""
+    if not is_distributed():
+        return n
+    t = torch.tensor([n], dtype=torch.long)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def gather_objects(obj) -> list:
+    """`obj` from every rank, in rank order (a one-element list without a process group)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def fail_loudly(rank: int, err: BaseException) -> None:
+    """Report a rank's error on stderr, then end the process at once.
+
+    A rank that raised must not wait in a collective (or in destroy_process_group) for peers that
+    will never join: the launcher sees the non-zero exit and stops the other ranks.
+    """
+    print(f"simcot: rank {rank} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    sys.stderr.flush()
+    sys.stdout.flush()
+    os._exit(1)
+
+
+def maybe_inject_fault(rank: int, step: int) -> None:
+    """Testing aid: SIMCOT_FAIL_AT='<rank>:<step>' makes that rank raise at that optimizer step."""
+    spec = os.environ.get("SIMCOT_FAIL_AT")
+    if spec and spec == f"{rank}:{step}":
+        raise RuntimeError(f"injected failure (SIMCOT_FAIL_AT={spec})")
