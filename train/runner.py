@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import random
+import socket
 import subprocess
 import time
 from dataclasses import dataclass
@@ -144,14 +145,15 @@ def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
     for split, h in built.splits.hashes().items():
         params[f"data.{split}_hash"] = h
     params["model.parameters"] = sum(p.numel() for p in built.model.lm.parameters())
-    params["model.vocab_size"] = len(built.tok)
+    params["model.actual_vocab_size"] = len(built.tok)  # model.vocab_size is the config's (soft) target
     params.update(versions())
     params.update(git_info())
     return params
 
 
-def _tags(cfg: Config) -> dict[str, str]:
-    return {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.source, "n_latents": "0",
+def _tags(cfg: Config, method=None) -> dict[str, str]:
+    n_latents = getattr(method, "n_latents", 0)  # a latent method says how many it uses
+    return {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.source, "n_latents": str(n_latents),
             "zero_stage": "none", "hosts": "1"}
 
 
@@ -201,8 +203,10 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     try:
         if resume_ckpt is None:
             tracker.log_params(_run_params(cfg, built, world))
-            tracker.set_tags(_tags(cfg))
+            tracker.set_tags(_tags(cfg, built.method))
             tracker.log_text(config_yaml, "config.yaml")
+        # where the checkpoints live (simcot.checkpoint, set at every save, names the newest)
+        tracker.set_tags({"simcot.run_dir": str(run_dir.resolve()), "simcot.host": socket.gethostname()})
         trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, tracker, run_dir, config_yaml)
         t0 = time.perf_counter()
         state = trainer.fit(state)
@@ -212,12 +216,14 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
             if built.examples[split]:
                 results[split] = trainer.run_eval(split, cap, state, final=True)
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
+        tracker.log_run_plots()
         tracker.finish("FINISHED")
     except KeyboardInterrupt:
         tracker.finish("KILLED")
         raise
     except BaseException as e:
         tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
+        tracker.log_run_plots()  # the curves up to the crash help to diagnose it
         tracker.finish("FAILED")
         raise
     return {"run_dir": str(run_dir), "run_id": tracker.run_id, "tracking_uri": getattr(tracker, "uri", ""),
@@ -272,7 +278,7 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
     trained = load_trainer_state(ckpt)
     tracker = make_tracker(cfg.tracking, f"eval-{cfg.train.run_name}-{split}")
     try:
-        tracker.set_tags({**_tags(cfg), "simcot.eval_of": trained.get("mlflow_run_id", ""),
+        tracker.set_tags({**_tags(cfg, built.method), "simcot.eval_of": trained.get("mlflow_run_id", ""),
                           "simcot.checkpoint": str(ckpt.resolve())})
         tracker.log_params({k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(("eval.", "data."))})
         res = evaluate(built.model, built.method, examples, built.tok, cfg.eval, cfg.data.answer_prefix, split, dev,
@@ -281,7 +287,11 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
         path = res.write(Path(out) if out else ckpt / f"predictions_{split}.jsonl")
         tracker.log_artifact(path, "predictions")
         tracker.finish("FINISHED")
-    except BaseException:
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException as e:
+        tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
         tracker.finish("FAILED")
         raise
     log.info("%s accuracy %.4f (%d/%d), %.1f samples/s -> %s", split, res.accuracy, res.correct, res.n,
