@@ -10,9 +10,11 @@ A sweep is a parent run (``start_parent``) whose ``run_id`` every child gets as
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -141,7 +143,9 @@ class MlflowTracker(NullTracker):
             log.warning("could not log the run's plots: %s: %s", type(e).__name__, e)
 
     def finish(self, status="FINISHED"):
-        self.client.set_terminated(self.run_id, status=status)
+        # against a server MLflow prints the run's URL to stdout; keep stdout for our output (JSON summaries)
+        with contextlib.redirect_stdout(sys.stderr):
+            self.client.set_terminated(self.run_id, status=status)
 
 
 def start_parent(experiment: str, name: str, params: dict | None = None, tags: dict | None = None,
