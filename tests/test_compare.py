@@ -156,7 +156,7 @@ def _error(capsys, *args) -> str:
     return capsys.readouterr().err.strip()
 
 
-def test_error_messages(store, capsys, tmp_path):
+def test_error_messages(store, capsys, tmp_path, monkeypatch):
     u = store.uri
     assert _error(capsys, "--experiment", "nope", "--tracking_uri", u) == (
         f"simcot: error: experiment 'nope' not found at {u} (experiments: Default, cmp, empty)")
@@ -176,8 +176,10 @@ def test_error_messages(store, capsys, tmp_path):
         "simcot: error: no run has param 'train.lrr' (did you mean 'train.lr'?)")
     assert _error(capsys, "--tracking_uri", u) == (  # the default experiment is the one `simcot train` uses
         f"simcot: error: experiment 'simcot' not found at {u} (experiments: Default, cmp, empty)")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)  # the default store, ./mlruns.db, is not there
     missing = f"sqlite:///{tmp_path / 'mlruns.db'}"
-    assert _error(capsys, "--tracking_uri", missing) == (
+    assert _error(capsys) == (
         f"simcot: error: no MLflow store at {missing} (train a run here first, or give --tracking_uri or "
         "MLFLOW_TRACKING_URI)")
     assert not (tmp_path / "mlruns.db").exists()

@@ -18,7 +18,7 @@ from simcot.train.config import TrackingConfig, config_from_dict, flatten, load_
 from simcot.train.plots import run_figures
 from simcot.train.runner import _tags, run_evaluation, run_training
 from simcot.train.sources import content_hash, load_splits
-from simcot.train.tracking import MlflowTracker, NullTracker, make_tracker, start_parent
+from simcot.train.tracking import MlflowTracker, NullTracker, default_uri, make_tracker, start_parent
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -206,3 +206,15 @@ def test_a_sweep_is_a_parent_run_with_nested_children(tmp_path):
         make_tracker(TrackingConfig(enabled=True, uri=uri, experiment="other", parent_run_id=parent.run_id), "x")
     with pytest.raises(ValueError, match=r"tracking.parent_run_id 'f+': no such run"):
         make_tracker(TrackingConfig(enabled=True, uri=uri, experiment="sweep", parent_run_id="f" * 32), "x")
+
+
+def test_the_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert default_uri() == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    tracker = MlflowTracker("", "simcot", "here")
+    tracker.log_text("x", "note.txt")
+    tracker.finish()
+    assert (tmp_path / "mlruns.db").is_file() and list((tmp_path / "mlartifacts").rglob("note.txt"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
+    assert default_uri() == "http://head:5000"
