@@ -94,9 +94,9 @@ def test_table_shows_differing_params_final_and_best_metrics_wall_time_and_speed
 
 
 def test_metrics_params_and_sorting(store):
-    t = _table(store, metrics=["test/accuracy", "train/loss"], params=["data.source"])
+    t = _table(store, metrics=["test/accuracy", "train/loss"], params=["method", "data.source"])
     assert t.columns[5:9] == ["data.source", "train.lr", "train.seed", "test/accuracy"]
-    assert t.columns.count("train/loss") == 1
+    assert t.columns.count("train/loss") == 1 and t.columns.count("method") == 1
     a = t.rows[0]
     assert (a["best test/accuracy"], a["best train/loss"], a["best train/loss step"]) == (0.4, 1.0, 3)  # loss: min
     cmp.sort_table(t, "-test/accuracy")

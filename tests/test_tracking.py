@@ -218,3 +218,18 @@ def test_the_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypa
     assert (tmp_path / "mlruns.db").is_file() and list((tmp_path / "mlartifacts").rglob("note.txt"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
     assert default_uri() == "http://head:5000"
+
+
+def test_a_plotting_problem_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
+    import simcot.train.plots as plots_mod
+
+    def broken(client, run_id):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(plots_mod, "run_figures", broken)
+    tracker = MlflowTracker(_store(tmp_path), "plots", "r")
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.log_run_plots()
+    tracker.finish()
+    assert "could not log the run's plots: RuntimeError: no fonts" in caplog.text
+    assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"

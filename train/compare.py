@@ -124,9 +124,10 @@ def build_table(client, runs: list, metrics: list[str] | None = None, params: li
     for p in params:
         if p not in all_params:
             raise CompareError(f"no run has param '{p}'{_close(p, all_params)}")
+    tags = [t for t in IDENTITY_TAGS if any(t in r.data.tags for r in runs)]
+    params = [p for p in params if p not in tags]  # `method` is a param and a tag: one column
     differing = sorted(k for k in all_params - SKIP_PARAMS - set(params)
                        if len({r.data.params.get(k) for r in runs}) > 1)
-    tags = [t for t in IDENTITY_TAGS if any(t in r.data.tags for r in runs)]
 
     finals = ["train/loss"] if "train/loss" in present and "train/loss" not in metrics else []
     columns = ["run", "run_id", "status", *tags, *params, *differing, *finals]
@@ -181,16 +182,14 @@ def sort_table(table: Table, key: str) -> None:
 
 # ---------------------------------------------------------------------------------- rendering
 
-def _cell(v, short_ids: bool = True, key: str = "") -> str:
+def _cell(v, key: str = "") -> str:
     if v is None:
         return "-"
-    if key == "run_id" and short_ids:
+    if key == "run_id":  # the first 8 characters tell runs apart; csv keeps the full id
         return str(v)[:8]
     if isinstance(v, float):
         if math.isnan(v):
             return "nan"
-        if v.is_integer() and abs(v) < 1e15 and key.endswith("step"):
-            return str(int(v))
         return f"{v:.0f}" if abs(v) >= 1000 else f"{v:.4g}"
     return str(v)
 
