@@ -27,9 +27,23 @@ def _store(path: Path) -> str:
     return f"sqlite:///{path / 'mlruns.db'}"
 
 
-def _tracked(tmp: Path, **extra):
-    ov = tiny_overrides(tmp, **{"tracking.enabled": True, "tracking.uri": _store(tmp), **extra})
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One SQLite store for this module (a new one costs ~1.5 s of migrations); tests use their own
+    experiments in it."""
+    return tmp_path_factory.mktemp("store")
+
+
+def _tracked(store: Path, tmp: Path, experiment: str, **extra):
+    ov = tiny_overrides(tmp, **{"tracking.enabled": True, "tracking.uri": _store(store),
+                                "tracking.experiment": experiment, **extra})
     return load_config(None, ov), ov
+
+
+def _only_run(store: Path, experiment: str):
+    client = MlflowClient(_store(store))
+    (run,) = client.search_runs(client.get_experiment_by_name(experiment).experiment_id)
+    return client, run
 
 
 def _artifact(client, run_id: str, path: str, dst: Path) -> Path:
@@ -44,13 +58,12 @@ def _artifacts(client, run_id: str, folder: str | None = None) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def tracked(tmp_path_factory):
+def tracked(store, tmp_path_factory):
     """One tiny run (8 steps, logged every step), shared by the checks below."""
-    tmp = tmp_path_factory.mktemp("tracked")
-    cfg, ov = _tracked(tmp)
+    cfg, ov = _tracked(store, tmp_path_factory.mktemp("tracked"), "simcot")
     summary = run_training(cfg, ov)
-    client = MlflowClient(_store(tmp))
-    return SimpleNamespace(cfg=cfg, summary=summary, client=client, run=client.get_run(summary["run_id"]), tmp=tmp)
+    client = MlflowClient(_store(store))
+    return SimpleNamespace(cfg=cfg, summary=summary, client=client, run=client.get_run(summary["run_id"]), store=store)
 
 
 def test_params_hold_the_resolved_config_batch_data_versions_and_git(tracked):
@@ -104,7 +117,7 @@ def test_artifacts_config_predictions_and_loss_plot(tracked, tmp_path):
     client, rid = tracked.client, tracked.run.info.run_id
     assert _artifacts(client, rid) == {"config.yaml", "predictions/predictions_val.jsonl",
                                        "predictions/predictions_test.jsonl", "plots/loss.png"}
-    assert tracked.run.info.artifact_uri.startswith((tracked.tmp / "mlartifacts").as_uri())  # beside the store
+    assert tracked.run.info.artifact_uri.startswith((tracked.store / "mlartifacts").as_uri())  # beside the store
     saved = yaml.safe_load(_artifact(client, rid, "config.yaml", tmp_path).read_text())
     assert config_from_dict(saved) == tracked.cfg
     preds = _artifact(client, rid, "predictions/predictions_test.jsonl", tmp_path).read_text().splitlines()
@@ -124,26 +137,24 @@ def _crash_at(monkeypatch, step: int, error: BaseException):
     monkeypatch.setattr(loop_mod.Trainer, "train_step", crashing)
 
 
-def test_a_crash_ends_the_run_failed_with_the_error(tmp_path, monkeypatch):
-    cfg, ov = _tracked(tmp_path, **{"train.run_name": "crash"})
+def test_a_crash_ends_the_run_failed_with_the_error(store, tmp_path, monkeypatch):
+    cfg, ov = _tracked(store, tmp_path, "crash")
     _crash_at(monkeypatch, 3, RuntimeError("boom at step 4"))
     with pytest.raises(RuntimeError, match="boom"):
         run_training(cfg, ov)
-    client = MlflowClient(_store(tmp_path))
-    (run,) = client.search_runs(client.get_experiment_by_name("simcot").experiment_id)
+    client, run = _only_run(store, "crash")
     assert run.info.status == "FAILED"
     assert run.data.tags["simcot.error"] == "RuntimeError: boom at step 4"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
     assert "plots/loss.png" in _artifacts(client, run.info.run_id)  # the curves up to the crash
 
 
-def test_ctrl_c_ends_the_run_killed(tmp_path, monkeypatch):
-    cfg, ov = _tracked(tmp_path, **{"train.run_name": "interrupted"})
+def test_ctrl_c_ends_the_run_killed(store, tmp_path, monkeypatch):
+    cfg, ov = _tracked(store, tmp_path, "ctrl-c")
     _crash_at(monkeypatch, 2, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, ov)
-    client = MlflowClient(_store(tmp_path))
-    (run,) = client.search_runs(client.get_experiment_by_name("simcot").experiment_id)
+    _, run = _only_run(store, "ctrl-c")
     assert run.info.status == "KILLED" and "simcot.error" not in run.data.tags
 
 
@@ -166,8 +177,8 @@ def test_eval_runs_end_failed_or_killed(tracked, monkeypatch):
     assert evals[0].data.tags["simcot.error"] == "ValueError: decoder exploded"
 
 
-def test_decoded_latents_as_jsonl_and_plots_of_latent_accuracy(tmp_path):
-    tracker = MlflowTracker(_store(tmp_path), "latents", "r")
+def test_decoded_latents_as_jsonl_and_plots_of_latent_accuracy(store, tmp_path):
+    tracker = MlflowTracker(_store(store), "latents", "r")
     for step, (loss, ce) in enumerate([(3.0, 2.5), (2.0, 1.5), (1.0, 0.8)], start=1):
         tracker.log_metrics({"train/loss": loss, "train/ce": ce}, step)
     tracker.log_metrics({f"test/latents_{k}/accuracy": acc for k, acc in [(0, 0.1), (2, 0.3), (4, 0.6)]}, 3)
@@ -189,8 +200,8 @@ def test_decoded_latents_as_jsonl_and_plots_of_latent_accuracy(tmp_path):
     assert series == {"val": ([2], [0.35]), "test": ([0, 2, 4], [0.1, 0.3, 0.6])}
 
 
-def test_a_sweep_is_a_parent_run_with_nested_children(tmp_path):
-    uri = _store(tmp_path)
+def test_a_sweep_is_a_parent_run_with_nested_children(store):
+    uri = _store(store)
     parent = start_parent("sweep", "lr-sweep", params={"sweep.grid": "train.lr=1e-3,3e-3"}, uri=uri)
     tcfg = TrackingConfig(enabled=True, uri=uri, experiment="sweep", parent_run_id=parent.run_id)
     child = make_tracker(tcfg, "lr-1e-3", rank=0)
@@ -220,14 +231,14 @@ def test_the_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypa
     assert default_uri() == "http://head:5000"
 
 
-def test_a_plotting_problem_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
+def test_a_plotting_problem_does_not_fail_the_run(store, monkeypatch, caplog):
     import simcot.train.plots as plots_mod
 
     def broken(client, run_id):
         raise RuntimeError("no fonts")
 
     monkeypatch.setattr(plots_mod, "run_figures", broken)
-    tracker = MlflowTracker(_store(tmp_path), "plots", "r")
+    tracker = MlflowTracker(_store(store), "plots", "r")
     tracker.log_metrics({"train/loss": 1.0}, 1)
     tracker.log_run_plots()
     tracker.finish()
