@@ -126,10 +126,10 @@ def test_plot_has_one_series_per_method_and_one_loss_curve_per_run(store, tmp_pa
     fig = cmp.figure(store.client, runs, "test")
     latents, losses = fig.axes
     series = {l.get_label(): (list(l.get_xdata()), list(l.get_ydata())) for l in latents.lines}
-    assert series.keys() == {"cot", "coconut"}
+    assert series.keys() == {"cot", "coconut (mean of 2 runs)"}
     assert series["cot"] == ([0], [0.4])
-    assert series["coconut"][0] == [0, 1, 2]  # the mean of coconut-b and coconut-c per number of latents
-    assert series["coconut"][1] == pytest.approx([0.15, 0.3, 0.4])
+    coconut = series["coconut (mean of 2 runs)"]
+    assert coconut[0] == [0, 1, 2] and coconut[1] == pytest.approx([0.15, 0.3, 0.4])  # b and c, per k
     assert [l.get_label() for l in losses.lines] == ["cot-a", "coconut-b", "coconut-c"]
     assert list(losses.lines[0].get_ydata()) == [3.0, 2.0, 1.0]
 

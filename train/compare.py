@@ -231,7 +231,8 @@ def latent_series(runs: list, split: str) -> dict[str, dict[int, float]]:
         points.update(plots.latents_accuracy(r.data.metrics, split))
         if points:
             groups.setdefault(r.data.tags.get("method", "?"), []).append(points)
-    return plots.mean_by_key(groups)
+    labels = {m: f"{m} (mean of {len(runs)} runs)" if len(runs) > 1 else m for m, runs in groups.items()}
+    return {labels[m]: points for m, points in plots.mean_by_key(groups).items()}
 
 
 def figure(client, runs: list, split: str = "test", histories: Histories | None = None):
