@@ -3,6 +3,7 @@
     simcot train [--config FILE.yaml] [--section.key VALUE ...]
     simcot eval --checkpoint RUN_OR_CHECKPOINT [--eval.split test] [--section.key VALUE ...]
     simcot data --source arith|mult|gsm8k|prosqa|<format> [--split] [--n] [--format] [--out]
+    simcot compare [--experiment NAME | --runs ID,ID | --filter STR] [--format] [--sort] [--metric] [--plot]
 
 Options are the fields of the config dataclasses (``simcot train --help`` lists them all with
 their defaults); a YAML file sets many at once and command-line flags override it.
@@ -22,6 +23,7 @@ commands:
   eval      evaluate a checkpoint on a split (batched greedy decoding, exact match)
   data      preview a data source or write it as jsonl / GSM8K-Aug / iCoT text
   decode    decode a SIM-CoT model's latents into text with its step decoder
+  compare   tracked runs side by side (differing params, metrics, speed), optionally as a plot
 
 `simcot COMMAND --help` lists the options of a command with their defaults.
 """
@@ -167,7 +169,60 @@ def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int
     print(format_results(results))
 
 
-COMMANDS = {"train": train, "eval": eval, "data": data, "decode": decode}
+
+
+COMPARE_HELP = """usage: simcot compare [options]
+
+Tracked runs side by side: name, id, status, method, number of latents, the params that differ
+between the runs, final and best values of the headline metrics, wall time and tokens/s.
+
+options (default):
+  --experiment=''    experiment name (default 'simcot' unless --filter is given)
+  --runs=''          comma-separated run ids (instead of --experiment/--filter)
+  --filter=''        MLflow search filter, e.g. "params.train.lr = '0.001'" or "tags.method = 'cot'"
+                     (a sweep's children: "tags.mlflow.parentRunId = 'ID'")
+  --tracking_uri=''  store; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db
+  --metric=''        comma-separated headline metrics, each shown final and best with its step
+                     (default val/accuracy)
+  --params=''        comma-separated params to show even where they do not differ
+  --sort=''          a column to sort by, '-column' for descending (default: oldest run first)
+  --format='table'   table | markdown | csv
+  --plot=''          write a PNG: accuracy vs number of latents per method, and train/loss curves
+  --split='test'     split of the accuracy in the plot
+"""
+
+
+def _names(value) -> list[str]:
+    """A comma-separated option; fire hands over "a,b" as a tuple."""
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str = "", metric="",  # noqa: A002
+            params="", sort: str = "", format: str = "table", plot: str = "", split: str = "test",  # noqa: A002
+            **extra):
+    """Compare tracked runs (see --help)."""
+    if _help_requested(extra):
+        print(COMPARE_HELP)
+        return
+    if sort is True:  # `--sort -col`: fire reads -col as a flag
+        _fail(ValueError("--sort needs a column; for descending order write --sort=-COLUMN"))
+    if extra:
+        _fail(ValueError(f"unknown option(s) for compare: {', '.join('--' + k for k in extra)}"))
+    from simcot.train.compare import CompareError
+    from simcot.train.compare import compare as run_compare
+
+    try:
+        out = run_compare(str(experiment), _names(runs), str(filter), str(tracking_uri), _names(metric),
+                          _names(params), str(sort), str(format), str(plot), str(split))
+    except CompareError as e:
+        _fail(e)
+    sys.stdout.write(out)
+    if plot:
+        print(f"wrote {plot}", file=sys.stderr)
+
+
+COMMANDS = {"train": train, "eval": eval, "data": data, "decode": decode, "compare": compare}
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

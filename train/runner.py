@@ -10,6 +10,7 @@ import logging
 import os
 import platform
 import random
+import socket
 import subprocess
 import threading
 import time
@@ -144,7 +145,7 @@ def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
     for split, h in built.splits.hashes().items():
         params[f"data.{split}_hash"] = h
     params["model.parameters"] = sum(p.numel() for p in built.model.lm.parameters())
-    params["model.vocab_size"] = len(built.tok)
+    params["model.actual_vocab_size"] = len(built.tok)  # model.vocab_size is the config's (soft) target
     params.update(versions())
     params.update(git_info())
     return params
@@ -235,6 +236,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
             tracker.set_tags({**_tags(cfg, built.method), "hosts": str(hosts),
                               "zero_stage": str(ds_config["zero_optimization"]["stage"]) if ds_config else "none"})
             tracker.log_text(config_yaml, "config.yaml")
+        # where the checkpoints live (simcot.checkpoint, set at every save, names the newest)
+        tracker.set_tags({"simcot.run_dir": str(run_dir.resolve()), "simcot.host": socket.gethostname()})
         trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, tracker, run_dir, config_yaml)
         t0 = time.perf_counter()
         state = trainer.fit(state)
@@ -246,6 +249,7 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
                 for k in latent_sweep(cfg) if built.method.uses_latents else []:
                     results[f"{split}_latents_{k}"] = trainer.run_eval(split, cap, state, final=True, n_latents=k)
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
+        tracker.log_run_plots()
         tracker.finish("FINISHED")
         del hf_ds_config  # kept alive until here: transformers reads it while models are built and saved
     except KeyboardInterrupt:
@@ -253,6 +257,7 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         raise
     except BaseException as e:
         tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
+        tracker.log_run_plots()  # the curves up to the crash help to diagnose it
         tracker.finish("FAILED")
         raise
     return {"run_dir": str(run_dir), "run_id": tracker.run_id, "tracking_uri": getattr(tracker, "uri", ""),
@@ -320,7 +325,11 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
         path = res.write(Path(out) if out else ckpt / f"predictions_{split}.jsonl")
         tracker.log_artifact(path, "predictions")
         tracker.finish("FINISHED")
-    except BaseException:
+    except KeyboardInterrupt:
+        tracker.finish("KILLED")
+        raise
+    except BaseException as e:
+        tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
         tracker.finish("FAILED")
         raise
     log.info("%s accuracy %.4f (%d/%d), %.1f samples/s -> %s", split, res.accuracy, res.correct, res.n,

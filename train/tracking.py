@@ -3,12 +3,19 @@
 The default store is SQLite in the working directory (``sqlite:///<cwd>/mlruns.db``, artifacts
 in ``./mlartifacts``), so nothing has to be started; ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
 selects any other store, including a remote ``mlflow server``.
+
+A sweep is a parent run (``start_parent``) whose ``run_id`` every child gets as
+``tracking.parent_run_id``; MLflow nests the children under it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +23,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 _MAX_PARAM = 6000  # MLflow's limit on a param value
+SWEEP_ROLE = {"simcot.role": "sweep"}  # marks a parent run; `simcot compare` leaves these out
 
 
 def default_uri() -> str:
@@ -33,11 +41,15 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None: ...
     def log_text(self, text: str, name: str) -> None: ...
+    def log_jsonl(self, records: list[dict], name: str) -> None: ...
+    def log_figure(self, figure, name: str) -> None: ...
+    def log_run_plots(self) -> None: ...
     def finish(self, status: str = "FINISHED") -> None: ...
 
 
 class MlflowTracker(NullTracker):
-    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str = "", parent_run_id: str = ""):
+    def __init__(self, uri: str, experiment: str, run_name: str, run_id: str = "", parent_run_id: str = "",
+                 tags: dict[str, str] | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -57,11 +69,24 @@ class MlflowTracker(NullTracker):
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
         else:
-            tags = {"mlflow.runName": run_name}
+            tags = {"mlflow.runName": run_name, **(tags or {})}
             if parent_run_id:
+                self._check_parent(parent_run_id, exp_id, experiment)
                 tags["mlflow.parentRunId"] = parent_run_id
             self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         self.experiment_id = exp_id
+
+    def _check_parent(self, parent_run_id: str, exp_id: str, experiment: str) -> None:
+        """A child must name an existing run of its own experiment, or the UI cannot nest it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            parent = self.client.get_run(parent_run_id)
+        except MlflowException:
+            raise ValueError(f"tracking.parent_run_id '{parent_run_id}': no such run at {self.uri}") from None
+        if parent.info.experiment_id != exp_id:
+            raise ValueError(f"tracking.parent_run_id '{parent_run_id}' is in another experiment than "
+                             f"'{experiment}'; give the child the parent's experiment")
 
     def log_params(self, params):
         from mlflow.entities import Param
@@ -92,8 +117,45 @@ class MlflowTracker(NullTracker):
     def log_text(self, text, name):
         self.client.log_text(self.run_id, text, name)
 
+    def log_jsonl(self, records, name):
+        """Records as one JSON object per line, e.g. decoded latents: ``log_jsonl(rows, "latents/test.jsonl")``."""
+        folder, _, filename = name.rpartition("/")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, filename)
+            with open(path, "w", encoding="utf-8") as f:
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            self.client.log_artifact(self.run_id, path, folder or None)
+
+    def log_figure(self, figure, name):
+        self.client.log_figure(self.run_id, figure, name)
+
+    def log_run_plots(self):
+        """The run's loss curves (and accuracy vs number of latents) as PNG artifacts under plots/.
+
+        Best effort: a plotting problem is logged and never fails a run that trained fine."""
+        from simcot.train.plots import run_figures
+
+        try:
+            for name, fig in run_figures(self.client, self.run_id).items():
+                self.log_figure(fig, name)
+        except Exception as e:  # noqa: BLE001 - plots must not turn a finished run into a failed one
+            log.warning("could not log the run's plots: %s: %s", type(e).__name__, e)
+
     def finish(self, status="FINISHED"):
-        self.client.set_terminated(self.run_id, status=status)
+        # against a server MLflow prints the run's URL to stdout; keep stdout for our output (JSON summaries)
+        with contextlib.redirect_stdout(sys.stderr):
+            self.client.set_terminated(self.run_id, status=status)
+
+
+def start_parent(experiment: str, name: str, params: dict | None = None, tags: dict | None = None,
+                 uri: str = "") -> MlflowTracker:
+    """A sweep's parent run. Pass its ``run_id`` to every child as ``tracking.parent_run_id`` (same
+    experiment), log the sweep's own params/summary on it, and ``finish()`` it when the sweep ends."""
+    parent = MlflowTracker(uri, experiment, name, tags={**SWEEP_ROLE, **(tags or {})})
+    if params:
+        parent.log_params(params)
+    return parent
 
 
 def make_tracker(tcfg, run_name: str, rank: int = 0, run_id: str = "") -> NullTracker:

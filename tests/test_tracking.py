@@ -1,0 +1,254 @@
+"""What a training run records in MLflow (a real SQLite store): params, tags, metrics by step,
+artifacts and plots; FAILED with the error on a crash, KILLED on Ctrl-C; sweeps as nested runs."""
+
+import importlib.metadata as md
+import json
+import platform
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from conftest import REPO, tiny_overrides
+from simcot.train import loop as loop_mod
+from simcot.train.config import TrackingConfig, config_from_dict, flatten, load_config, to_dict
+from simcot.train.plots import run_figures
+from simcot.train.runner import _tags, run_evaluation, run_training
+from simcot.train.sources import content_hash, load_splits
+from simcot.train.tracking import MlflowTracker, NullTracker, default_uri, make_tracker, start_parent
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _store(path: Path) -> str:
+    return f"sqlite:///{path / 'mlruns.db'}"
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """One SQLite store for this module (a new one costs ~1.5 s of migrations); tests use their own
+    experiments in it."""
+    return tmp_path_factory.mktemp("store")
+
+
+def _tracked(store: Path, tmp: Path, experiment: str, **extra):
+    ov = tiny_overrides(tmp, **{"tracking.enabled": True, "tracking.uri": _store(store),
+                                "tracking.experiment": experiment, **extra})
+    return load_config(None, ov), ov
+
+
+def _only_run(store: Path, experiment: str):
+    client = MlflowClient(_store(store))
+    (run,) = client.search_runs(client.get_experiment_by_name(experiment).experiment_id)
+    return client, run
+
+
+def _artifact(client, run_id: str, path: str, dst: Path) -> Path:
+    return Path(client.download_artifacts(run_id, path, str(dst)))
+
+
+def _artifacts(client, run_id: str, folder: str | None = None) -> set[str]:
+    out = set()
+    for a in client.list_artifacts(run_id, folder):
+        out |= _artifacts(client, run_id, a.path) if a.is_dir else {a.path}
+    return out
+
+
+@pytest.fixture(scope="module")
+def tracked(store, tmp_path_factory):
+    """One tiny run (8 steps, logged every step), shared by the checks below."""
+    cfg, ov = _tracked(store, tmp_path_factory.mktemp("tracked"), "simcot")
+    summary = run_training(cfg, ov)
+    client = MlflowClient(_store(store))
+    return SimpleNamespace(cfg=cfg, summary=summary, client=client, run=client.get_run(summary["run_id"]), store=store)
+
+
+def test_params_hold_the_resolved_config_batch_data_versions_and_git(tracked):
+    params, cfg = tracked.run.data.params, tracked.cfg
+    for key, value in flatten(to_dict(cfg)).items():
+        assert params[key] == str(value), key
+    assert params["model.actual_vocab_size"] == "280" and params["model.parameters"].isdigit()
+    assert params["world_size"] == "1" and params["global_batch_size"] == "16" and params["grad_accumulation"] == "2"
+    splits = load_splits(cfg.data)
+    for split in ("train", "val", "test"):
+        assert params[f"data.{split}_rows"] == str(len(splits[split]))
+        assert params[f"data.{split}_hash"] == content_hash(splits[split])
+    assert params["data.source"] == "arith" and params["data.train_rows"] == "64"
+    for pkg in ("torch", "transformers", "deepspeed", "triton"):
+        assert params[f"version.{pkg}"] == md.version(pkg)
+    assert params["version.python"] == platform.python_version()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert params["git.commit"] == head and params["git.dirty"] in ("True", "False")
+
+
+def test_tags_name_the_run_and_point_to_the_final_checkpoint(tracked):
+    tags = tracked.run.data.tags
+    assert {k: tags[k] for k in ("method", "model", "dataset", "n_latents", "zero_stage", "hosts")} == {
+        "method": "cot", "model": "tiny-llama", "dataset": "arith", "n_latents": "0", "zero_stage": "none",
+        "hosts": "1"}
+    ckpt = Path(tags["simcot.checkpoint"])
+    assert ckpt == Path(tracked.summary["checkpoint"]).resolve() and ckpt.name == "step_0000008"
+    assert (ckpt / "model.safetensors").is_file()
+    assert tags["simcot.run_dir"] == str(Path(tracked.summary["run_dir"]).resolve()) and tags["simcot.host"]
+    assert tracked.run.info.status == "FINISHED"
+
+
+def test_tags_take_the_number_of_latents_from_the_method(tracked):
+    from simcot.train.config import load_config
+    from simcot.train.methods import METHODS
+
+    coconut = load_config(None, {"method": "coconut", "coconut.c_thought": 2, "coconut.max_latent_stage": 2,
+                                 "train.epochs": 6})
+    assert _tags(coconut, METHODS["coconut"](coconut, None, None))["n_latents"] == "4"
+    codi = load_config(None, {"method": "codi", "codi.n_latents": 5})
+    assert _tags(codi, METHODS["codi"](codi, None, None))["n_latents"] == "5"
+    assert _tags(tracked.cfg, METHODS["cot"](tracked.cfg, None, None))["n_latents"] == "0"
+
+
+def test_metrics_by_step_match_the_run_folder(tracked):
+    client, rid = tracked.client, tracked.run.info.run_id
+    for key in ("train/loss", "train/ce", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/samples_per_s",
+                "train/peak_memory_mb"):
+        assert [m.step for m in client.get_metric_history(rid, key)] == list(range(1, 9)), key
+    lines = [json.loads(l) for l in (Path(tracked.summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    logged = {m.step: m.value for m in client.get_metric_history(rid, "train/loss")}
+    assert logged == {r["step"]: r["loss"] for r in lines}
+    metrics = tracked.run.data.metrics
+    assert metrics["test/accuracy"] == tracked.summary["test_accuracy"]
+    assert metrics["val/samples_per_s"] > 0 and metrics["test/samples_per_s"] > 0 and metrics["train/seconds"] > 0
+
+
+def test_artifacts_config_predictions_and_loss_plot(tracked, tmp_path):
+    client, rid = tracked.client, tracked.run.info.run_id
+    assert _artifacts(client, rid) == {"config.yaml", "predictions/predictions_val.jsonl",
+                                       "predictions/predictions_test.jsonl", "plots/loss.png"}
+    assert tracked.run.info.artifact_uri.startswith((tracked.store / "mlartifacts").as_uri())  # beside the store
+    saved = yaml.safe_load(_artifact(client, rid, "config.yaml", tmp_path).read_text())
+    assert config_from_dict(saved) == tracked.cfg
+    preds = _artifact(client, rid, "predictions/predictions_test.jsonl", tmp_path).read_text().splitlines()
+    assert len(preds) == 8 and {"gold", "prediction", "correct"} <= set(json.loads(preds[0]))
+    png = _artifact(client, rid, "plots/loss.png", tmp_path).read_bytes()
+    assert png.startswith(PNG) and len(png) > 5000
+
+
+def _crash_at(monkeypatch, step: int, error: BaseException):
+    real_step = loop_mod.Trainer.train_step
+
+    def crashing(self, state, order):
+        if state.global_step == step:
+            raise error
+        return real_step(self, state, order)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", crashing)
+
+
+def test_a_crash_ends_the_run_failed_with_the_error(store, tmp_path, monkeypatch):
+    cfg, ov = _tracked(store, tmp_path, "crash")
+    _crash_at(monkeypatch, 3, RuntimeError("boom at step 4"))
+    with pytest.raises(RuntimeError, match="boom"):
+        run_training(cfg, ov)
+    client, run = _only_run(store, "crash")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["simcot.error"] == "RuntimeError: boom at step 4"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3]
+    assert "plots/loss.png" in _artifacts(client, run.info.run_id)  # the curves up to the crash
+
+
+def test_ctrl_c_ends_the_run_killed(store, tmp_path, monkeypatch):
+    cfg, ov = _tracked(store, tmp_path, "ctrl-c")
+    _crash_at(monkeypatch, 2, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, ov)
+    _, run = _only_run(store, "ctrl-c")
+    assert run.info.status == "KILLED" and "simcot.error" not in run.data.tags
+
+
+def test_eval_runs_end_failed_or_killed(tracked, monkeypatch):
+    import simcot.train.evaluate as evaluate_mod
+
+    def fail(*args, **kwargs):
+        raise ValueError("decoder exploded")
+
+    monkeypatch.setattr(evaluate_mod, "evaluate", fail)
+    with pytest.raises(ValueError):
+        run_evaluation(tracked.summary["run_dir"])
+    monkeypatch.setattr(evaluate_mod, "evaluate", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_evaluation(tracked.summary["run_dir"])
+    exp = tracked.client.get_experiment_by_name("simcot").experiment_id
+    evals = tracked.client.search_runs(exp, "tags.`simcot.eval_of` = '%s'" % tracked.run.info.run_id,
+                                       order_by=["attributes.start_time ASC"])
+    assert [r.info.status for r in evals] == ["FAILED", "KILLED"]
+    assert evals[0].data.tags["simcot.error"] == "ValueError: decoder exploded"
+
+
+def test_decoded_latents_as_jsonl_and_plots_of_latent_accuracy(store, tmp_path):
+    tracker = MlflowTracker(_store(store), "latents", "r")
+    for step, (loss, ce) in enumerate([(3.0, 2.5), (2.0, 1.5), (1.0, 0.8)], start=1):
+        tracker.log_metrics({"train/loss": loss, "train/ce": ce}, step)
+    tracker.log_metrics({f"test/latents_{k}/accuracy": acc for k, acc in [(0, 0.1), (2, 0.3), (4, 0.6)]}, 3)
+    tracker.log_metrics({"val/latents_2/accuracy": 0.35}, 3)
+    rows = [{"id": 0, "latents": ["7", "+", "2"]}, {"id": 1, "latents": ["ö"]}]
+    tracker.log_jsonl(rows, "latents/test.jsonl")
+    tracker.log_run_plots()
+    client = tracker.client
+    assert _artifacts(client, tracker.run_id) == {"latents/test.jsonl", "plots/loss.png",
+                                                  "plots/accuracy_vs_latents.png"}
+    text = _artifact(client, tracker.run_id, "latents/test.jsonl", tmp_path).read_text(encoding="utf-8")
+    assert [json.loads(l) for l in text.splitlines()] == rows
+    figs = run_figures(client, tracker.run_id)
+    (loss_ax,) = figs["plots/loss.png"].axes
+    assert [l.get_label() for l in loss_ax.lines] == ["train/loss", "train/ce"]
+    assert list(loss_ax.lines[0].get_ydata()) == [3.0, 2.0, 1.0]
+    (lat_ax,) = figs["plots/accuracy_vs_latents.png"].axes
+    series = {l.get_label(): (list(l.get_xdata()), list(l.get_ydata())) for l in lat_ax.lines}
+    assert series == {"val": ([2], [0.35]), "test": ([0, 2, 4], [0.1, 0.3, 0.6])}
+
+
+def test_a_sweep_is_a_parent_run_with_nested_children(store):
+    uri = _store(store)
+    parent = start_parent("sweep", "lr-sweep", params={"sweep.grid": "train.lr=1e-3,3e-3"}, uri=uri)
+    tcfg = TrackingConfig(enabled=True, uri=uri, experiment="sweep", parent_run_id=parent.run_id)
+    child = make_tracker(tcfg, "lr-1e-3", rank=0)
+    assert isinstance(make_tracker(tcfg, "lr-1e-3", rank=1), NullTracker)  # only rank 0 talks to MLflow
+    assert type(make_tracker(TrackingConfig(enabled=False), "off")) is NullTracker
+    child.finish()
+    parent.finish()
+    client = MlflowClient(uri)
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == parent.run_id
+    p = client.get_run(parent.run_id)
+    assert p.data.tags["simcot.role"] == "sweep" and p.data.params == {"sweep.grid": "train.lr=1e-3,3e-3"}
+    with pytest.raises(ValueError, match="is in another experiment than 'other'"):
+        make_tracker(TrackingConfig(enabled=True, uri=uri, experiment="other", parent_run_id=parent.run_id), "x")
+    with pytest.raises(ValueError, match=r"tracking.parent_run_id 'f+': no such run"):
+        make_tracker(TrackingConfig(enabled=True, uri=uri, experiment="sweep", parent_run_id="f" * 32), "x")
+
+
+def test_the_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    monkeypatch.chdir(tmp_path)
+    assert default_uri() == f"sqlite:///{tmp_path / 'mlruns.db'}"
+    tracker = MlflowTracker("", "simcot", "here")
+    tracker.log_text("x", "note.txt")
+    tracker.finish()
+    assert (tmp_path / "mlruns.db").is_file() and list((tmp_path / "mlartifacts").rglob("note.txt"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://head:5000")
+    assert default_uri() == "http://head:5000"
+
+
+def test_a_plotting_problem_does_not_fail_the_run(store, monkeypatch, caplog):
+    import simcot.train.plots as plots_mod
+
+    def broken(client, run_id):
+        raise RuntimeError("no fonts")
+
+    monkeypatch.setattr(plots_mod, "run_figures", broken)
+    tracker = MlflowTracker(_store(store), "plots", "r")
+    tracker.log_metrics({"train/loss": 1.0}, 1)
+    tracker.log_run_plots()
+    tracker.finish()
+    assert "could not log the run's plots: RuntimeError: no fonts" in caplog.text
+    assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
