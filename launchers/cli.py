@@ -23,6 +23,9 @@ commands:
   eval      evaluate a checkpoint on a split (batched greedy decoding, exact match)
   data      preview a data source or write it as jsonl / GSM8K-Aug / iCoT text
   decode    decode a SIM-CoT model's latents into text with its step decoder
+  export    write a checkpoint as a Hugging Face model folder (ZeRO shards consolidated, LoRA merged)
+  plan      per-GPU / per-node memory of a run, and whether it fits
+  launch    print and run the deepspeed / torchrun / SLURM line for a config
   compare   tracked runs side by side (differing params, metrics, speed), optionally as a plot
 
 `simcot COMMAND --help` lists the options of a command with their defaults.
@@ -222,7 +225,101 @@ def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str =
         print(f"wrote {plot}", file=sys.stderr)
 
 
-COMMANDS = {"train": train, "eval": eval, "data": data, "decode": decode, "compare": compare}
+def export(checkpoint: str = "", out: str = "", dtype: str = "bf16", **extra):
+    """Write a checkpoint as a Hugging Face model folder (see --help)."""
+    if _help_requested(extra) or not checkpoint or not out:
+        print("usage: simcot export --checkpoint RUN_OR_CHECKPOINT --out DIR [--dtype bf16|fp16|fp32]\n\n"
+              "A consolidated safetensors Hugging Face model (ZeRO shards gathered, LoRA merged) that loads with\n"
+              "from_pretrained, with its tokenizer; CODI's projection and the run config ride along so\n"
+              "`simcot eval --checkpoint DIR` evaluates it as trained.")
+        if (checkpoint or out) and not (checkpoint and out):
+            _fail(ValueError("--checkpoint and --out are both required"))
+        return
+    if extra:
+        _fail(ValueError(f"unknown option(s) for export: {', '.join('--' + k for k in extra)}"))
+    from simcot.train.export import export as run_export
+
+    try:
+        path = run_export(checkpoint, out, str(dtype))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(e)
+    print(f"exported {checkpoint} -> {path}")
+
+
+PLAN_HELP = """usage: simcot plan [options]
+
+Per-GPU and per-node CPU memory of a run (DeepSpeed's estimators on a meta-device model, plus the
+latent rollout's activations), and whether it fits.
+
+options (default):
+  --model='llama-3.1-8b'  preset or HF path/name (only its config is read)
+  --gpus=8 --nodes=1      GPUs per node, nodes
+  --zero=3                ZeRO stage 0..3
+  --offload='none'        none | optimizer | all (optimizer + parameters, ZeRO-3)
+  --lora=0                LoRA rank (0 = full fine-tuning)
+  --micro_batch=4 --seq_len=256 --n_latents=6
+  --method='codi'         the objective (CODI adds a teacher pass, SIM-CoT a decoder)
+  --decoder='copy'        SIM-CoT step decoder: copy doubles the model states
+  --gpu_memory=80         GiB per GPU
+  --checkpointing=False   activation checkpointing
+  --json=False            machine-readable output
+"""
+
+
+def plan(**kw):
+    """Memory plan for a run (see --help)."""
+    if _help_requested(kw):
+        print(PLAN_HELP)
+        return
+    from simcot.launchers.plan import make_plan, plan_command
+
+    allowed = set(make_plan.__code__.co_varnames[:make_plan.__code__.co_argcount]) | {"json"}
+    unknown = set(kw) - allowed
+    if unknown:
+        _fail(ValueError(f"unknown option(s) for plan: {', '.join('--' + k for k in sorted(unknown))}"))
+    try:
+        print(plan_command(**kw))
+    except ValueError as e:
+        _fail(e)
+
+
+LAUNCH_HELP = """usage: simcot launch [--config FILE.yaml] [options] [--section.key VALUE ...]
+
+Print the launcher line for a training run, then run it (--dry_run only prints).
+
+options (default):
+  --launcher='deepspeed'  deepspeed | torchrun | slurm
+  --gpus=1 --nodes=1      processes per node, nodes
+  --hostfile=''           DeepSpeed hostfile ("host slots=N" lines)
+  --master_addr='127.0.0.1' --master_port=29500
+  --node_rank=0 --no_ssh=False   one launcher per node without ssh (deepspeed --no_ssh, torchrun)
+  --dry_run=False
+Other --section.key options are passed on to `simcot train`.
+"""
+
+
+def launch(config: str = "", launcher: str = "deepspeed", gpus: int = 1, nodes: int = 1, hostfile: str = "",
+           master_addr: str = "127.0.0.1", master_port: int = 29500, node_rank: int = 0, no_ssh: bool = False,
+           dry_run: bool = False, **overrides):
+    """Print and run the launcher line (see --help)."""
+    if _help_requested(overrides):
+        print(LAUNCH_HELP)
+        return
+    from simcot.launchers.launch import launch as run_launch
+
+    try:
+        load_config(config or None, overrides)  # fail here, not on every node
+        code = run_launch(dry_run=bool(dry_run), config=config, launcher=launcher, gpus=int(gpus), nodes=int(nodes),
+                          hostfile=hostfile, master_addr=master_addr, master_port=int(master_port),
+                          node_rank=int(node_rank), no_ssh=bool(no_ssh), overrides=overrides)
+    except (ConfigError, ValueError) as e:
+        _fail(e)
+    if code:
+        raise SystemExit(code)
+
+
+COMMANDS = {"train": train, "eval": eval, "data": data, "decode": decode, "compare": compare, "export": export,
+            "plan": plan, "launch": launch}
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

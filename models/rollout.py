@@ -58,6 +58,24 @@ class Rollout:
         return torch.stack(self.fed, 1)
 
 
+def partitioned(param: torch.nn.Parameter) -> bool:
+    """True when DeepSpeed ZeRO-3 keeps only a shard of `param` outside its module's forward."""
+    return hasattr(param, "ds_id")
+
+
+def feed_back(model, h: torch.Tensor, thinking: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Next input embeddings: the method's latent epilogue where `thinking`, a token embedding elsewhere.
+
+    Under ZeRO-3 the weights exist only inside their modules' forward (and are gathered again for
+    their backward), so the modules are called; otherwise the fused latent-feedback op runs.
+    """
+    emb = model.lm.get_input_embeddings()
+    if partitioned(emb.weight):
+        latent = model.projection(h) if getattr(model, "projection", None) is not None else h
+        return torch.where(thinking[:, None], latent, emb(token_ids).to(latent.dtype))
+    return latent_feedback(h, thinking, token_ids, emb.weight, **feedback_params(model))
+
+
 def feedback_params(model) -> dict:
     """The projection/norm tensors of a model's latent feedback, in latent_feedback's format."""
     proj = getattr(model, "projection", None)
@@ -71,8 +89,7 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
     `n_latents` (B,) on the model's device; `max_latents` a Python int (>= n_latents.max()).
     """
     stack = body(model.lm)
-    emb = model.lm.get_input_embeddings().weight
-    fb = feedback_params(model)
+    dtype = model.lm.get_input_embeddings().weight.dtype
     max_latents = rank_max(max_latents)
     pos = positions(prefix_mask)
     out = stack(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True)
@@ -83,9 +100,9 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
     fed, thinking_all = [], []
     for j in range(max_latents):
         thinking = n_latents > j
-        e = latent_feedback(h, thinking, pad_ids, emb, **fb)
+        e = feed_back(model, h, thinking, pad_ids)
         mask = torch.cat([mask, thinking.to(mask.dtype)[:, None]], dim=1)
-        out = stack(inputs_embeds=e[:, None].to(emb.dtype), attention_mask=mask, position_ids=next_pos[:, None],
+        out = stack(inputs_embeds=e[:, None].to(dtype), attention_mask=mask, position_ids=next_pos[:, None],
                     past_key_values=cache, use_cache=True)
         cache = out.past_key_values
         h = out.last_hidden_state[:, -1]

@@ -88,6 +88,8 @@ def _barrier() -> None:
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder from a checkpoint, a run folder or a checkpoints folder."""
     p = Path(path)
+    if (p / "simcot_export.json").is_file():  # an export folder (simcot export) evaluates like a checkpoint
+        return p
     for cand in (p, p / "checkpoints"):
         if (cand / "trainer_state.json").is_file():
             return cand
@@ -111,7 +113,10 @@ def load_rng_state(ckpt: Path, rank: int) -> None:
 
 
 def load_trainer_state(ckpt: Path) -> dict:
-    return json.loads((Path(ckpt) / "trainer_state.json").read_text())
+    """Step, epoch and MLflow run of a checkpoint (or of the checkpoint an export came from)."""
+    ckpt = Path(ckpt)
+    name = "trainer_state.json" if (ckpt / "trainer_state.json").is_file() else "simcot_export.json"
+    return json.loads((ckpt / name).read_text())
 
 
 def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:

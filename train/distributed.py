@@ -102,6 +102,9 @@ def fail_loudly(rank: int, err: BaseException) -> None:
     A rank that raised must not wait in a collective (or in destroy_process_group) for peers that
     will never join: the launcher sees the non-zero exit and stops the other ranks.
     """
+    import traceback
+
+    traceback.print_exception(err, file=sys.stderr)
     print(f"simcot: rank {rank} failed: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
     sys.stderr.flush()
     sys.stdout.flush()

@@ -275,10 +275,10 @@ def _resume_target(cfg: Config) -> str:
     return str(Path(cfg.train.out_dir) / cfg.train.run_name)
 
 
-def load_checkpoint_config(ckpt: Path, overrides: dict | None = None) -> Config:
+def load_checkpoint_config(ckpt: Path, overrides: dict | None = None, name: str = "config.yaml") -> Config:
     import yaml
 
-    cfg = config_from_dict(yaml.safe_load((ckpt / "config.yaml").read_text()))
+    cfg = config_from_dict(yaml.safe_load((ckpt / name).read_text()))
     apply_overrides(cfg, overrides or {})
     validate(cfg)
     return cfg
@@ -291,7 +291,11 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None,
     Loading is strict: every parameter of the model must be in the file and nothing else may be,
     except the SIM-CoT step decoder's weights, which an inference model does not build.
     """
+    from simcot.train.export import is_export, load_exported
+
     ckpt = resolve_checkpoint(checkpoint)
+    if is_export(ckpt):
+        return load_exported(ckpt, overrides, device)
     cfg = load_checkpoint_config(ckpt, overrides)
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     built = build(cfg, ckpt.parent.parent, checkpoint=ckpt, inference=inference)

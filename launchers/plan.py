@@ -1,0 +1,132 @@
+"""`simcot plan`: will a run fit? Per-GPU and per-node CPU memory before renting the machines.
+
+Model states (parameters, gradients, optimizer) come from DeepSpeed's own estimators, fed with
+the exact parameter counts of a meta-device model (no weights are allocated). LoRA is counted by
+hand: frozen bf16 weights plus full training state for the adapter. On top come the activations
+of one micro-batch of the latent rollout (bf16), estimated from the shapes:
+
+- per token and layer, the tensors a transformer block keeps for backward without activation
+  checkpointing: ~ (10 h + 3 i) elements for LLaMA-style blocks (h hidden, i MLP width; attention
+  by SDPA, no s^2 scores); ~ 2 h with non-reentrant checkpointing (the block inputs);
+- the rollout's KV caches: latent step j attends over P + j keys and keeps them for backward,
+  so the rollout holds sum_j (P + j) x 2 x kv_width per layer;
+- methods: CODI adds the teacher sequence, SIM-CoT a decoder pass over its steps (and, with
+  ``--decoder copy``, a second copy of the model states).
+The estimate is deliberately simple: it is an order-of-magnitude planner, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+
+GiB = 2**30
+
+
+@dataclass
+class Plan:
+    model: str
+    params: int
+    largest_layer: int
+    trainable: int
+    gpus: int
+    nodes: int
+    zero: int
+    offload: str
+    gpu_model_states_gib: float
+    cpu_model_states_gib_per_node: float
+    activations_gib: float
+    gpu_total_gib: float
+    gpu_memory_gib: float
+    fits: bool
+
+    def table(self) -> str:
+        rows = [("model", f"{self.model}: {self.params / 1e9:.2f}B parameters ({self.trainable / 1e6:.1f}M trainable), "
+                          f"largest layer {self.largest_layer / 1e6:.0f}M"),
+                ("layout", f"{self.nodes} node(s) x {self.gpus} GPU(s), ZeRO-{self.zero}, offload {self.offload}"),
+                ("per GPU: model states", f"{self.gpu_model_states_gib:.1f} GiB"),
+                ("per GPU: activations", f"{self.activations_gib:.1f} GiB (one micro-batch of the rollout, bf16)"),
+                ("per GPU: total", f"{self.gpu_total_gib:.1f} GiB of {self.gpu_memory_gib:.0f} GiB -> "
+                                   f"{'fits' if self.fits else 'does NOT fit'}"),
+                ("per node: CPU memory", f"{self.cpu_model_states_gib_per_node:.1f} GiB (offloaded states and "
+                                         f"DeepSpeed's buffers)")]
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+
+def count_params(name: str) -> tuple[int, int, object]:
+    """(total, largest single parameter, HF config) of a preset or a HF path, on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from simcot.models.presets import get_preset
+
+    preset = get_preset(name)
+    cfg = preset.hf_config() if preset else AutoConfig.from_pretrained(name)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    sizes = [p.numel() for p in model.parameters()]
+    return sum(sizes), max(sizes), cfg
+
+
+def _dims(cfg) -> tuple[int, int, int, int]:
+    """(hidden, mlp width, layers, kv width) of a LLaMA- or GPT-2-style config."""
+    if cfg.model_type == "gpt2":
+        return cfg.n_embd, 4 * cfg.n_embd, cfg.n_layer, cfg.n_embd
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_key_value_heads * head_dim
+
+
+def activation_bytes(cfg, micro_batch: int, seq_len: int, n_latents: int, method: str, checkpointing: bool) -> float:
+    h, inter, layers, kv = _dims(cfg)
+    per_token_layer = (2 * h if checkpointing else 10 * h + 3 * inter) * 2  # bf16
+    tokens = micro_batch * (seq_len + n_latents)
+    if method in ("codi", "simcot-codi"):
+        tokens += micro_batch * seq_len  # the teacher's question + CoT + answer
+    if method.startswith("simcot"):
+        tokens += micro_batch * max(n_latents, 1) * 24  # decoded steps (~24 tokens each)
+    prefix = seq_len // 2
+    kv_cache = layers * micro_batch * sum(prefix + j for j in range(n_latents)) * 2 * kv * 2
+    return per_token_layer * layers * tokens + kv_cache
+
+
+def make_plan(model: str = "llama-3.1-8b", gpus: int = 8, nodes: int = 1, zero: int = 3, offload: str = "none",
+              lora: int = 0, micro_batch: int = 4, seq_len: int = 256, n_latents: int = 6, method: str = "codi",
+              decoder: str = "copy", gpu_memory: float = 80.0, checkpointing: bool = False) -> Plan:
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    if offload not in ("none", "optimizer", "all"):
+        raise ValueError("--offload is none | optimizer | all (optimizer and parameters)")
+    if offload == "all" and zero != 3:
+        raise ValueError("--offload all (parameter offload) needs --zero 3")
+    total, largest, cfg = count_params(model)
+    n = gpus * nodes
+    copies = 2 if method.startswith("simcot") and decoder == "copy" else 1
+    if lora:
+        h, inter, layers, _ = _dims(cfg)
+        trainable = layers * lora * (4 * (h + h) + 3 * (h + inter))  # q,k,v,o and the three MLP projections
+        shard = n if zero == 3 else 1
+        gpu = 2 * total / shard + 18 * trainable / (n if zero >= 2 else 1)
+        cpu = 0.0
+    else:
+        trainable = total * copies
+        if zero == 3:
+            cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+                trainable, largest, gpus, nodes, cpu_offload=offload != "none", cpu_offload_params=offload == "all",
+                zero_init=True)
+        elif zero in (1, 2):
+            cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=offload != "none")
+        else:
+            cpu, gpu = 0.0, 18.0 * trainable  # plain data parallel: fp32 master, Adam moments, bf16 copy, grads
+    act = activation_bytes(cfg, micro_batch, seq_len, n_latents, method, checkpointing)
+    gpu_total = (gpu + act) / GiB
+    return Plan(model, total, largest, trainable, gpus, nodes, zero, offload, gpu / GiB, cpu / GiB, act / GiB,
+                gpu_total, gpu_memory, gpu_total <= gpu_memory)
+
+
+def plan_command(**kw) -> str:
+    as_json = kw.pop("json", False)
+    p = make_plan(**kw)
+    return json.dumps(asdict(p), indent=2) if as_json else p.table()

@@ -1,0 +1,100 @@
+"""`simcot export`: a checkpoint (either engine, ZeRO shards consolidated) as a Hugging Face folder.
+
+The folder loads with ``AutoModelForCausalLM.from_pretrained`` (safetensors, LoRA merged,
+bf16 by default) and carries its tokenizer. A latent method's parts outside the HF model (CODI's
+projection) go beside it in ``simcot_extras.safetensors`` with the run's config in ``simcot.yaml``,
+so ``simcot eval --checkpoint <export>`` evaluates it exactly as trained. The SIM-CoT step decoder
+is training-only and is not exported.
+
+Checks (a mismatch is an error, never a warning): the embedding rows equal the tokenizer's size,
+and the written files reload with exactly the model's keys and shapes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
+
+EXPORT_META = "simcot_export.json"
+EXTRAS = "simcot_extras.safetensors"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def is_export(path: Path) -> bool:
+    return (Path(path) / EXPORT_META).is_file()
+
+
+def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from simcot.models.decoding import unwrap
+    from simcot.train.config import dump_yaml
+    from simcot.train.runner import load_checkpoint_model
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
+    ckpt = resolve_checkpoint(checkpoint)
+    cfg, built, _ = load_checkpoint_model(ckpt, device="cpu", inference=True)
+    lm = built.model.lm
+    lm = lm.merge_and_unload() if hasattr(lm, "merge_and_unload") else unwrap(lm)
+    rows = lm.get_input_embeddings().weight.shape[0]
+    if rows != len(built.tok):
+        raise ValueError(f"embedding has {rows} rows but the tokenizer has {len(built.tok)} tokens")
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    lm.to(DTYPES[dtype]).save_pretrained(str(tmp), safe_serialization=True)
+    built.tok.save_pretrained(str(tmp))
+    extras = {k: v.to(DTYPES[dtype]).contiguous() for k, v in built.model.extras_state_dict().items()}
+    if extras:
+        save_file(extras, str(tmp / EXTRAS))
+    cfg.model.lora_r = 0  # merged
+    (tmp / "simcot.yaml").write_text(dump_yaml(cfg))
+    meta = load_trainer_state(ckpt)
+    (tmp / EXPORT_META).write_text(json.dumps({"source": str(ckpt.resolve()), "dtype": dtype,
+                                               "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
+                                               "mlflow_run_id": meta.get("mlflow_run_id", "")}, indent=2))
+    # strict round trip: what from_pretrained builds must hold exactly the exported tensors
+    again = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=DTYPES[dtype])
+    want = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in again.state_dict().items()}
+    if want != got:
+        raise ValueError(f"exported model does not reload with the same keys/shapes: "
+                         f"{sorted(set(want.items()) ^ set(got.items()))[:6]}")
+    if extras and set(load_file(str(tmp / EXTRAS))) != set(extras):
+        raise ValueError("extras file does not hold the model's extra parameters")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_exported(path: str | Path, overrides: dict | None = None, device: str = "auto"):
+    """(cfg, built, device) from an export folder: the HF model via from_pretrained, extras strictly."""
+    from safetensors.torch import load_file
+
+    from simcot.train.checkpoint import load_state_strict
+    from simcot.train.runner import build, load_checkpoint_config, resolve_device
+
+    path = Path(path)
+    cfg = load_checkpoint_config(path, overrides, name="simcot.yaml")
+    cfg.model.name, cfg.model.pretrained, cfg.model.lora_r = str(path), True, 0
+    meta = json.loads((path / EXPORT_META).read_text())
+    cfg.model.attn_implementation = cfg.model.attn_implementation
+    built = build(cfg, path, tokenizer_from=path, inference=True)
+    built.model.to(DTYPES[meta["dtype"]])
+    extras = load_file(str(path / EXTRAS)) if (path / EXTRAS).is_file() else {}
+    expected = set(built.model.extras_state_dict())
+    if set(extras) != expected:
+        raise ValueError(f"{path}: extras {sorted(extras)} do not match the model's {sorted(expected)}")
+    if extras:
+        load_state_strict(built.model, {**{f"lm.{k}": v for k, v in built.model.lm.state_dict().items()}, **extras},
+                          f"export {path}")
+    dev = resolve_device(device if device != "auto" else cfg.train.device)
+    return cfg, built, dev
