@@ -1,0 +1,156 @@
+"""Multi-process training on CPU (gloo), launched as users launch it: torchrun and the deepspeed launcher.
+
+Tolerances: per-step losses of 1 and 2 processes agree to 1e-5 relative (the same micro-batches,
+summed in a different order); a resumed run matches its uninterrupted twin to 1e-6.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import SHARED_DATA
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process tests run on Linux")
+
+
+def _port() -> int:
+    from simcot.train.distributed import free_port
+
+    return free_port()
+
+
+def _env(**extra) -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", SIMCOT_DATA_DIR=str(SHARED_DATA),
+               PYTHONUNBUFFERED="1", **extra)
+    env.pop("SIMCOT_FAIL_AT", None)
+    env.update(extra)
+    return env
+
+
+def _args(tmp_path, name, **extra) -> list[str]:
+    ov = {"method": "coconut", "coconut.max_latent_stage": 2, "coconut.uniform_prob": 0.5,  # ragged latents per rank
+          "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.vocab_size": 300,
+          "data.n_train": 96, "data.n_val": 8, "data.n_test": 12, "data.steps": 2, "data.min_steps": 1,
+          "train.out_dir": str(tmp_path / "runs"), "train.run_name": name, "train.epochs": 2,
+          "train.batch_size": 16, "train.micro_batch_size": 4, "train.lr": 3e-3, "train.warmup_steps": 2,
+          "train.log_every": 1, "eval.batch_size": 4, "eval.max_new_tokens": 12, "tracking.enabled": False,
+          "deepspeed.enabled": True}
+    ov.update(extra)
+    return ["train"] + [f"--{k}={v}" for k, v in ov.items()]
+
+
+def torchrun(tmp_path, name, nproc, timeout=400, check=True, env=None, **extra):
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()),
+           "-m", "simcot.launchers.cli", *_args(tmp_path, name, **extra)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or _env(), cwd=tmp_path)
+    if check and p.returncode:
+        raise AssertionError(f"{name} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
+    return p
+
+
+def losses(tmp_path, name) -> dict[int, float]:
+    out = {}
+    for line in (tmp_path / "runs" / name / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def predictions(tmp_path, name) -> list[str]:
+    path = tmp_path / "runs" / name / "predictions_test.jsonl"
+    return [json.loads(l)["generated"] for l in path.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, stage):
+    torchrun(tmp_path, "one", 1, **{"deepspeed.zero_stage": stage})
+    torchrun(tmp_path, "two", 2, **{"deepspeed.zero_stage": stage})
+    one, two = losses(tmp_path, "one"), losses(tmp_path, "two")
+    assert len(one) == len(two) == 12
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    assert predictions(tmp_path, "one") == predictions(tmp_path, "two")  # sharded eval gathers in order
+    assert len(predictions(tmp_path, "two")) == 12
+
+
+def test_killed_two_process_run_resumes_with_the_same_losses(tmp_path):
+    extra = {"deepspeed.zero_stage": 3, "train.epochs": 6, "train.save_every": 4, "data.n_test": 0, "data.n_val": 0}
+    torchrun(tmp_path, "full", 2, **extra)
+    full = losses(tmp_path, "full")
+    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port()),
+           "-m", "simcot.launchers.cli", *_args(tmp_path, "killed", **extra)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(), cwd=tmp_path,
+                            start_new_session=True)
+    ckpts = tmp_path / "runs" / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline and not (ckpts / "step_0000008").is_dir() and proc.poll() is None:
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole job, mid-training
+        proc.wait(60)
+    assert (ckpts / "step_0000008").is_dir(), "the run never reached its second checkpoint"
+    done_before = losses(tmp_path, "killed")
+    assert max(done_before) < 36, "killed too late to test a resume"
+    resumed = torchrun(tmp_path, "killed", 2, **extra, **{"train.resume": str(tmp_path / "runs" / "killed")})
+    assert "resumed from" in resumed.stderr
+    got = losses(tmp_path, "killed")
+    assert sorted(got) == list(range(1, 37))
+    for step in range(1, 37):
+        assert got[step] == pytest.approx(full[step], rel=1e-6), step
+
+
+def test_a_failing_rank_ends_the_job_quickly_and_loudly(tmp_path):
+    t0 = time.time()
+    p = torchrun(tmp_path, "fail", 2, check=False, env=_env(SIMCOT_FAIL_AT="1:3"), **{"deepspeed.zero_stage": 3})
+    assert p.returncode != 0
+    assert time.time() - t0 < 180
+    assert "simcot: rank 1 failed: RuntimeError: injected failure (SIMCOT_FAIL_AT=1:3)" in p.stderr
+
+
+def test_zero3_checkpoint_exports_to_a_model_that_evaluates_the_same(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from simcot.train.export import export
+    from simcot.train.runner import load_checkpoint_model
+    from simcot.train.evaluate import evaluate
+
+    torchrun(tmp_path, "z3", 2, **{"deepspeed.zero_stage": 3, "method": "codi", "codi.n_latents": 2})
+    ckpt = tmp_path / "runs" / "z3"
+    out = export(ckpt, tmp_path / "hf", dtype="fp32")
+    hf = AutoModelForCausalLM.from_pretrained(str(out))
+    assert hf.get_input_embeddings().weight.shape[0] > 256
+    cfg, built, dev = load_checkpoint_model(out)  # the export, with CODI's projection beside it
+    assert built.model.projection is not None
+    res = evaluate(built.model, built.method, built.examples["test"], built.tok, cfg.eval, cfg.data.answer_prefix,
+                   "test", dev, epoch=1)
+    assert [p["generated"] for p in res.predictions] == predictions(tmp_path, "z3")
+    bf16 = export(ckpt, tmp_path / "hf16")
+    assert str(AutoModelForCausalLM.from_pretrained(str(bf16)).dtype) == "torch.bfloat16"
+
+
+def test_two_nodes_on_loopback_with_the_deepspeed_launcher(tmp_path):
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    port = _port()
+    procs = []
+    for rank in (0, 1):
+        cmd = [str(BIN / "deepspeed"), "--hostfile", str(hostfile), "--num_nodes", "2", "--num_gpus", "1",
+               "--no_ssh", "--node_rank", str(rank), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "--module", "simcot.launchers.cli",
+               *_args(tmp_path, "nodes", **{"deepspeed.zero_stage": 3, "train.max_steps": 1, "data.n_test": 0,
+                                            "data.n_val": 0})]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      env=_env(), cwd=tmp_path))
+    outs = [p.communicate(timeout=400) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    assert json.loads(outs[0][0][outs[0][0].index("{"):])["steps"] == 1
+    assert list(losses(tmp_path, "nodes")) == [1]
