@@ -1,17 +1,51 @@
-"""Linear + cross-entropy: the public op and its reference."""
+"""Linear + cross-entropy without the (N x V) logits: the reference, the chunked op, the public call.
+
+Per token i (z = hidden @ weight.T + bias, lse = logsumexp(z), s = label_smoothing):
+
+    loss_i = lse_i - (1 - s) * z_i[y_i] - s * mean_j z_ij + z_loss * lse_i**2     (0 if y_i == ignore_index)
+
+which is ``F.cross_entropy(z, y, label_smoothing=s, reduction="none")`` plus the z-loss.
+
+How the op avoids the logits: the tokens are cut into chunks of rows. Per chunk, one GEMM makes
+that chunk's logits (chunk x V, input dtype); a row function computes the loss with an fp32
+log-sum-exp and overwrites the logits with dloss/dlogits in place (``_ce_rows_torch`` below, or
+the Triton kernel in ``linear_cross_entropy_triton.py``: the same contract); two more GEMMs turn
+them into the chunk's rows of dX and a contribution to dW, accumulated in fp32. Peak extra memory
+is one chunk of logits (plus an fp32 copy on the PyTorch path for half inputs) and dW.
+
+Gradients are computed in forward (as Liger-Kernel does) for "mean" and "sum": the upstream
+gradient of a scalar loss is one number, so dX and dW are made while each logits chunk is at hand
+and only multiplied by it in backward. That costs 6·N·H·V FLOPs, the same as eager, and backward
+never touches the weight, which matters under ZeRO-3, where the weight is gathered only around
+the forward call. The price: the op does gradient work in forward whenever an input requires
+grad (it checks), and its backward may run once. For ``reduction="none"`` the upstream gradient
+differs per token and is unknown in forward, and dW = sum_i g_i dlogits_i^T x_i cannot be
+rescaled afterwards, so backward recomputes the logits chunk by chunk (8·N·H·V FLOPs) and needs
+the weight materialised at backward time.
+
+No host syncs: the token count for "mean" stays a tensor, ignored tokens are masked, never
+filtered.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
+
+from simcot.kernels.dispatch import resolve
+
+REDUCTIONS = ("mean", "sum", "none")
 
 
 def linear_cross_entropy_reference(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
                                    z_loss=0.0, label_smoothing=0.0):
     """Materialises the logits: the definition every other path is tested against."""
-    logits = (hidden @ weight.T).float()
+    logits = hidden @ weight.T
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64: gradcheck)
     if bias is not None:
-        logits = logits + bias.float()
+        logits = logits + bias.to(logits.dtype)
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
                            label_smoothing=label_smoothing)
     if z_loss:
@@ -24,7 +58,197 @@ def linear_cross_entropy_reference(hidden, weight, target, *, bias=None, ignore_
     return loss.sum() / (target != ignore_index).sum().clamp(min=1)
 
 
+# ----------------------------------------------------------------------------- the row function
+
+
+def _ce_rows_torch(logits, target, bias, loss_out, lse_out, *, ignore_index, z_loss, smoothing, scale, grad):
+    """Loss and lse of each row of `logits` (c x V) into `loss_out`, `lse_out` (c,).
+
+    With `grad`, `logits` is overwritten with ``scale * dloss/dlogits`` (`scale`: None, a 0-d
+    tensor, or one value per row); ignored rows get exact zeros.
+    """
+    v = logits.shape[1]
+    z = logits if logits.dtype == loss_out.dtype else logits.to(loss_out.dtype)  # fp32 working copy
+    if bias is not None:
+        z.add_(bias.to(z.dtype))
+    valid = target != ignore_index
+    safe = torch.where(valid, target, 0)[:, None]
+    z_y = z.gather(1, safe).squeeze(1)
+    mean_z = z.mean(1) if smoothing else None
+    m = z.amax(1, keepdim=True)
+    p = z.sub_(m).exp_()  # in place: z is not needed any more
+    s = p.sum(1)
+    lse = m.squeeze(1) + s.log()
+    loss = lse - (1.0 - smoothing) * z_y
+    if smoothing:
+        loss = loss - smoothing * mean_z
+    if z_loss:
+        loss = loss + z_loss * lse * lse
+    loss_out.copy_(torch.where(valid, loss, 0.0))
+    lse_out.copy_(lse)
+    if not grad:
+        return
+    g = valid.to(p.dtype)
+    if scale is not None:
+        g = g * scale
+    # d/dz [lse + z_loss lse^2] = (1 + 2 z_loss lse) softmax;  d/dz [-(1-s) z_y - s mean z] = -(1-s) onehot - s/V
+    p.mul_((g * (1.0 + 2.0 * z_loss * lse) / s)[:, None])
+    p.scatter_add_(1, safe, (-(1.0 - smoothing) * g)[:, None])
+    if smoothing:
+        p.sub_((smoothing / v * g)[:, None])
+    if p is not logits:
+        logits.copy_(p)
+
+
+def _rows_fn(backend: str):
+    if backend == "triton":
+        from simcot.kernels.linear_cross_entropy_triton import ce_rows_triton
+
+        return ce_rows_triton
+    return _ce_rows_torch
+
+
+# --------------------------------------------------------------------------------- the chunk loop
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def chunk_rows(n: int, v: int, h: int) -> int:
+    """Rows per chunk: a logits chunk about the size of the hidden states, and at least 2^23
+    elements (32 MiB in fp32) so the GEMMs stay efficient; a power of two, at most n.
+
+    At V=128256: 64 rows on one 8k-token batch of H=4096 would be too few for cuBLAS, so the floor
+    wins below N*H = 2^23; at N=32k, H=4096 it is 1024 rows (a 256 MiB bf16 chunk).
+    """
+    budget = max(n * h, 1 << 23)
+    rows = 1 << max(budget // max(v, 1), 1).bit_length() - 1
+    return max(1, min(rows, n))
+
+
+@functools.cache
+def _cuda_addmm_out_dtype() -> bool:
+    """Whether cuBLAS can add a half-precision product straight into an fp32 tensor (torch>=2.8)."""
+    try:
+        a = torch.zeros(2, 2, device="cuda", dtype=torch.bfloat16)
+        torch.addmm(torch.zeros(2, 2, device="cuda"), a, a, out_dtype=torch.float32)
+        return True
+    except (RuntimeError, TypeError):
+        return False
+
+
+def _addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b, acc in fp32 while a and b may be half precision."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif acc.is_cuda and _cuda_addmm_out_dtype():
+        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc.add_(a @ b)  # a (V x H) half-precision temporary per chunk
+
+
+def _chunks(hidden, weight, bias, target, *, opts, backend, chunk, scale, want_x, want_w, want_b):
+    """Loss and lse per row and, when any want_*, the wanted gradients times `scale`."""
+    n, h = hidden.shape
+    v = weight.shape[0]
+    acc = acc_dtype(hidden.dtype)
+    rows = _rows_fn(backend)
+    grad = want_x or want_w or want_b
+    loss = torch.empty(n, dtype=acc, device=hidden.device)
+    lse = torch.empty(n, dtype=acc, device=hidden.device)
+    gx = torch.empty_like(hidden) if want_x else None
+    gw = torch.zeros(v, h, dtype=acc_dtype(weight.dtype), device=weight.device) if want_w else None
+    gb = torch.zeros(v, dtype=acc_dtype(bias.dtype), device=bias.device) if want_b else None
+    per_row = scale is not None and scale.dim() == 1
+    step = chunk or chunk_rows(n, v, h)
+    for s in range(0, n, step):
+        e = min(s + step, n)
+        xc = hidden[s:e]
+        logits = xc @ weight.T  # (c, V): the only logits that ever exist
+        rows(logits, target[s:e], bias, loss[s:e], lse[s:e], scale=scale[s:e] if per_row else scale, grad=grad,
+             **opts)
+        if want_x:
+            torch.mm(logits, weight, out=gx[s:e])
+        if want_w:
+            _addmm_acc_(gw, logits.T, xc)
+        if want_b:
+            gb += logits.sum(0, dtype=gb.dtype)
+    return loss, lse, gx, gw, gb
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """Chunked linear + cross-entropy; `backend` picks the row function ("torch" or "triton")."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, z_loss, smoothing, chunk, backend):
+        hidden, target = hidden.contiguous(), target.contiguous()
+        opts = dict(ignore_index=ignore_index, z_loss=float(z_loss), smoothing=float(smoothing))
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        ctx.reduction, ctx.used = reduction, False
+        ctx.w_dtype, ctx.b_dtype = weight.dtype, (bias.dtype if bias is not None else None)
+        if reduction == "none":  # the per-token upstream gradient is known only in backward: recompute there
+            loss, _, _, _, _ = _chunks(hidden, weight, bias, target, opts=opts, backend=backend, chunk=chunk,
+                                       scale=None, want_x=False, want_w=False, want_b=False)
+            ctx.save_for_backward(hidden, weight, bias, target)
+            ctx.opts, ctx.backend, ctx.chunk = opts, backend, chunk
+            return loss
+        scale = None
+        if reduction == "mean":
+            n_valid = (target != ignore_index).sum().clamp(min=1)  # a tensor: no host sync
+            scale = 1.0 / n_valid.to(acc_dtype(hidden.dtype))
+        loss, _, gx, gw, gb = _chunks(hidden, weight, bias, target, opts=opts, backend=backend, chunk=chunk,
+                                      scale=scale, want_x=want_x, want_w=want_w, want_b=want_b)
+        ctx.save_for_backward(gx, gw, gb)
+        total = loss.sum()
+        return total * scale if scale is not None else total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.used:
+            raise RuntimeError("fused_linear_cross_entropy: backward ran twice; its gradients are computed in "
+                               "forward and scaled in place, so retain_graph is not supported")
+        ctx.used = True
+        if ctx.reduction == "none":
+            hidden, weight, bias, target = ctx.saved_tensors
+            if weight.numel() == 0:
+                raise RuntimeError("fused_linear_cross_entropy(reduction='none') recomputes the logits in backward "
+                                   "and needs the full weight there; under ZeRO-3 use 'mean' or 'sum'")
+            want_x, want_w, want_b = ctx.needs_input_grad[:3]
+            _, _, gx, gw, gb = _chunks(hidden, weight, bias, target, opts=ctx.opts, backend=ctx.backend,
+                                       chunk=ctx.chunk, scale=grad_out.to(acc_dtype(hidden.dtype)).contiguous(),
+                                       want_x=want_x, want_w=want_w, want_b=want_b)
+        else:
+            gx, gw, gb = ctx.saved_tensors
+            for g in (gx, gw, gb):
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))  # in place: dW is as large as the weight
+        gw = gw.to(ctx.w_dtype) if gw is not None else None  # fp32 accumulator -> the parameter's dtype
+        gb = gb.to(ctx.b_dtype) if gb is not None else None
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
 def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
-                               z_loss=0.0, label_smoothing=0.0, impl="auto"):
-    return linear_cross_entropy_reference(hidden, weight, target, bias=bias, ignore_index=ignore_index,
-                                          reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing)
+                               z_loss=0.0, label_smoothing=0.0, impl="auto", chunk_size=None):
+    """``CE(hidden @ weight.T + bias, target)`` without the (N x V) logits.
+
+    hidden (N, H), weight (V, H), target (N,) long, bias (V,) or None. Inputs may be fp32, bf16 or
+    fp16; the log-sum-exp, the loss and dW accumulate in fp32 and the loss is fp32. ``reduction``:
+    "mean" over non-ignored tokens (0 when there are none), "sum", or "none" (per token, 0 at
+    ignored ones). ``z_loss`` adds ``z_loss * lse**2`` per non-ignored token; ``label_smoothing``
+    is ``F.cross_entropy``'s. ``impl``: "auto" (Triton on CUDA, else the chunked PyTorch path; see
+    ``simcot.kernels.dispatch``), "triton", "torch" or "reference" (materialises the logits).
+    ``chunk_size``: rows per chunk (default: ``chunk_rows``).
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if hidden.dim() != 2 or weight.dim() != 2 or target.dim() != 1 or hidden.shape[1] != weight.shape[1] \
+            or hidden.shape[0] != target.shape[0]:
+        raise ValueError(f"expected hidden (N, H), weight (V, H), target (N,); got {tuple(hidden.shape)}, "
+                         f"{tuple(weight.shape)}, {tuple(target.shape)}")
+    impl = resolve(impl, hidden.device)
+    if impl == "reference":
+        return linear_cross_entropy_reference(hidden, weight, target, bias=bias, ignore_index=ignore_index,
+                                              reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing)
+    return LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, z_loss, label_smoothing,
+                                    chunk_size, impl)
