@@ -17,8 +17,8 @@ Gradients are computed in forward (as Liger-Kernel does) for "mean" and "sum": t
 gradient of a scalar loss is one number, so dX and dW are made while each logits chunk is at hand
 and only multiplied by it in backward. That costs 6·N·H·V FLOPs, the same as eager, and backward
 never touches the weight, which matters under ZeRO-3, where the weight is gathered only around
-the forward call. The price: the op does gradient work in forward whenever an input requires
-grad (it checks), and its backward may run once. For ``reduction="none"`` the upstream gradient
+the forward call. The price: the gradient work happens in forward whenever autograd is on and
+an input requires grad (under no_grad the op computes the loss only). For ``reduction="none"`` the upstream gradient
 differs per token and is unknown in forward, and dW = sum_i g_i dlogits_i^T x_i cannot be
 rescaled afterwards, so backward recomputes the logits chunk by chunk (8·N·H·V FLOPs) and needs
 the weight materialised at backward time.
@@ -185,7 +185,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         hidden, target = hidden.contiguous(), target.contiguous()
         opts = dict(ignore_index=ignore_index, z_loss=float(z_loss), smoothing=float(smoothing))
         want_x, want_w, want_b = ctx.needs_input_grad[:3]
-        ctx.reduction, ctx.used = reduction, False
+        ctx.reduction = reduction
         ctx.w_dtype, ctx.b_dtype = weight.dtype, (bias.dtype if bias is not None else None)
         if reduction == "none":  # the per-token upstream gradient is known only in backward: recompute there
             loss, _, _, _, _ = _chunks(hidden, weight, bias, target, opts=opts, backend=backend, chunk=chunk,
@@ -193,22 +193,19 @@ class LinearCrossEntropy(torch.autograd.Function):
             ctx.save_for_backward(hidden, weight, bias, target)
             ctx.opts, ctx.backend, ctx.chunk = opts, backend, chunk
             return loss
-        scale = None
+        scale = n_valid = None
         if reduction == "mean":
-            n_valid = (target != ignore_index).sum().clamp(min=1)  # a tensor: no host sync
-            scale = 1.0 / n_valid.to(acc_dtype(hidden.dtype))
+            n_valid = (target != ignore_index).sum().clamp(min=1).to(acc_dtype(hidden.dtype))  # a tensor: no sync
+            scale = 1.0 / n_valid
         loss, _, gx, gw, gb = _chunks(hidden, weight, bias, target, opts=opts, backend=backend, chunk=chunk,
                                       scale=scale, want_x=want_x, want_w=want_w, want_b=want_b)
-        ctx.save_for_backward(gx, gw, gb)
+        ctx.save_for_backward(gx, gw, gb)  # released after backward, so autograd can adopt them as .grad
+        ctx.applied = None
         total = loss.sum()
-        return total * scale if scale is not None else total
+        return total / n_valid if n_valid is not None else total
 
     @staticmethod
     def backward(ctx, grad_out):
-        if ctx.used:
-            raise RuntimeError("fused_linear_cross_entropy: backward ran twice; its gradients are computed in "
-                               "forward and scaled in place, so retain_graph is not supported")
-        ctx.used = True
         if ctx.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             if weight.numel() == 0:
@@ -220,9 +217,18 @@ class LinearCrossEntropy(torch.autograd.Function):
                                        want_x=want_x, want_w=want_w, want_b=want_b)
         else:
             gx, gw, gb = ctx.saved_tensors
-            for g in (gx, gw, gb):
-                if g is not None:
-                    g.mul_(grad_out.to(g.dtype))  # in place: dW is as large as the weight
+            grad_out = grad_out.detach()
+            if ctx.applied is None:  # in place: dW is as large as the weight, a copy would raise the peak
+                for g in (gx, gw, gb):
+                    if g is not None:
+                        g.data.mul_(grad_out.to(g.dtype))  # .data: ours alone; a retained graph stays usable
+                ctx.applied = grad_out.clone()
+            else:  # another backward through a retained graph (gradcheck does this): rescale a copy
+                if bool(ctx.applied == 0):
+                    raise RuntimeError("fused_linear_cross_entropy: a second backward after one with a zero upstream "
+                                       "gradient cannot be served (the stored gradients were scaled to 0)")
+                r = grad_out / ctx.applied
+                gx, gw, gb = (g * r.to(g.dtype) if g is not None else None for g in (gx, gw, gb))
         gw = gw.to(ctx.w_dtype) if gw is not None else None  # fp32 accumulator -> the parameter's dtype
         gb = gb.to(ctx.b_dtype) if gb is not None else None
         return gx, gw, gb, None, None, None, None, None, None, None
@@ -250,5 +256,15 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     if impl == "reference":
         return linear_cross_entropy_reference(hidden, weight, target, bias=bias, ignore_index=ignore_index,
                                               reduction=reduction, z_loss=z_loss, label_smoothing=label_smoothing)
-    return LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, z_loss, label_smoothing,
-                                    chunk_size, impl)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+        return LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, z_loss,
+                                        label_smoothing, chunk_size, impl)
+    # no autograd (eval, no_grad): the loss only; the Function would do gradient work in forward
+    loss, _, _, _, _ = _chunks(hidden.contiguous(), weight, bias, target.contiguous(),
+                               opts=dict(ignore_index=ignore_index, z_loss=float(z_loss),
+                                         smoothing=float(label_smoothing)),
+                               backend=impl, chunk=chunk_size, scale=None, want_x=False, want_w=False, want_b=False)
+    if reduction == "none":
+        return loss
+    total = loss.sum()
+    return total / (target != ignore_index).sum().clamp(min=1) if reduction == "mean" else total
