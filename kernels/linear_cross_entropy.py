@@ -20,11 +20,18 @@ never touches the weight, which matters under ZeRO-3, where the weight is gather
 the forward call. The price: the gradient work happens in forward whenever autograd is on and
 an input requires grad (under no_grad the op computes the loss only). For ``reduction="none"`` the upstream gradient
 differs per token and is unknown in forward, and dW = sum_i g_i dlogits_i^T x_i cannot be
-rescaled afterwards, so backward recomputes the logits chunk by chunk (8·N·H·V FLOPs) and needs
-the weight materialised at backward time.
+rescaled afterwards, so backward recomputes the logits chunk by chunk (8·N·H·V FLOPs); under
+ZeRO-3 it gathers the weight again for that (``gathered``: one collective per backward call).
 
 No host syncs: the token count for "mean" stays a tensor, ignored tokens are masked, never
 filtered.
+
+Data-parallel ranks: the number of chunks follows the local token count, so it differs between
+ranks, and that is safe by construction: the chunk loop issues no collective (the weight is a
+plain tensor inside it; under ZeRO-3 it was gathered once before the call, see
+``simcot.kernels.gathered``), so unequal loop counts cannot desynchronise the ranks. Making the
+counts equal would need an all-reduce of N (a host sync) per call and buy nothing.
+tests/dist/zero3_fused_ce.py runs two ranks with deliberately unequal chunk counts.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from simcot.kernels.dispatch import resolve
+from simcot.kernels.zero3 import gathered
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -43,7 +51,7 @@ def linear_cross_entropy_reference(hidden, weight, target, *, bias=None, ignore_
                                    z_loss=0.0, label_smoothing=0.0):
     """Materialises the logits: the definition every other path is tested against."""
     logits = hidden @ weight.T
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 (fp64 stays fp64: gradcheck)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least, fp64 stays
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     loss = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none",
@@ -207,14 +215,12 @@ class LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if ctx.reduction == "none":
-            hidden, weight, bias, target = ctx.saved_tensors
-            if weight.numel() == 0:
-                raise RuntimeError("fused_linear_cross_entropy(reduction='none') recomputes the logits in backward "
-                                   "and needs the full weight there; under ZeRO-3 use 'mean' or 'sum'")
+            hidden, weight, bias, target = ctx.saved_tensors  # the parameters themselves, not copies
             want_x, want_w, want_b = ctx.needs_input_grad[:3]
-            _, _, gx, gw, gb = _chunks(hidden, weight, bias, target, opts=ctx.opts, backend=ctx.backend,
-                                       chunk=ctx.chunk, scale=grad_out.to(acc_dtype(hidden.dtype)).contiguous(),
-                                       want_x=want_x, want_w=want_w, want_b=want_b)
+            with gathered(weight, bias):  # ZeRO-3 partitioned them again after forward: one more gather
+                _, _, gx, gw, gb = _chunks(hidden, weight, bias, target, opts=ctx.opts, backend=ctx.backend,
+                                           chunk=ctx.chunk, scale=grad_out.to(acc_dtype(hidden.dtype)).contiguous(),
+                                           want_x=want_x, want_w=want_w, want_b=want_b)
         else:
             gx, gw, gb = ctx.saved_tensors
             grad_out = grad_out.detach()

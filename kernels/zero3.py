@@ -19,19 +19,30 @@ def is_partitioned(p: torch.Tensor | None) -> bool:
 @contextlib.contextmanager
 def gathered(*params: torch.Tensor | None):
     """Full parameters inside the block: ``deepspeed.zero.GatheredParameters(params,
-    modifier_rank=None)`` when any is ZeRO-3-partitioned, else nothing at all (None is skipped).
+    modifier_rank=None)`` for those that are ZeRO-3 shards right now, else nothing (None skipped).
+
+    Parameters already whole are left to whoever gathered them. That includes the common case:
+    inside ``engine(...)``'s forward, merely reading ``lm_head.weight`` makes DeepSpeed fetch it
+    and register it as an external parameter of the running module, which releases it after its
+    forward (re-partitioning it here as well would fail: "still active in submodules"). Outside
+    an engine forward (evaluation, a direct call, a backward that recomputes) nothing fetches it,
+    and this does. The status is the same on every rank (ranks run the same module sequence),
+    so every rank makes the same collective calls.
 
     The gather is one collective per call, issued by every rank, so whatever runs inside may
     loop a rank-dependent number of times as long as it issues no collectives itself (the
-    fused cross-entropy's chunk loop issues none). Gradients are fine when the op computes its
-    weight gradient inside the block (the fused cross-entropy does, for mean and sum): the
-    gradient is a full-shape tensor that ZeRO-3's reduce hook partitions on backward.
+    fused cross-entropy's chunk loop issues none). The weight gradient the op returns is
+    full-shape; ZeRO-3's gradient hook reduce-scatters it into the partition on backward.
     """
     ps = [p for p in params if is_partitioned(p)]
+    if ps:  # only reached when DeepSpeed already partitioned these parameters, so it is imported
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+        ps = [p for p in ps if p.ds_status != ZeroParamStatus.AVAILABLE]
     if not ps:
         yield
         return
-    import deepspeed  # only reached when DeepSpeed already partitioned these parameters
+    import deepspeed
 
     with deepspeed.zero.GatheredParameters(ps, modifier_rank=None):
         yield
