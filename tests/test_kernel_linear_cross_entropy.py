@@ -109,6 +109,21 @@ def test_all_tokens_ignored_gives_zero_loss_and_zero_grads(impl, reduction, dtyp
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_under_autocast_with_fp32_inputs(impl, reduction):
+    """As in training: fp32 parameters, bf16 GEMMs under autocast; the gradients come back in fp32."""
+    x, w, b, y = make(37, 16, 300, torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_cross_entropy(x, w, y, bias=b, reduction=reduction, impl=impl, chunk_size=16)
+        ref = linear_cross_entropy_reference(x, w, y, bias=b, reduction=reduction)
+    assert got.dtype == ref.dtype == torch.float32
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)  # both round the logits to bf16
+    for a, r in zip(torch.autograd.grad(got.sum(), (x, w, b)), torch.autograd.grad(ref.sum(), (x, w, b))):
+        assert a.dtype == r.dtype == torch.float32
+        assert rel_err(a, r) < GRAD_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_frozen_weight_and_frozen_hidden(impl):
     x, w, _, y = make(20, 8, 50, torch.float32, bias=False)
     gx = torch.autograd.grad(fused_linear_cross_entropy(x, w.detach(), y, impl=impl, chunk_size=6), x)[0]
@@ -186,7 +201,7 @@ def test_chunked_path_never_builds_the_logits(reduction):
 
 def test_default_chunk_rows():
     assert chunk_rows(32768, 128256, 4096) == 1024  # logits chunk ~ hidden states
-    assert chunk_rows(1024, 128256, 4096) == 64  # the 2^23-element floor
+    assert chunk_rows(4096, 128256, 4096) == 256  # the 256-row floor
     assert chunk_rows(10, 32000, 512) == 10  # never more than N
     assert chunk_rows(0, 32000, 512) == 1
 
