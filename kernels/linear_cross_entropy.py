@@ -139,10 +139,11 @@ def chunk_rows(n: int, v: int, h: int) -> int:
 @functools.cache
 def _cuda_addmm_out_dtype() -> bool:
     """Whether cuBLAS can add a half-precision product straight into an fp32 tensor (torch>=2.8)."""
-    try:
-        a = torch.zeros(2, 2, device="cuda", dtype=torch.bfloat16)
-        torch.addmm(torch.zeros(2, 2, device="cuda"), a, a, out_dtype=torch.float32)
-        return True
+    try:  # probed exactly as used: accumulating in place (out aliases the added tensor)
+        a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+        acc = torch.ones(2, 2, device="cuda")
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+        return bool((acc == 3).all())
     except (RuntimeError, TypeError):
         return False
 

@@ -14,6 +14,7 @@ from torch.utils._pytree import tree_leaves
 
 import simcot.kernels.linear_cross_entropy_triton as tri
 from simcot.kernels import default_impl, fused_linear_cross_entropy, linear_cross_entropy_reference, set_default_impl
+from simcot.kernels.dispatch import resolve
 from simcot.kernels.linear_cross_entropy import chunk_rows
 
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -229,6 +230,7 @@ def test_impl_choice(monkeypatch):
         fused_linear_cross_entropy(x, w, y, impl="cuda")
     with pytest.raises(ValueError):
         set_default_impl("fast")
+    assert resolve("auto", torch.device("cuda")) == "triton" and resolve("auto", torch.device("cpu")) == "torch"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         fused_linear_cross_entropy(x, w, y, impl="triton")
