@@ -13,7 +13,7 @@ from typing import ClassVar
 
 import torch
 
-from simcot.kernels import fused_linear_cross_entropy
+from simcot.kernels import fused_linear_cross_entropy, gathered
 from simcot.models.decoding import Prefill, head, left_pad, prefill_ids
 from simcot.models.latent_lm import LatentLM
 from simcot.train.tokenizer import SpecialIds
@@ -101,10 +101,12 @@ def shifted_ce(lm, hidden: torch.Tensor, labels: torch.Tensor, reduction: str = 
     """Next-token cross-entropy of `hidden` (B, T, H) against `labels` (B, T), IGNORE skipped.
 
     Only supervised positions reach the head, through the fused linear cross-entropy, so the
-    (tokens x vocabulary) logits are never materialised.
+    (tokens x vocabulary) logits are never materialised. The head is never called as a module,
+    so under ZeRO-3 its parameters are gathered here, once per call.
     """
     h = hidden[:, :-1]
     y = labels[:, 1:]
     keep = y != IGNORE
     out = head(lm)
-    return fused_linear_cross_entropy(h[keep], out.weight, y[keep], bias=out.bias, reduction=reduction)
+    with gathered(out.weight, out.bias):
+        return fused_linear_cross_entropy(h[keep], out.weight, y[keep], bias=out.bias, reduction=reduction)
