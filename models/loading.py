@@ -99,7 +99,7 @@ def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpo
     else:
         model = AutoModelForCausalLM.from_pretrained(weights_source(mcfg), dtype=dtype,
                                                      attn_implementation=mcfg.attn_implementation)
-    n_old = model.get_input_embeddings().weight.shape[0]
+    n_old = model.get_input_embeddings().num_embeddings  # not weight.shape: a ZeRO-3 shard reports [0]
     if len(tok) > n_old:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
         _init_new_rows(model, tok, n_old, mcfg.init_special_from)

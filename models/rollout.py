@@ -23,22 +23,9 @@ from dataclasses import dataclass
 
 import torch
 
-import torch.nn.functional as F
-
+from simcot.kernels import latent_feedback
 from simcot.models.decoding import Prefill, body, head, positions
 from simcot.train.distributed import rank_max
-
-
-def latent_feedback(hidden, thinking, token_ids, embedding, *, proj=None, norm=None):
-    # Plain PyTorch until the fused kernel lands (kernels issue): same signature.
-    h = hidden
-    if proj is not None:
-        w1, b1, w2, b2 = proj
-        h = F.linear(F.gelu(F.linear(h, w1, b1)), w2, b2)
-    if norm is not None:
-        w, b, eps = norm
-        h = F.layer_norm(h, (h.shape[-1],), w, b, eps)
-    return torch.where(thinking[:, None], h, embedding[token_ids].to(h.dtype))
 
 
 @dataclass

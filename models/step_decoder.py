@@ -47,8 +47,8 @@ class LoRAPair(nn.Module):
 def _linear_dims(m: nn.Module) -> tuple[int, int] | None:
     if isinstance(m, nn.Linear):
         return m.in_features, m.out_features
-    if type(m).__name__ == "Conv1D":  # GPT-2's transposed linear
-        return m.weight.shape[0], m.weight.shape[1]
+    if type(m).__name__ == "Conv1D":  # GPT-2's transposed linear (nx -> nf; not weight.shape: ZeRO-3 shards)
+        return m.nx, m.nf
     return None
 
 

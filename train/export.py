@@ -43,7 +43,7 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     cfg, built, _ = load_checkpoint_model(ckpt, device="cpu", inference=True)
     lm = built.model.lm
     lm = lm.merge_and_unload() if hasattr(lm, "merge_and_unload") else unwrap(lm)
-    rows = lm.get_input_embeddings().weight.shape[0]
+    rows = lm.get_input_embeddings().num_embeddings
     if rows != len(built.tok):
         raise ValueError(f"embedding has {rows} rows but the tokenizer has {len(built.tok)} tokens")
     out = Path(out)

@@ -111,7 +111,8 @@ class Trainer:
         mbs = micro_batches(order, state.step_in_epoch, t.batch_size, t.micro_batch_size, self.rank, self.world)
         maybe_inject_fault(self.rank, state.global_step + 1)
         for j, idx in enumerate(mbs):
-            rng = random.Random(f"{t.seed}-{state.epoch}-{state.step_in_epoch}-{j}-{self.rank}")
+            chunk = j * self.world + self.rank  # the chunk's index in the global batch: same draw on any world size
+            rng = random.Random(f"{t.seed}-{state.epoch}-{state.step_in_epoch}-{chunk}")
             batch = self.method.collate([self.examples["train"][i] for i in idx], state.epoch, rng)
             tokens += int(batch.pop("n_tokens"))
             samples += len(idx)

@@ -21,10 +21,21 @@ from simcot.train.tokenizer import SpecialIds
 IGNORE = -100
 
 
-@dataclass
-class LossOutput:
-    loss: torch.Tensor  # the one scalar that is backpropagated
-    parts: dict[str, torch.Tensor] = field(default_factory=dict)  # logged components (detached)
+class LossOutput(dict):
+    """An objective's result: ``loss``, the one scalar that is backpropagated, and ``parts``, its
+    logged components (detached). A dict, because DeepSpeed's ZeRO-3 hooks look for tensors in
+    dicts, lists and tuples returned by a module's forward."""
+
+    def __init__(self, loss: torch.Tensor, parts: dict[str, torch.Tensor] | None = None):
+        super().__init__(loss=loss, parts=dict(parts or {}))
+
+    @property
+    def loss(self) -> torch.Tensor:
+        return self["loss"]
+
+    @property
+    def parts(self) -> dict[str, torch.Tensor]:
+        return self["parts"]
 
 
 @dataclass

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from simcot.kernels import fused_linear_cross_entropy
+from simcot.kernels import fused_linear_cross_entropy, gathered
 from simcot.models.step_decoder import StepDecoder
 from simcot.train.methods.base import IGNORE, right_pad
 
@@ -74,8 +74,9 @@ def decoder_loss(model, table: torch.Tensor, batch: dict, normalization: str) ->
     # the last latent predicts the first step token: shift over [latents, tokens]
     h, y = hidden[:, :-1], labels[:, 1:]
     out = dec.output_head(model.lm)
-    per_tok = fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), out.weight, y.reshape(-1), bias=out.bias,
-                                         reduction="none").view_as(y)
+    with gathered(out.weight, out.bias):  # the head is read outside its module: ZeRO-3 keeps only a shard
+        per_tok = fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), out.weight, y.reshape(-1), bias=out.bias,
+                                             reduction="none").view_as(y)
     valid = (y != IGNORE).to(per_tok.dtype)
     nll, count = (per_tok * valid).sum(1), valid.sum(1)
     slots = batch["dec_slots"]
