@@ -78,6 +78,9 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path, stage):
         assert two[step] == pytest.approx(one[step], rel=1e-5), step
     assert predictions(tmp_path, "one") == predictions(tmp_path, "two")  # sharded eval gathers in order
     assert len(predictions(tmp_path, "two")) == 12
+    if stage == 3:  # without the one-time gather every eval forward all-gathers: ranks must stay in step
+        torchrun(tmp_path, "nogather", 2, **{"deepspeed.zero_stage": 3, "deepspeed.gather_for_eval": False})
+        assert predictions(tmp_path, "nogather") == predictions(tmp_path, "two")
 
 
 def test_killed_two_process_run_resumes_with_the_same_losses(tmp_path):
