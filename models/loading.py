@@ -105,8 +105,6 @@ def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpo
         _init_new_rows(model, tok, n_old, mcfg.init_special_from)
     elif len(tok) < n_old and checkpoint is None and is_random_init(mcfg):
         raise ValueError(f"model vocabulary ({n_old}) is larger than the tokenizer's ({len(tok)})")
-    if mcfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 

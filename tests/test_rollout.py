@@ -118,3 +118,21 @@ def test_batched_latent_generation_equals_batch1_generation_without_cache():
     for i, (p, n) in enumerate(zip(prefixes, n_latents)):
         ref = naive_generate(model, p, n, EOT, 10, eos_id=1)
         assert out[i, : len(ref)].tolist() == ref
+
+
+def test_mlp_checkpointing_keeps_the_rollout_exact():
+    from simcot.models.checkpointing import checkpoint_mlps
+
+    batch = _batch()
+    plain = _model("tiny-llama", True)
+    ckpt = _model("tiny-llama", True)
+    assert checkpoint_mlps(ckpt.lm) == 2
+    calls = []
+    ckpt.lm.model.layers[0].mlp.gate_proj.register_forward_hook(lambda *a: calls.append(1))
+    l1, l2 = _batched_loss(plain, *batch), _batched_loss(ckpt, *batch)
+    assert torch.equal(l1, l2)
+    forward_calls = len(calls)  # prefix + 5 latent steps + continuation
+    g1, g2 = _grads(plain, l1), _grads(ckpt, l2)
+    # recomputed in backward (torch stops the recompute early, once it has what backward needs)
+    assert len(calls) == 2 * forward_calls == 14
+    assert all(torch.allclose(g1[k], g2[k], rtol=1e-12, atol=1e-15) for k in g1)

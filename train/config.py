@@ -47,7 +47,8 @@ class ModelConfig:
     lora_alpha: int = opt(32, "LoRA alpha")
     lora_dropout: float = opt(0.1, "LoRA dropout")
     lora_targets: str = opt("auto", "Comma-separated module names for LoRA; auto = all linear layers of the family")
-    gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing in the main model")
+    gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing of the main model (latent "
+                                       "methods: the MLP blocks, so the rollout keeps its KV cache)")
 
 
 @dataclass

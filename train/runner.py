@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from simcot.models.checkpointing import enable_checkpointing
 from simcot.models.latent_lm import LatentLM
 from simcot.models.loading import apply_lora, build_lm, build_tokenizer
 from simcot.train.checkpoint import (load_rng_state, load_state_strict, load_trainer_state, load_weights,
@@ -126,6 +127,8 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_
     model = LatentLM(lm)
     method = METHODS[cfg.method](cfg, tok, special, inference=inference)
     method.setup_model(model)
+    if cfg.model.gradient_checkpointing and not inference:
+        enable_checkpointing(model.lm, latent=method.uses_latents)
     return Built(cfg, splits, tok, special, examples, model, method)
 
 
