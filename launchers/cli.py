@@ -26,6 +26,7 @@ commands:
   export    write a checkpoint as a Hugging Face model folder (ZeRO shards consolidated, LoRA merged)
   plan      per-GPU / per-node memory of a run, and whether it fits
   launch    print and run the deepspeed / torchrun / SLURM line for a config
+  sweep     methods x latent budgets x seeds as nested MLflow runs, with a results table and plots
   compare   tracked runs side by side (differing params, metrics, speed), optionally as a plot
 
 `simcot COMMAND --help` lists the options of a command with their defaults.
@@ -318,8 +319,43 @@ def launch(config: str = "", launcher: str = "deepspeed", gpus: int = 1, nodes: 
         raise SystemExit(code)
 
 
+SWEEP_HELP = """usage: simcot sweep [--config BASE.yaml] [options] [--section.key VALUE ...]
+
+Train and evaluate a grid of methods x latent budgets x seeds as nested MLflow runs under one
+parent, then write results.csv, results.md (test accuracy mean +- std) and plots to --out.
+Finished cells are skipped when the same command runs again.
+
+options (default):
+  --methods='nocot,cot,coconut,simcot-coconut,codi,simcot-codi'
+  --latents='1,2,4,8,16'   latent budgets L (Coconut: ceil(L/steps) latents per step)
+  --seeds='0,1,2'
+  --out='sweep'            output folder (cells, runs, table, plots)
+  --quick=False            fewer cells: latents 1,4 and seed 0
+Other --section.key options apply to every cell (e.g. --data.steps 4 --model.name gpt2).
+The CPU grid of the README: simcot sweep --config launchers/recipes/sweep-toy.yaml
+"""
+
+
+def sweep(config: str = "", methods="", latents="1,2,4,8,16", seeds="0,1,2", out: str = "sweep",
+          quick: bool = False, **overrides):
+    """Run a methods x latents x seeds grid (see --help)."""
+    if _help_requested(overrides):
+        print(SWEEP_HELP)
+        return
+    from simcot.train.sweep import METHODS, run_sweep
+
+    try:
+        ints = lambda v: [int(x) for x in _names(v)]  # noqa: E731
+        lat, sd = ([1, 4], [0]) if quick else (ints(latents), ints(seeds))
+        summary = run_sweep(config, _names(methods) or list(METHODS), lat, sd, str(out), overrides)
+    except (ConfigError, ValueError) as e:
+        _fail(e)
+    print(open(summary["table"]).read())
+    print(json.dumps(summary, indent=2))
+
+
 COMMANDS = {"train": train, "eval": eval, "data": data, "decode": decode, "compare": compare, "export": export,
-            "plan": plan, "launch": launch}
+            "plan": plan, "launch": launch, "sweep": sweep}
 
 
 def _strip_local_rank(argv: list[str]) -> list[str]:

@@ -245,12 +245,15 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         t0 = time.perf_counter()
         state = trainer.fit(state)
         train_seconds = time.perf_counter() - t0
-        results = {}
+        results, final_metrics = {}, {}
         for split, cap in (("val", cfg.eval.n_val), ("test", cfg.eval.n_test)):
             if built.examples[split]:
                 results[split] = trainer.run_eval(split, cap, state, final=True)
+                final_metrics.update(results[split].summary())
                 for k in latent_sweep(cfg) if built.method.uses_latents else []:
-                    results[f"{split}_latents_{k}"] = trainer.run_eval(split, cap, state, final=True, n_latents=k)
+                    r = trainer.run_eval(split, cap, state, final=True, n_latents=k)
+                    results[f"{split}_latents_{k}"] = r
+                    final_metrics.update(r.summary(f"{split}/latents_{k}"))
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
         tracker.log_run_plots()
         tracker.finish("FINISHED")
@@ -267,7 +270,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
             "steps": state.global_step, "train_seconds": train_seconds, "checkpoint": state.last_checkpoint,
             "final_loss": trainer.history[-1]["loss"] if trainer.history else float("nan"),
             **{f"{s}_accuracy": r.accuracy for s, r in results.items()},
-            **{f"{s}_samples_per_s": r.samples_per_s for s, r in results.items()}}
+            **{f"{s}_samples_per_s": r.samples_per_s for s, r in results.items()},
+            "metrics": final_metrics}
 
 
 def _resume_target(cfg: Config) -> str:

@@ -1,0 +1,60 @@
+"""`simcot sweep`: the grid runs as nested MLflow runs, writes its table and plots, and resumes."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from conftest import SHARED_DATA, tiny_overrides
+from simcot.train.config import load_config
+from simcot.train.sweep import Cell, cell_overrides, plan_cells
+
+SIMCOT = str(Path(sys.executable).with_name("simcot"))
+
+
+def test_cells_put_baselines_first_and_scale_coconut_to_the_budget(tmp_path):
+    cells = plan_cells(["coconut", "codi"], [1, 8], [0, 1])
+    assert [c.name for c in cells[:2]] == ["cot-L0-s0", "cot-L0-s1"]  # Coconut starts from CoT
+    assert len(cells) == 2 + 2 * 2 * 2
+    base = load_config(None, {"data.steps": 4})
+    ov = cell_overrides(Cell("coconut", 8, 1), base, tmp_path)
+    assert (ov["coconut.c_thought"], ov["coconut.max_latent_stage"]) == (2, 4)  # 2 latents per step, 4 steps
+    assert ov["train.init_from"].endswith("cot-L0-s1")
+    assert cell_overrides(Cell("simcot-codi", 16, 0), base, tmp_path)["codi.n_latents"] == 16
+
+
+def test_quick_sweep_writes_table_plots_and_nested_runs(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    ov = tiny_overrides(tmp_path, **{"tracking.enabled": True, "tracking.uri": uri, "tracking.experiment": "sw",
+                                     "data.steps": 2, "train.epochs": 2, "eval.max_new_tokens": 16})
+    ov = {k: v for k, v in ov.items() if not k.startswith("train.run_name") and k != "train.out_dir"}
+    args = ["sweep", "--quick", "--out", str(tmp_path / "sw")] + [f"--{k}={v}" for k, v in ov.items()]
+    env = dict(os.environ, SIMCOT_DATA_DIR=str(SHARED_DATA))
+    p = subprocess.run([SIMCOT, *args], capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-4000:]
+    out = tmp_path / "sw"
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    got = {(r["method"], int(r["latents"])) for r in rows}
+    methods = ("nocot", "cot", "coconut", "simcot-coconut", "codi", "simcot-codi")
+    assert got == {(m, L) for m in methods for L in (1, 4)}
+    table = (out / "results.md").read_text()
+    assert table.startswith("| method | L=1 | L=4 |") and table.count("\n") == 2 + len(methods)
+    for png in ("accuracy_vs_latents.png", "latent_cos_vs_latents.png"):
+        assert (out / png).stat().st_size > 5000
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("sw")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 2 + 4 * 2
+    assert {a.path for a in client.list_artifacts(parents[0].info.run_id, "sweep")} >= {"sweep/results.md",
+                                                                                        "sweep/results.csv"}
+    # a second invocation finds every cell done and only rebuilds the table
+    cells = {f.name: f.stat().st_mtime for f in (out / "cells").iterdir()}
+    p = subprocess.run([SIMCOT, *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert p.returncode == 0 and {f.name: f.stat().st_mtime for f in (out / "cells").iterdir()} == cells
+    assert json.loads((out / "cells" / "codi-L4-s0.json").read_text())["metrics"]["test/accuracy"] >= 0

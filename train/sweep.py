@@ -1,0 +1,208 @@
+"""`simcot sweep`: methods x latent budgets x seeds, as nested MLflow runs, with a table and plots.
+
+The task is fixed (``data.steps`` reasoning steps, S) and the latent budget L varies. Each cell:
+- ``nocot``, ``cot``: once per seed (they have no latents; shown flat across L);
+- ``coconut``, ``simcot-coconut``: from that seed's CoT run (the references' recipe), c = ceil(L / S)
+  latents per step over min(L, S) stages, one epoch per stage, then the remaining epochs with every
+  step replaced; evaluated with L' = c x min(L, S) latents (L itself whenever S divides L or L <= S);
+- ``codi``, ``simcot-codi``: L latents from the start.
+A finished cell (its summary in ``<out>/cells``) is not run again, so a killed sweep continues.
+The sweep writes ``results.csv``, ``results.md`` (accuracy mean +- std per method and L) and
+``accuracy_vs_latents.png`` / ``latent_cos_vs_latents.png`` to ``<out>``, and logs them on the
+parent run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from simcot.train.config import Config, ConfigError, apply_overrides, load_config, validate
+
+log = logging.getLogger(__name__)
+
+METHODS = ("nocot", "cot", "coconut", "simcot-coconut", "codi", "simcot-codi")
+LATENT_FREE = ("nocot", "cot")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str
+    latents: int  # 0 for the latent-free baselines
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}-L{self.latents}-s{self.seed}"
+
+
+def plan_cells(methods: list[str], latents: list[int], seeds: list[int]) -> list[Cell]:
+    """Baselines first (the Coconut cells start from that seed's CoT run), then every latent cell."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown sweep method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
+    if any(L < 1 for L in latents):
+        raise ConfigError("sweep latent counts must be >= 1")
+    need_cot = any(m in ("coconut", "simcot-coconut") for m in methods)
+    base = [m for m in LATENT_FREE if m in methods or (m == "cot" and need_cot)]
+    cells = [Cell(m, 0, s) for s in seeds for m in base]
+    cells += [Cell(m, L, s) for s in seeds for L in latents for m in methods if m not in LATENT_FREE]
+    return cells
+
+
+def cell_overrides(cell: Cell, base: Config, out: Path) -> dict:
+    steps = base.data.steps
+    ov = {"method": cell.method, "train.seed": cell.seed, "data.seed": base.data.seed,
+          "train.out_dir": str(out / "runs"), "train.run_name": cell.name}
+    if cell.method in ("coconut", "simcot-coconut"):
+        c = math.ceil(cell.latents / steps)
+        stages = min(cell.latents, steps)
+        ov.update({"coconut.c_thought": c, "coconut.max_latent_stage": stages, "coconut.epochs_per_stage": 1,
+                   "coconut.stage_offset": 1, "coconut.pad_latent_to_max": True,
+                   "train.init_from": str(out / "runs" / Cell("cot", 0, cell.seed).name)})
+    elif cell.method in ("codi", "simcot-codi"):
+        ov["codi.n_latents"] = cell.latents
+    return ov
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def summarize(results: list[dict], latents: list[int], split: str = "test") -> list[dict]:
+    """Rows (method, L, n seeds, accuracy mean/std, latent cosine mean) in a stable order."""
+    rows = []
+    for m in METHODS:
+        for L in latents:
+            got = [r for r in results if r["method"] == m and (r["latents"] == L or m in LATENT_FREE)]
+            if not got:
+                continue
+            acc = [r["metrics"][f"{split}/accuracy"] for r in got]
+            cos = [r["metrics"][f"{split}/latent_cos_within"] for r in got
+                   if f"{split}/latent_cos_within" in r["metrics"]]
+            mean, std = _mean_std(acc)
+            rows.append({"method": m, "latents": L, "seeds": len(got), "accuracy_mean": mean, "accuracy_std": std,
+                         "latent_cos_within": statistics.fmean(cos) if cos else float("nan"),
+                         "train_seconds": statistics.fmean(r["train_seconds"] for r in got)})
+    return rows
+
+
+def write_table(rows: list[dict], latents: list[int], out: Path) -> tuple[Path, Path]:
+    csv_path = out / "results.csv"
+    with csv_path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    by = {(r["method"], r["latents"]): r for r in rows}
+    methods = [m for m in METHODS if any(k[0] == m for k in by)]
+    lines = ["| method | " + " | ".join(f"L={L}" for L in latents) + " |",
+             "|---|" + "---|" * len(latents)]
+    for m in methods:
+        cells = []
+        for L in latents:
+            r = by.get((m, L))
+            cells.append(f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}" if r else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    md_path = out / "results.md"
+    md_path.write_text("\n".join(lines) + "\n")
+    return csv_path, md_path
+
+
+def plot(rows: list[dict], latents: list[int], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for key, ylabel, fname in (("accuracy_mean", "test accuracy", "accuracy_vs_latents.png"),
+                               ("latent_cos_within", "mean pairwise cosine of a sample's latents",
+                                "latent_cos_vs_latents.png")):
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        for m in METHODS:
+            pts = sorted((r["latents"], r[key], r["accuracy_std"]) for r in rows if r["method"] == m)
+            pts = [p for p in pts if not math.isnan(p[1])]
+            if not pts:
+                continue
+            xs, ys, err = zip(*pts)
+            style = "--" if m in LATENT_FREE else "-"
+            if key == "accuracy_mean":
+                ax.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=m)
+            else:
+                ax.plot(xs, ys, style + "o", label=m)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(latents, [str(L) for L in latents])
+        ax.set_xlabel("number of latent tokens")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / fname
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[int] | None = None,
+              seeds: list[int] | None = None, out: str = "sweep", overrides: dict | None = None) -> dict:
+    from simcot.train.runner import run_training, setup_logging
+    from simcot.train.tracking import start_parent
+
+    setup_logging()
+    base = load_config(config or None, overrides or {})
+    methods = list(methods or METHODS)
+    latents = sorted(latents or [1, 2, 4, 8, 16])
+    seeds = list(seeds if seeds is not None else [0, 1, 2])
+    out_dir = Path(out)
+    (out_dir / "cells").mkdir(parents=True, exist_ok=True)
+    cells = plan_cells(methods, latents, seeds)
+    parent = start_parent(base.tracking.experiment, out_dir.name,
+                          {"sweep.methods": ",".join(methods), "sweep.latents": ",".join(map(str, latents)),
+                           "sweep.seeds": ",".join(map(str, seeds)), "sweep.config": config or "(defaults)"},
+                          uri=base.tracking.uri) if base.tracking.enabled else None
+    t0 = time.perf_counter()
+    results = []
+    try:
+        for i, cell in enumerate(cells, 1):
+            done = out_dir / "cells" / f"{cell.name}.json"
+            if done.is_file():
+                results.append(json.loads(done.read_text()))
+                continue
+            cfg = load_config(config or None, overrides or {})
+            apply_overrides(cfg, cell_overrides(cell, base, out_dir))
+            if parent is not None:
+                cfg.tracking.parent_run_id = parent.run_id
+            validate(cfg)
+            log.info("sweep cell %d/%d: %s", i, len(cells), cell.name)
+            summary = run_training(cfg)
+            record = {"method": cell.method, "latents": cell.latents, "seed": cell.seed,
+                      "train_seconds": summary["train_seconds"], "run_id": summary["run_id"],
+                      "metrics": summary["metrics"]}
+            done.write_text(json.dumps(record, indent=2))
+            results.append(record)
+        rows = summarize(results, latents)
+        csv_path, md_path = write_table(rows, latents, out_dir)
+        pngs = plot(rows, latents, out_dir)
+        wall = time.perf_counter() - t0
+        if parent is not None:
+            for p in (csv_path, md_path, *pngs):
+                parent.log_artifact(p, "sweep")
+            parent.log_metrics({"sweep/wall_seconds": wall, "sweep/cells": float(len(cells))}, 0)
+            parent.finish("FINISHED")
+    except KeyboardInterrupt:
+        if parent is not None:
+            parent.finish("KILLED")
+        raise
+    except BaseException:
+        if parent is not None:
+            parent.finish("FAILED")
+        raise
+    return {"out": str(out_dir), "cells": len(cells), "wall_seconds": wall, "table": str(md_path),
+            "csv": str(csv_path), "plots": [str(p) for p in pngs], "parent_run_id": parent.run_id if parent else ""}
