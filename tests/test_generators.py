@@ -17,16 +17,16 @@ def test_arith_is_deterministic_and_seed_dependent():
     assert arith_chain(50, 4, seed=1) != arith_chain(50, 4, seed=2)
 
 
-@pytest.mark.parametrize("steps", [1, 3, 8])
-def test_arith_steps_evaluate_left_to_right(steps):
-    for rec in arith_chain(200, steps, seed=0, max_operand=9, max_value=60):
+@pytest.mark.parametrize("steps, max_value", [(1, 60), (3, 60), (8, 60), (6, 9), (6, 2)])
+def test_arith_steps_evaluate_left_to_right(steps, max_value):
+    for rec in arith_chain(200, steps, seed=0, max_operand=9, max_value=max_value):
         assert len(rec["steps"]) == steps
         terms = re.findall(r"[+-]?\d+", rec["question"])
         value = int(terms[0])
         for term, step in zip(terms[1:], rec["steps"]):
             new = value + int(term)
             assert step == f"{value}{term[0]}{abs(int(term))}={new}"
-            assert 0 <= new <= 60
+            assert 0 <= new <= max_value
             value = new
         assert rec["answer"] == str(value)
 

@@ -31,9 +31,10 @@ def arith_chain(n: int, steps: int, seed: int, *, min_steps: int = 0, max_operan
         value = rng.randint(1, max_operand)
         question, chain = str(value), []
         for _ in range(k):
-            x = rng.randint(1, max_operand)
-            can_add, can_sub = value + x <= max_value, value - x >= 0
-            op = rng.choice("+-") if can_add and can_sub else ("+" if can_add else "-")
+            # the operation first, then an operand that keeps the value inside [0, max_value]
+            room = {"+": min(max_operand, max_value - value), "-": min(max_operand, value)}
+            op = rng.choice([o for o in "+-" if room[o] >= 1])
+            x = rng.randint(1, room[op])
             new = value + x if op == "+" else value - x
             question += f"{op}{x}"
             chain.append(f"{value}{op}{x}={new}")
