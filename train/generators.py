@@ -19,8 +19,8 @@ def arith_chain(n: int, steps: int, seed: int, *, min_steps: int = 0, max_operan
     """`n` left-to-right +/- chains with `steps` operations; values stay in 0..max_value."""
     if steps < 1:
         raise ValueError("arith: steps must be >= 1")
-    if max_operand < 1 or max_value < max_operand:
-        raise ValueError("arith: need 1 <= max_operand <= max_value")
+    if max_operand < 1 or max_value < 1:
+        raise ValueError("arith: need max_operand >= 1 and max_value >= 1")
     lo = min_steps or steps
     if not 1 <= lo <= steps:
         raise ValueError("arith: min_steps must be in 1..steps")
@@ -28,7 +28,7 @@ def arith_chain(n: int, steps: int, seed: int, *, min_steps: int = 0, max_operan
     out = []
     for _ in range(n):
         k = rng.randint(lo, steps)
-        value = rng.randint(1, max_operand)
+        value = rng.randint(1, min(max_operand, max_value))
         question, chain = str(value), []
         for _ in range(k):
             # the operation first, then an operand that keeps the value inside [0, max_value]
