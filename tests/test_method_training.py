@@ -170,3 +170,16 @@ def test_coconut_starts_from_a_cot_checkpoint_and_sweeps_latent_counts(tiny, mon
     assert {"test_latents_0_accuracy", "test_latents_3_accuracy"} <= summary.keys()
     assert {"test/latents_3/accuracy", "test/latents_3/latent_cos_within", "test/latents_0/accuracy"} <= logged.keys()
     assert "test/latents_0/latent_norm" not in logged  # no latents, no latent metrics
+
+
+def test_simcot_runs_log_decoded_latents(tiny, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'ml.db'}"
+    cfg, _ = tiny(method="simcot-codi", **LATENT, **{"train.epochs": 1, "tracking.enabled": True, "tracking.uri": uri,
+                                                     "simcot.decoder": "small", "simcot.small_layers": 1})
+    run_id = run_training(cfg)["run_id"]
+    client = MlflowClient(uri)
+    path = client.download_artifacts(run_id, "decoded_latents/test.jsonl", str(tmp_path))
+    rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+    assert len(rows) == 8 and all(len(r["slots"]) == 3 for r in rows)  # 2 fed latents + the final one

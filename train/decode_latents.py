@@ -22,44 +22,47 @@ from simcot.train.tracking import make_tracker
 log = logging.getLogger(__name__)
 
 
+@torch.no_grad()
+def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tokens: int, device) -> list[dict]:
+    """For each example: its latents decoded slot by slot beside the gold steps, and the answer."""
+    from simcot.train.methods.step_supervision import decode_texts
+
+    prompts = [method.eval_prompt(ex, epoch) for ex in examples]
+    ids, mask = left_pad([p.ids for p in prompts], method.special.pad)
+    counts = torch.tensor([p.n_latents for p in prompts], device=device)
+    state, ro = prefill_latents(model, ids.to(device), mask.to(device), counts, int(counts.max()), method.special.eot)
+    answers = greedy_decode(model.lm, state, max_new_tokens, method.special.eos, method.special.pad)
+    rows = [r for i, p in enumerate(prompts) for r in method.decode_slots(i, p)]
+    texts = decode_texts(model, method.latent_table(model, ro), rows, method.group, tok, method.special.eos,
+                         method.special.pad, method.cfg.simcot.max_step_tokens) if rows else []
+    results = []
+    for i, (ex, p) in enumerate(zip(examples, prompts)):
+        slots = [{"slot": g, "decoded": text, "gold": tok.decode(gold).strip() if gold else ""}
+                 for (j, g, gold), text in zip(rows, texts) if j == i]
+        answer = tok.decode(trim_at_eos(answers[i].tolist(), method.special.eos))
+        results.append({"question": tok.decode(ex["q"]).strip(), "gold_answer": ex["answer"],
+                        "n_latents": p.n_latents, "slots": slots, "generated": answer.strip()})
+    return results
+
+
 def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: int = 20,
                    overrides: dict | None = None, out: str = "") -> list[dict]:
     from simcot.train.runner import load_checkpoint_model
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg, built, dev = load_checkpoint_model(ckpt, overrides, inference=False)
-    method, tok = built.method, built.tok
-    if not hasattr(method, "decode_slots"):
+    if not hasattr(built.method, "decode_slots"):
         raise ValueError(f"simcot decode needs a SIM-CoT checkpoint (method simcot-coconut or simcot-codi); "
                          f"{ckpt} was trained with '{cfg.method}'")
     if question:
-        examples = [dict(encode_record(tok, {"question": question, "steps": [], "answer": "?"},
+        examples = [dict(encode_record(built.tok, {"question": question, "steps": [], "answer": "?"},
                                        cfg.data.answer_prefix), idx=0)]
     else:
         examples = built.examples[split][:n]
         if not examples:
             raise ValueError(f"split '{split}' of source '{cfg.data.source}' is empty")
-    epoch = load_trainer_state(ckpt).get("epoch")
-    prompts = [method.eval_prompt(ex, epoch) for ex in examples]
-    ids, mask = left_pad([p.ids for p in prompts], method.special.pad)
-    counts = torch.tensor([p.n_latents for p in prompts], device=dev)
-    with torch.no_grad():
-        state, ro = prefill_latents(built.model, ids.to(dev), mask.to(dev), counts, int(counts.max()),
-                                    method.special.eot)
-        answers = greedy_decode(built.model.lm, state, cfg.eval.max_new_tokens, method.special.eos,
-                                method.special.pad)
-        rows = [r for i, p in enumerate(prompts) for r in method.decode_slots(i, p)]
-        from simcot.train.methods.step_supervision import decode_texts
-
-        texts = decode_texts(built.model, method.latent_table(built.model, ro), rows, method.group, tok,
-                             method.special.eos, method.special.pad, cfg.simcot.max_step_tokens) if rows else []
-    results = []
-    for i, (ex, p) in enumerate(zip(examples, prompts)):
-        slots = [{"slot": g, "decoded": text, "gold": tok.decode(gold).strip() if gold else ""}
-                 for (j, g, gold), text in zip(rows, texts) if j == i]
-        answer = tok.decode(trim_at_eos(answers[i].tolist(), method.special.eos))
-        results.append({"question": question or tok.decode(ex["q"]).strip(), "gold_answer": ex["answer"],
-                        "n_latents": p.n_latents, "slots": slots, "generated": answer.strip()})
+    results = decode_examples(built.model, built.method, built.tok, examples, load_trainer_state(ckpt).get("epoch"),
+                              cfg.eval.max_new_tokens, dev)
     path = Path(out) if out else ckpt / "decoded_latents.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     tracker = make_tracker(cfg.tracking, f"decode-{cfg.train.run_name}")

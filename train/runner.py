@@ -254,6 +254,13 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
                     r = trainer.run_eval(split, cap, state, final=True, n_latents=k)
                     results[f"{split}_latents_{k}"] = r
                     final_metrics.update(r.summary(f"{split}/latents_{k}"))
+        if hasattr(built.method, "decode_slots") and built.examples["test"] and engine.world_size == 1:
+            from simcot.train.decode_latents import decode_examples
+
+            with engine.eval_context():
+                decoded = decode_examples(engine.module, built.method, built.tok, built.examples["test"][:20],
+                                          Trainer.trained_epoch(state), cfg.eval.max_new_tokens, engine.device)
+            tracker.log_jsonl(decoded, "decoded_latents/test.jsonl")
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
         tracker.log_run_plots()
         tracker.finish("FINISHED")

@@ -1,0 +1,52 @@
+"""The from_pretrained path, with a tiny model and tokenizer saved to a folder (no hub)."""
+
+import io
+from pathlib import Path
+
+import sentencepiece as spm
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaTokenizer
+
+from simcot.train.generators import arith_chain
+from simcot.train.runner import build, load_checkpoint_model, run_training
+from simcot.train.tokenizer import SPECIAL_TOKENS
+
+
+def _pretrained_dir(tmp_path: Path) -> Path:
+    """A 'pretrained' GPT-2-style model and a tokenizer that knows nothing of simcot's tokens."""
+    texts = [t for r in arith_chain(300, 2, seed=5) for t in (r["question"], *r["steps"], "### " + r["answer"], "<<")]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=buf, vocab_size=300, byte_fallback=True,
+                                   split_digits=True, user_defined_symbols=["\n", "<<"], hard_vocab_limit=False,
+                                   normalization_rule_name="identity", add_dummy_prefix=False, pad_id=0, unk_id=1,
+                                   bos_id=2, eos_id=3, minloglevel=2)
+    raw = tmp_path / "sp"
+    raw.mkdir()
+    (raw / "tokenizer.model").write_bytes(buf.getvalue())
+    tok = LlamaTokenizer.from_pretrained(str(raw), pad_token="<pad>", add_prefix_space=False)
+    out = tmp_path / "tiny-pretrained"
+    tok.save_pretrained(str(out))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2,
+                                                        bos_token_id=2, eos_token_id=3))
+    model.save_pretrained(str(out))
+    return out
+
+
+def test_a_pretrained_folder_trains_with_special_tokens_added(tiny, tmp_path):
+    src = _pretrained_dir(tmp_path)
+    original = AutoModelForCausalLM.from_pretrained(str(src))
+    n_old = original.get_input_embeddings().num_embeddings
+    cfg, _ = tiny(method="coconut", **{"model.name": str(src), "coconut.max_latent_stage": 1, "train.epochs": 2,
+                                       "train.run_name": "pre"})
+    built = build(cfg, tmp_path / "probe")
+    emb = built.model.lm.get_input_embeddings().weight
+    assert emb.shape[0] == n_old + 3 and all(t in built.tok.get_vocab() for t in SPECIAL_TOKENS)
+    assert torch.equal(emb[:n_old], original.get_input_embeddings().weight)  # pretrained rows untouched
+    ltok = built.tok.convert_tokens_to_ids("<<")
+    assert all(torch.equal(emb[built.tok.convert_tokens_to_ids(t)], emb[ltok]) for t in SPECIAL_TOKENS)  # copy '<<'
+    summary = run_training(cfg)
+    assert summary["steps"] == 8
+    cfg2, loaded, _ = load_checkpoint_model(summary["checkpoint"])
+    assert loaded.model.lm.get_input_embeddings().num_embeddings == n_old + 3
+    assert loaded.tok.convert_tokens_to_ids(SPECIAL_TOKENS[0]) == built.tok.convert_tokens_to_ids(SPECIAL_TOKENS[0])
