@@ -154,10 +154,10 @@ def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
     return params
 
 
-def _tags(cfg: Config, method) -> dict[str, str]:
+def _tags(cfg: Config, method, ds_config: dict | None = None, hosts: int = 1) -> dict[str, str]:
     n = method.eval_latents(max(cfg.train.epochs - 1, 0))
     return {"method": cfg.method, "model": cfg.model.name, "dataset": cfg.data.source, "n_latents": str(n),
-            "zero_stage": "none", "hosts": "1"}
+            "zero_stage": str(ds_config["zero_optimization"]["stage"]) if ds_config else "none", "hosts": str(hosts)}
 
 
 def latent_sweep(cfg: Config) -> list[int]:
@@ -168,6 +168,51 @@ def _on_sigterm(signum, frame):  # launchers stop surviving ranks with SIGTERM: 
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+def _resolve_run(cfg: Config, overrides: dict | None) -> tuple[Config, TrainState, Path | None, Path]:
+    """(config, state, checkpoint to resume or None, run folder). A resumed run keeps its saved
+    config; only the overrides given now are applied on top."""
+    if not cfg.train.resume:  # every rank must agree on the run folder: rank 0 names it
+        cfg.train.run_name = cfg.train.run_name or gather_objects(default_run_name(cfg))[0]
+        return cfg, TrainState(), None, Path(cfg.train.out_dir) / cfg.train.run_name
+    ckpt = resolve_checkpoint(_resume_target(cfg))
+    saved = load_checkpoint_config(ckpt, {k: v for k, v in (overrides or {}).items() if k != "train.resume"})
+    saved.train.resume = cfg.train.resume
+    run_dir = ckpt.parent.parent
+    saved.train.run_name = run_dir.name
+    return saved, TrainState(**load_trainer_state(ckpt)), ckpt, run_dir
+
+
+def _device(cfg: Config, info) -> torch.device:
+    device = resolve_device(cfg.train.device)
+    return torch.device("cuda", info.local_rank) if device.type == "cuda" and info.world > 1 else device
+
+
+def _final_evaluation(cfg: Config, built: Built, trainer: Trainer, state: TrainState) -> tuple[dict, dict]:
+    """Val and test (and each latent count of eval.latent_sweep): (results, metrics by name)."""
+    results, metrics = {}, {}
+    for split, cap in (("val", cfg.eval.n_val), ("test", cfg.eval.n_test)):
+        if not built.examples[split]:
+            continue
+        results[split] = trainer.run_eval(split, cap, state, final=True)
+        metrics.update(results[split].summary())
+        for k in latent_sweep(cfg) if built.method.uses_latents else []:
+            results[f"{split}_latents_{k}"] = r = trainer.run_eval(split, cap, state, final=True, n_latents=k)
+            metrics.update(r.summary(f"{split}/latents_{k}"))
+    return results, metrics
+
+
+def _log_decoded_latents(built: Built, engine, tracker, state: TrainState) -> None:
+    """SIM-CoT: what the step decoder reads out of the latents of 20 test questions."""
+    if not hasattr(built.method, "decode_slots") or not built.examples["test"] or engine.world_size > 1:
+        return
+    from simcot.train.decode_latents import decode_examples
+
+    with engine.eval_context():
+        rows = decode_examples(engine.module, built.method, built.tok, built.examples["test"][:20],
+                               Trainer.trained_epoch(state), built.cfg.eval.max_new_tokens, engine.device)
+    tracker.log_jsonl(rows, "decoded_latents/test.jsonl")
+
+
 def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     """Train (or resume) a run, evaluate it on val and test, and return a summary."""
     import signal
@@ -176,44 +221,27 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     setup_logging(info.rank)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    state = TrainState()
-    resume_ckpt = None
-    if cfg.train.resume:
-        resume_ckpt = resolve_checkpoint(_resume_target(cfg))
-        saved = config_from_dict(__import__("yaml").safe_load((resume_ckpt / "config.yaml").read_text()))
-        apply_overrides(saved, {k: v for k, v in (overrides or {}).items() if k != "train.resume"})
-        saved.train.resume = cfg.train.resume
-        validate(saved)
-        cfg = saved
-        state = TrainState(**load_trainer_state(resume_ckpt))
-        run_dir = resume_ckpt.parent.parent
-        cfg.train.run_name = run_dir.name
-    else:  # every rank must agree on the run folder: rank 0 names it
-        cfg.train.run_name = cfg.train.run_name or gather_objects(default_run_name(cfg))[0]
-        run_dir = Path(cfg.train.out_dir) / cfg.train.run_name
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
+    cfg, state, resume_ckpt, run_dir = _resolve_run(cfg, overrides)
+    t = cfg.train
+    if t.threads:
+        torch.set_num_threads(t.threads)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and info.world > 1:
-        device = torch.device("cuda", info.local_rank)
-    t = cfg.train
-    world = info.world
-    if t.batch_size % (t.micro_batch_size * world):
+    seed_everything(t.seed)
+    device = _device(cfg, info)
+    if t.batch_size % (t.micro_batch_size * info.world):
         raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-                          f"({t.micro_batch_size}) x world size ({world})")
-    accum = t.batch_size // (t.micro_batch_size * world)
+                          f"({t.micro_batch_size}) x world size ({info.world})")
+    accum = t.batch_size // (t.micro_batch_size * info.world)
     ds_config, hf_ds_config = None, None
     if uses_deepspeed(cfg):
-        ds_config = build_ds_config(cfg, world, accum, on_cpu=device.type == "cpu")
+        ds_config = build_ds_config(cfg, info.world, accum, on_cpu=device.type == "cpu")
         if zero3_enabled(ds_config):  # must exist (and stay alive) before any model is built
             from transformers.integrations import HfDeepSpeedConfig
 
             hf_ds_config = HfDeepSpeedConfig(ds_config)
 
-    init_ckpt = resolve_checkpoint(cfg.train.init_from) if cfg.train.init_from else None
+    init_ckpt = resolve_checkpoint(t.init_from) if t.init_from else None
     built = build(cfg, run_dir, checkpoint=resume_ckpt, tokenizer_from=init_ckpt)
     if init_ckpt is not None and resume_ckpt is None:
         load_lm_weights(built.model, init_ckpt)
@@ -222,22 +250,21 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     if ds_config is not None:
         engine = DeepSpeedEngine(built.model, cfg, total, device, accum, ds_config)
     else:
-        engine = TorchEngine(built.model, cfg.train, total, device, accum)
+        engine = TorchEngine(built.model, t, total, device, accum)
     if resume_ckpt is not None:
         engine.load(resume_ckpt)
         load_rng_state(resume_ckpt, engine.rank)
         log.info("resumed from %s at step %d (epoch %d, batch %d)", resume_ckpt, state.global_step, state.epoch,
                  state.step_in_epoch)
 
-    tracker = make_tracker(cfg.tracking, cfg.train.run_name, engine.rank, run_id=state.mlflow_run_id)
+    tracker = make_tracker(cfg.tracking, t.run_name, engine.rank, run_id=state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id
     config_yaml = dump_yaml(cfg)
     try:
         hosts = len(set(gather_objects(platform.node())))
         if resume_ckpt is None:
-            tracker.log_params(_run_params(cfg, built, world))
-            tracker.set_tags({**_tags(cfg, built.method), "hosts": str(hosts),
-                              "zero_stage": str(ds_config["zero_optimization"]["stage"]) if ds_config else "none"})
+            tracker.log_params(_run_params(cfg, built, info.world))
+            tracker.set_tags(_tags(cfg, built.method, ds_config, hosts))
             tracker.log_text(config_yaml, "config.yaml")
         # where the checkpoints live (simcot.checkpoint, set at every save, names the newest)
         tracker.set_tags({"simcot.run_dir": str(run_dir.resolve()), "simcot.host": socket.gethostname()})
@@ -245,22 +272,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         t0 = time.perf_counter()
         state = trainer.fit(state)
         train_seconds = time.perf_counter() - t0
-        results, final_metrics = {}, {}
-        for split, cap in (("val", cfg.eval.n_val), ("test", cfg.eval.n_test)):
-            if built.examples[split]:
-                results[split] = trainer.run_eval(split, cap, state, final=True)
-                final_metrics.update(results[split].summary())
-                for k in latent_sweep(cfg) if built.method.uses_latents else []:
-                    r = trainer.run_eval(split, cap, state, final=True, n_latents=k)
-                    results[f"{split}_latents_{k}"] = r
-                    final_metrics.update(r.summary(f"{split}/latents_{k}"))
-        if hasattr(built.method, "decode_slots") and built.examples["test"] and engine.world_size == 1:
-            from simcot.train.decode_latents import decode_examples
-
-            with engine.eval_context():
-                decoded = decode_examples(engine.module, built.method, built.tok, built.examples["test"][:20],
-                                          Trainer.trained_epoch(state), cfg.eval.max_new_tokens, engine.device)
-            tracker.log_jsonl(decoded, "decoded_latents/test.jsonl")
+        results, final_metrics = _final_evaluation(cfg, built, trainer, state)
+        _log_decoded_latents(built, engine, tracker, state)
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
         tracker.log_run_plots()
         tracker.finish("FINISHED")
