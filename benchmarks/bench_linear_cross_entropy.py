@@ -8,8 +8,10 @@ before it: inputs, libraries). The gradients the step leaves (dX, dW) count in e
 PyTorch's CPU allocator returns large blocks to the OS, so RSS follows the live tensors. Time is
 measured separately, in one process per shape that alternates the variants for --iters rounds
 (after one warm-up step each), so that load from other processes on a shared machine falls on
-all variants alike; the "vs eager" time is the median over rounds of the within-round ratio. A
-variant whose single step takes longer than --max-seconds keeps its first-step time instead.
+all variants alike; the "vs eager" time is the median over rounds of the within-round ratio.
+The process CPU time (``time.process_time``, all threads) is reported too: it is less sensitive
+to other processes taking the cores, though not to their memory traffic. A variant whose single
+step takes longer than --max-seconds keeps its first-step time instead and is not interleaved.
 
     python benchmarks/bench_linear_cross_entropy.py                 # CPU, ~2-4 min on 2 cores
     python benchmarks/bench_linear_cross_entropy.py --quick         # small shapes, a smoke run
@@ -126,12 +128,14 @@ def time_worker(names: list[str], n: int, h: int, v: int, rounds: int) -> dict:
     for name in names:  # warm-up
         step(fns[name], x, w, y)
     times = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for _ in range(rounds):
         for name in names:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             step(fns[name], x, w, y)
             times[name].append(time.perf_counter() - t0)
-    return times
+            cpu[name].append(time.process_time() - c0)
+    return {"wall": times, "cpu": cpu}
 
 
 def run_cpu(shapes, iters: int, max_seconds: float) -> list[dict]:
@@ -147,12 +151,15 @@ def run_cpu(shapes, iters: int, max_seconds: float) -> list[dict]:
         fast = [r["variant"] for r in mine if r["first_s"] <= max_seconds]
         out = subprocess.run([sys.executable, __file__, "--worker", "time", "--variant", ",".join(fast), *shape,
                               "--iters", str(iters)], capture_output=True, text=True, check=True)
-        times = json.loads(out.stdout.strip().splitlines()[-1])
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        times, cpu = res["wall"], res["cpu"]
         for r in mine:
             ts = times.get(r["variant"], [r["first_s"]])
             r.update(times_s=ts, median_s=statistics.median(ts), min_s=min(ts))
             if r["variant"] in times and "eager" in times:
                 r["ratio_median"] = statistics.median(a / b for a, b in zip(ts, times["eager"]))
+                r["cpu_s"] = statistics.median(cpu[r["variant"]])
+                r["cpu_ratio_median"] = statistics.median(a / b for a, b in zip(cpu[r["variant"]], cpu["eager"]))
             print(f"  N={n} H={h} V={v} {r['variant']:28s} peak {r['peak_bytes'] / 2**20:9.1f} MiB   "
                   f"median {r['median_s'] * 1e3:9.1f} ms  min {r['min_s'] * 1e3:9.1f} ms  ({len(ts)} timed)  "
                   f"loss {r['loss']:.6f}", flush=True)
@@ -202,13 +209,14 @@ def run_cuda(shapes, iters: int) -> list[dict]:
 
 
 def table(rows: list[dict], device: str) -> str:
-    lines = ["| N | H | V | variant | peak extra memory (MiB) | vs eager | fwd+bwd median (ms) | vs eager "
-             "(median of per-round ratios) | min (ms) | vs eager |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| N | H | V | variant | peak extra memory (MiB) | vs eager | fwd+bwd wall, median (ms) | vs eager "
+             "(median of per-round ratios) | min (ms) | vs eager | process CPU time vs eager |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = next((b for b in rows if (b["n"], b["h"], b["v"]) == (r["n"], r["h"], r["v"])
                      and b["variant"] == "eager" and "error" not in b), None)
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['h']} | {r['v']} | {r['variant']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['n']} | {r['h']} | {r['v']} | {r['variant']} | {r['error']} | | | | | | |")
             continue
         mem = r["peak_bytes"] / 2**20
         rm = f"{r['peak_bytes'] / base['peak_bytes']:.3f}x" if base else ""
@@ -216,8 +224,9 @@ def table(rows: list[dict], device: str) -> str:
         rt = f"{ratio:.2f}x" if ratio is not None else ""
         rn = f"{r['min_s'] / base['min_s']:.2f}x" if base else ""
         once = " (1 step)" if len(r["times_s"]) == 1 else ""
+        rc = f"{r['cpu_ratio_median']:.2f}x" if "cpu_ratio_median" in r else ""
         lines.append(f"| {r['n']} | {r['h']} | {r['v']} | {r['variant']} | {mem:.1f} | {rm} | "
-                     f"{r['median_s'] * 1e3:.1f}{once} | {rt} | {r['min_s'] * 1e3:.1f} | {rn} |")
+                     f"{r['median_s'] * 1e3:.1f}{once} | {rt} | {r['min_s'] * 1e3:.1f} | {rn} | {rc} |")
     return "\n".join(lines)
 
 
