@@ -5,7 +5,8 @@ rollout) and forward + backward (training: gradients to hidden, the projection, 
 and the embedding). Modes: Coconut (identity) and CODI (Linear-GELU-Linear-LayerNorm).
 Variants: "unfused" (``latent_feedback_reference``: F.linear, F.gelu, F.layer_norm,
 F.embedding, torch.where with autograd), "fused-torch" (the hand-written epilogue in PyTorch,
-the CPU path), and on CUDA "fused-triton". Median of --iters steps after warm-up, same process.
+the CPU path), and on CUDA "fused-triton". The variants alternate step by step for --iters
+rounds after warm-up, in one process; "vs unfused" is the median of the within-round ratios.
 
     python benchmarks/bench_latent_feedback.py                  # CPU fp32, H=1024, V=32000
     python benchmarks/bench_latent_feedback.py --device cuda    # NOT MEASURED here: bf16, H=4096, V=128256
@@ -78,22 +79,33 @@ def bench(device, dtype, h, v, iters) -> list[dict]:
         for b in BATCHES:
             args, kw, params = make(b, h, v, device, dtype, mode)
             up = torch.randn(b, h, device=device, dtype=dtype)
+            fns = {}
             for name, impl in impls.items():
-                def fwd():
+                def fwd(impl=impl):
                     with torch.no_grad():
                         latent_feedback(*args, **kw, impl=impl)
 
-                def fwd_bwd():
+                def fwd_bwd(impl=impl):
                     for p in params:
                         p.grad = None
-                    out = latent_feedback(*args, **kw, impl=impl)
-                    out.backward(up)
+                    latent_feedback(*args, **kw, impl=impl).backward(up)
 
-                res = {"mode": mode, "b": b, "variant": name}
-                for key, fn in (("fwd_s", fwd), ("fwd_bwd_s", fwd_bwd)):
+                fns[name] = {"fwd_s": fwd, "fwd_bwd_s": fwd_bwd}
+            times = {name: {"fwd_s": [], "fwd_bwd_s": []} for name in impls}
+            for key in ("fwd_s", "fwd_bwd_s"):
+                for name in impls:  # warm-up
                     for _ in range(3):
-                        fn()
-                    res[key] = statistics.median(measure(fn) for _ in range(iters))
+                        fns[name][key]()
+                for _ in range(iters):  # interleaved rounds: load from other processes hits all variants alike
+                    for name in impls:
+                        times[name][key].append(measure(fns[name][key]))
+            for name in impls:
+                res = {"mode": mode, "b": b, "variant": name}
+                for key in ("fwd_s", "fwd_bwd_s"):
+                    ts = times[name][key]
+                    res[key] = statistics.median(ts)
+                    res[key.replace("_s", "_ratio")] = statistics.median(
+                        a / u for a, u in zip(ts, times["unfused"][key]))
                 rows.append(res)
                 print(f"  {mode:8s} B={b:4d} {name:13s} fwd {res['fwd_s'] * 1e3:8.3f} ms   "
                       f"fwd+bwd {res['fwd_bwd_s'] * 1e3:8.3f} ms", flush=True)
@@ -101,13 +113,11 @@ def bench(device, dtype, h, v, iters) -> list[dict]:
 
 
 def table(rows):
-    lines = ["| mode | B | variant | fwd (ms) | vs unfused | fwd+bwd (ms) | vs unfused |",
+    lines = ["| mode | B | variant | fwd median (ms) | vs unfused | fwd+bwd median (ms) | vs unfused |",
              "|---|---:|---|---:|---:|---:|---:|"]
     for r in rows:
-        base = next(x for x in rows if x["mode"] == r["mode"] and x["b"] == r["b"] and x["variant"] == "unfused")
         lines.append(f"| {r['mode']} | {r['b']} | {r['variant']} | {r['fwd_s'] * 1e3:.3f} | "
-                     f"{r['fwd_s'] / base['fwd_s']:.2f}x | {r['fwd_bwd_s'] * 1e3:.3f} | "
-                     f"{r['fwd_bwd_s'] / base['fwd_bwd_s']:.2f}x |")
+                     f"{r['fwd_ratio']:.2f}x | {r['fwd_bwd_s'] * 1e3:.3f} | {r['fwd_bwd_ratio']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -127,7 +137,8 @@ def main():
     md = table(rows)
     print(md)
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu_count": os.cpu_count(),
-            "threads": torch.get_num_threads(), "device": args.device, "dtype": str(dtype), "H": h, "V": v}
+            "threads": torch.get_num_threads(), "device": args.device, "dtype": str(dtype), "H": h, "V": v,
+            "loadavg_1_5_15_at_end": os.getloadavg()}  # other processes on a shared machine
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     RESULTS.mkdir(exist_ok=True)

@@ -6,8 +6,12 @@ the inputs (hidden, weight, targets) are built, the kernel's peak-RSS mark is re
 memory is ``VmHWM - VmRSS`` (the peak resident set during the step minus what was resident just
 before it: inputs, libraries). The gradients the step leaves (dX, dW) count in every variant.
 PyTorch's CPU allocator returns large blocks to the OS, so RSS follows the live tensors. Time is
-the median (and the min, less sensitive to other load on a shared machine) of the next --iters
-steps in the same process (the first step warms up), capped at --max-seconds per variant.
+measured separately, in one process per shape that alternates the variants for --iters rounds
+(after one warm-up step each), so that load from other processes on a shared machine falls on
+all variants alike; the "vs eager" time is the median over rounds of the within-round ratio.
+The process CPU time (``time.process_time``, all threads) is reported too: it is less sensitive
+to other processes taking the cores, though not to their memory traffic. A variant whose single
+step takes longer than --max-seconds keeps its first-step time instead and is not interleaved.
 
     python benchmarks/bench_linear_cross_entropy.py                 # CPU, ~2-4 min on 2 cores
     python benchmarks/bench_linear_cross_entropy.py --quick         # small shapes, a smoke run
@@ -101,7 +105,8 @@ def _status() -> dict[str, int]:
     return {k: int(re.search(rf"{k}:\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
 
-def cpu_worker(name: str, n: int, h: int, v: int, iters: int, max_seconds: float) -> dict:
+def memory_worker(name: str, n: int, h: int, v: int) -> dict:
+    """One fwd+bwd in this fresh process: peak RSS above the RSS just before it."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
     fn = variants("cpu")[name]
     x, w, y = inputs(n, h, v, "cpu", torch.float32)
@@ -110,31 +115,54 @@ def cpu_worker(name: str, n: int, h: int, v: int, iters: int, max_seconds: float
     t0 = time.perf_counter()
     loss = step(fn, x, w, y)
     first = time.perf_counter() - t0
-    peak = _status()["VmHWM"] - before
-    times = []
-    for _ in range(iters if first < max_seconds else 0):  # a variant slower than the cap is timed once
-        t0 = time.perf_counter()
-        step(fn, x, w, y)
-        times.append(time.perf_counter() - t0)
-        if sum(times) > max_seconds:
-            break
-    times = times or [first]
-    return {"variant": name, "n": n, "h": h, "v": v, "peak_bytes": peak, "first_s": first,
-            "median_s": statistics.median(times), "min_s": min(times), "times_s": times, "loss": loss.item()}
+    return {"variant": name, "n": n, "h": h, "v": v, "peak_bytes": _status()["VmHWM"] - before, "first_s": first,
+            "loss": loss.item()}
+
+
+def time_worker(names: list[str], n: int, h: int, v: int, rounds: int) -> dict:
+    """Interleaved timing in one process: each round runs every variant once, so load from other
+    processes on a shared machine hits all variants alike; ratios are taken within a round."""
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", os.cpu_count() or 1)))
+    fns = variants("cpu")
+    x, w, y = inputs(n, h, v, "cpu", torch.float32)
+    for name in names:  # warm-up
+        step(fns[name], x, w, y)
+    times = {name: [] for name in names}
+    cpu = {name: [] for name in names}
+    for _ in range(rounds):
+        for name in names:
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(fns[name], x, w, y)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    return {"wall": times, "cpu": cpu}
 
 
 def run_cpu(shapes, iters: int, max_seconds: float) -> list[dict]:
     rows = []
     for n, h, v in shapes:
+        shape = ["--shape", f"{n},{h},{v}"]
         for name in variants("cpu"):
-            cmd = [sys.executable, __file__, "--worker", name, "--shape", f"{n},{h},{v}", "--iters", str(iters),
-                   "--max-seconds", str(max_seconds)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            row = json.loads(out.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            print(f"  N={n} H={h} V={v} {name:28s} peak {row['peak_bytes'] / 2**20:9.1f} MiB   "
-                  f"median {row['median_s'] * 1e3:9.1f} ms  min {row['min_s'] * 1e3:9.1f} ms  "
-                  f"({len(row['times_s'])} timed)  loss {row['loss']:.6f}", flush=True)
+            out = subprocess.run([sys.executable, __file__, "--worker", "memory", "--variant", name, *shape],
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        mine = [r for r in rows if (r["n"], r["h"], r["v"]) == (n, h, v)]
+        # a variant whose single step exceeds the cap keeps its first-step time and sits out the rounds
+        fast = [r["variant"] for r in mine if r["first_s"] <= max_seconds]
+        out = subprocess.run([sys.executable, __file__, "--worker", "time", "--variant", ",".join(fast), *shape,
+                              "--iters", str(iters)], capture_output=True, text=True, check=True)
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        times, cpu = res["wall"], res["cpu"]
+        for r in mine:
+            ts = times.get(r["variant"], [r["first_s"]])
+            r.update(times_s=ts, median_s=statistics.median(ts), min_s=min(ts))
+            if r["variant"] in times and "eager" in times:
+                r["ratio_median"] = statistics.median(a / b for a, b in zip(ts, times["eager"]))
+                r["cpu_s"] = statistics.median(cpu[r["variant"]])
+                r["cpu_ratio_median"] = statistics.median(a / b for a, b in zip(cpu[r["variant"]], cpu["eager"]))
+            print(f"  N={n} H={h} V={v} {r['variant']:28s} peak {r['peak_bytes'] / 2**20:9.1f} MiB   "
+                  f"median {r['median_s'] * 1e3:9.1f} ms  min {r['min_s'] * 1e3:9.1f} ms  ({len(ts)} timed)  "
+                  f"loss {r['loss']:.6f}", flush=True)
     return rows
 
 
@@ -181,26 +209,31 @@ def run_cuda(shapes, iters: int) -> list[dict]:
 
 
 def table(rows: list[dict], device: str) -> str:
-    lines = ["| N | H | V | variant | peak extra memory (MiB) | vs eager | fwd+bwd median (ms) | vs eager "
-             "| min (ms) | vs eager |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| N | H | V | variant | peak extra memory (MiB) | vs eager | fwd+bwd wall, median (ms) | vs eager "
+             "(median of per-round ratios) | min (ms) | vs eager | process CPU time vs eager |",
+             "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         base = next((b for b in rows if (b["n"], b["h"], b["v"]) == (r["n"], r["h"], r["v"])
                      and b["variant"] == "eager" and "error" not in b), None)
         if "error" in r:
-            lines.append(f"| {r['n']} | {r['h']} | {r['v']} | {r['variant']} | {r['error']} | | | | | |")
+            lines.append(f"| {r['n']} | {r['h']} | {r['v']} | {r['variant']} | {r['error']} | | | | | | |")
             continue
         mem = r["peak_bytes"] / 2**20
         rm = f"{r['peak_bytes'] / base['peak_bytes']:.3f}x" if base else ""
-        rt = f"{r['median_s'] / base['median_s']:.2f}x" if base else ""
+        ratio = r.get("ratio_median", r["median_s"] / base["median_s"] if base else None)
+        rt = f"{ratio:.2f}x" if ratio is not None else ""
         rn = f"{r['min_s'] / base['min_s']:.2f}x" if base else ""
+        once = " (1 step)" if len(r["times_s"]) == 1 else ""
+        rc = f"{r['cpu_ratio_median']:.2f}x" if "cpu_ratio_median" in r else ""
         lines.append(f"| {r['n']} | {r['h']} | {r['v']} | {r['variant']} | {mem:.1f} | {rm} | "
-                     f"{r['median_s'] * 1e3:.1f} | {rt} | {r['min_s'] * 1e3:.1f} | {rn} |")
+                     f"{r['median_s'] * 1e3:.1f}{once} | {rt} | {r['min_s'] * 1e3:.1f} | {rn} | {rc} |")
     return "\n".join(lines)
 
 
 def machine(device: str) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
-            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device}
+            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "device": device,
+            "loadavg_1_5_15_at_end": os.getloadavg()}  # other processes on a shared machine
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     try:
@@ -218,17 +251,21 @@ def main():
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--max-seconds", type=float, default=30.0, help="CPU: stop timing a variant after this long")
     ap.add_argument("--quick", action="store_true", help="small shapes: checks the script, measures nothing useful")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
+    ap.add_argument("--variant", help=argparse.SUPPRESS)
     ap.add_argument("--shape", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         n, h, v = map(int, args.shape.split(","))
-        print(json.dumps(cpu_worker(args.worker, n, h, v, args.iters, args.max_seconds)))
+        res = (memory_worker(args.variant, n, h, v) if args.worker == "memory"
+               else time_worker(args.variant.split(","), n, h, v, args.iters))
+        print(json.dumps(res))
         return
     cmd = "python benchmarks/bench_linear_cross_entropy.py " + " ".join(sys.argv[1:])
     print(f"$ {cmd}")
     if args.device == "cpu":
-        print("CPU fp32. Memory: peak RSS during one fwd+bwd minus RSS before it, each variant in a fresh process.")
+        print("CPU fp32. Memory: peak RSS during one fwd+bwd minus RSS before it, each variant in a fresh process;"
+              " time: variants interleaved round by round in one process.")
         rows = run_cpu(CPU_QUICK if args.quick else CPU_SHAPES, args.iters, args.max_seconds)
     else:
         print("CUDA bf16. Memory: max_memory_allocated during one fwd+bwd minus the inputs.")

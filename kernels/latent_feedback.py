@@ -153,4 +153,8 @@ def latent_feedback(hidden, thinking, token_ids, embedding, *, proj=None, norm=N
     nw, nb, eps = norm if norm is not None else (None, None, 0.0)
     if norm is not None and nw is None:
         raise ValueError("norm=(weight, bias, eps) needs a weight")
-    return FeedbackEpilogue.apply(u, b2, nw, nb, thinking, token_ids, embedding, float(eps), norm is not None, impl)
+    args = (u, b2, nw, nb, thinking, token_ids, embedding, float(eps), norm is not None)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (u, b2, nw, nb, embedding)):
+        return FeedbackEpilogue.apply(*args, impl)
+    fwd, _ = _backend(impl)  # evaluation rollout: no autograd bookkeeping
+    return fwd(u.contiguous(), b2, nw, nb, thinking.contiguous(), token_ids.contiguous(), embedding, *args[7:])[0]

@@ -6,32 +6,34 @@ Per token i (z = hidden @ weight.T + bias, lse = logsumexp(z), s = label_smoothi
 
 which is ``F.cross_entropy(z, y, label_smoothing=s, reduction="none")`` plus the z-loss.
 
-How the op avoids the logits: the tokens are cut into chunks of rows. Per chunk, one GEMM makes
-that chunk's logits (chunk x V, input dtype); a row function computes the loss with an fp32
-log-sum-exp and overwrites the logits with dloss/dlogits in place (``_ce_rows_torch`` below, or
-the Triton kernel in ``linear_cross_entropy_triton.py``: the same contract); two more GEMMs turn
-them into the chunk's rows of dX and a contribution to dW, accumulated in fp32. Peak extra memory
-is one chunk of logits (plus an fp32 copy on the PyTorch path for half inputs) and dW.
+How the op avoids the logits: the tokens are cut into chunks of rows (``chunk_rows``). Per
+chunk, one GEMM makes that chunk's logits (chunk x V, in the GEMM dtype); a row function computes
+the loss with an fp32 log-sum-exp and overwrites the logits with dloss/dlogits in place
+(``_ce_rows_torch`` below, or the Triton kernel in ``linear_cross_entropy_triton.py``: the same
+contract); two more GEMMs turn them into the chunk's rows of dX and a contribution to dW,
+accumulated in fp32. Peak extra memory: one chunk of logits (plus an fp32 copy on the PyTorch
+path for half inputs), dW, and under autocast a half-precision copy of the weight (as autocast
+itself makes for F.linear).
 
 Gradients are computed in forward (as Liger-Kernel does) for "mean" and "sum": the upstream
 gradient of a scalar loss is one number, so dX and dW are made while each logits chunk is at hand
 and only multiplied by it in backward. That costs 6·N·H·V FLOPs, the same as eager, and backward
-never touches the weight, which matters under ZeRO-3, where the weight is gathered only around
-the forward call. The price: the gradient work happens in forward whenever autograd is on and
-an input requires grad (under no_grad the op computes the loss only). For ``reduction="none"`` the upstream gradient
-differs per token and is unknown in forward, and dW = sum_i g_i dlogits_i^T x_i cannot be
-rescaled afterwards, so backward recomputes the logits chunk by chunk (8·N·H·V FLOPs); under
-ZeRO-3 it gathers the weight again for that (``gathered``: one collective per backward call).
+never touches the weight, which matters under ZeRO-3, where the weight is whole only around the
+forward call. The price: the gradient work happens in forward whenever autograd is on and an
+input requires grad (under no_grad the op computes the loss only). For ``reduction="none"`` the
+upstream gradient differs per token and is unknown in forward, and dW = sum_i g_i dlogits_i^T x_i
+cannot be rescaled afterwards, so backward recomputes the logits chunk by chunk (8·N·H·V FLOPs);
+under ZeRO-3 it makes sure the weight is whole again there (``gathered``).
 
 No host syncs: the token count for "mean" stays a tensor, ignored tokens are masked, never
 filtered.
 
 Data-parallel ranks: the number of chunks follows the local token count, so it differs between
 ranks, and that is safe by construction: the chunk loop issues no collective (the weight is a
-plain tensor inside it; under ZeRO-3 it was gathered once before the call, see
-``simcot.kernels.gathered``), so unequal loop counts cannot desynchronise the ranks. Making the
-counts equal would need an all-reduce of N (a host sync) per call and buy nothing.
-tests/dist/zero3_fused_ce.py runs two ranks with deliberately unequal chunk counts.
+plain tensor inside it, made whole once before the loop: by DeepSpeed's fetch of an external
+parameter inside ``engine(...)``, else by ``simcot.kernels.gathered``), so unequal loop counts
+cannot desynchronise the ranks. Equal counts would need an all-reduce of N (a host sync) per
+call and buy nothing. tests/dist/zero3_fused_ce.py runs two ranks with unequal chunk counts.
 """
 
 from __future__ import annotations

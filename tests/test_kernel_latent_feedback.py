@@ -114,3 +114,13 @@ def test_rejects_bad_arguments():
         latent_feedback(hidden, thinking.long(), ids, emb)
     with pytest.raises(ValueError, match="expected"):
         latent_feedback(hidden, thinking[:3], ids, emb)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["identity", "proj+norm"])
+def test_no_grad_rollout(impl, mode):
+    hidden, thinking, ids, emb, proj, norm, _ = make(mode, torch.float32)
+    with torch.no_grad():
+        got = latent_feedback(hidden, thinking, ids, emb, proj=proj, norm=norm, impl=impl)
+        ref = latent_feedback_reference(hidden, thinking, ids, emb, proj=proj, norm=norm)
+    assert not got.requires_grad and rel_err(got, ref) < 1e-5
