@@ -121,3 +121,29 @@ def apply_lora(model, mcfg: ModelConfig):
     lcfg = LoraConfig(r=mcfg.lora_r, lora_alpha=mcfg.lora_alpha, lora_dropout=mcfg.lora_dropout,
                       target_modules=[t.strip() for t in targets.split(",")], task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
+
+
+def copy_weights(dst: torch.nn.Module, src: torch.nn.Module, rename) -> int:
+    """Copy parameters (and buffers) of `src` into `dst`: ``rename(dst_name)`` gives the source
+    name, or None to leave that tensor alone. Works on ZeRO-3 partitioned modules (gathered
+    pairwise, rank 0 writes). Returns the number of tensors copied."""
+    src_p = dict(src.named_parameters())
+    src_b = dict(src.named_buffers())
+    n = 0
+    with torch.no_grad():
+        for name, p in list(dst.named_parameters()) + list(dst.named_buffers()):
+            key = rename(name)
+            if key is None:
+                continue
+            s = src_p.get(key, src_b.get(key))
+            if s is None:
+                raise KeyError(f"no tensor '{key}' in the source module (for '{name}')")
+            with _gathered_for_write([t for t in (p, s) if isinstance(t, torch.nn.Parameter)]):
+                import torch.distributed as dist
+
+                if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0 or not hasattr(p, "ds_id"):
+                    if p.shape != s.shape:
+                        raise ValueError(f"shape mismatch copying '{key}' {tuple(s.shape)} into '{name}' {tuple(p.shape)}")
+                    p.copy_(s)
+            n += 1
+    return n

@@ -162,8 +162,7 @@ def test_coconut_starts_from_a_cot_checkpoint_and_sweeps_latent_counts(tiny, mon
     cfg, _ = tiny(method="coconut", **LATENT, **{"train.init_from": cot["run_dir"], "coconut.stage_offset": 1,
                                                  "train.epochs": 1, "train.run_name": "coco",
                                                  "eval.latent_sweep": "0,3"})
-    built = build(cfg, Path(cfg.train.out_dir) / "probe", tokenizer_from=Path(cot["checkpoint"]))
-    runner.load_lm_weights(built.model, Path(cot["checkpoint"]))
+    built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=Path(cot["checkpoint"]))
     _, cot_model, _ = load_checkpoint_model(cot["checkpoint"])
     assert all(torch.equal(p, cot_model.model.state_dict()[k]) for k, p in built.model.state_dict().items())
     summary = run_training(cfg)

@@ -166,6 +166,27 @@ class StepDecoderConfig:
 
 
 @dataclass
+class SemCoTConfig:
+    n_thoughts: int = opt(5, "Implicit tokens the generator makes per question (the reference's train_max_contemp_tokens)")
+    alpha: float = opt(0.25, "Weight of the semantic loss 1 - cos(encoder(implicit), target); 1 - alpha weighs the "
+                       "answer CE (0.25 is the reference's tuned GSM8K value)")
+    generator: str = opt("truncate:2", "The light generator: 'truncate:K' (the answering model's embeddings and first K "
+                         "layers), a preset name (random init), or a Hugging Face path/name sharing the tokenizer")
+    encoder_layers: str = opt("", "Answering-model layers the slice encoder copies, 'start:end' (empty = the middle "
+                              "fifth, as the reference's 16:21 of 32)")
+    encoder_dim: int = opt(768, "Output width of the encoder's projection (the reference's 768)")
+    temperature: float = opt(0.1, "InfoNCE temperature on cosine similarities (the reference uses 1.0)")
+    encoder_proj_epochs: int = opt(2, "Phase 1: epochs training only the encoder's projection")
+    encoder_epochs: int = opt(1, "Phase 2: epochs training the whole slice encoder")
+    generator_proj_epochs: int = opt(2, "Phase 3: epochs training only the generator's projection and <thought>; "
+                                     "the generator's full phase takes the rest of train.epochs")
+    encoder_proj_lr: float = opt(1e-3, "Learning rate of phase 1 (reference 1e-3)")
+    encoder_lr: float = opt(1e-5, "Learning rate of phase 2 (reference 1e-7)")
+    generator_proj_lr: float = opt(1e-3, "Learning rate of phase 3 (reference 1e-3)")
+    generator_lr: float = opt(3e-4, "Learning rate of phase 4 (reference 1e-3)")
+
+
+@dataclass
 class DeepSpeedConfig:
     enabled: bool = opt(False, "Train under the DeepSpeed engine (automatic when launched on several processes)")
     zero_stage: int = opt(0, "ZeRO stage 0 | 1 | 2 | 3")
@@ -180,7 +201,7 @@ class DeepSpeedConfig:
 
 @dataclass
 class Config:
-    method: str = opt("cot", "Training objective: nocot | cot | coconut | codi | simcot-coconut | simcot-codi")
+    method: str = opt("cot", "Training objective: nocot | cot | coconut | codi | simcot-coconut | simcot-codi | semcot")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -189,6 +210,7 @@ class Config:
     coconut: CoconutConfig = field(default_factory=CoconutConfig)
     codi: CodiConfig = field(default_factory=CodiConfig)
     simcot: StepDecoderConfig = field(default_factory=StepDecoderConfig)
+    semcot: SemCoTConfig = field(default_factory=SemCoTConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from simcot.train.config import ConfigError
-from simcot.train.engine import lr_lambda, param_groups
+from simcot.train.engine import group_lambdas, param_groups, refresh_lrs
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "launchers" / "ds_configs"
 TAG = "deepspeed"
@@ -98,7 +98,7 @@ def zero3_enabled(ds: dict) -> bool:
 
 class DeepSpeedEngine:
     def __init__(self, model: torch.nn.Module, cfg, total_steps: int, device: torch.device, accum: int,
-                 ds_config: dict):
+                 ds_config: dict, groups_fn=param_groups):
         import deepspeed
 
         self.cfg = cfg
@@ -106,10 +106,12 @@ class DeepSpeedEngine:
         self.accum = accum
         self.ds_config = ds_config
         self._micro = 0
+        self.lr_scales: dict[str, float] = {}
         model.to(device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=param_groups(model, cfg.train.weight_decay), config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train, total_steps)))
+            model=model, model_parameters=groups_fn(model, cfg.train.weight_decay), config=ds_config,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+                opt, group_lambdas(opt.param_groups, cfg.train, total_steps, self.lr_scales)))
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 
@@ -131,7 +133,7 @@ class DeepSpeedEngine:
             self.engine.step()  # not a boundary: bookkeeping only, no update
 
     def step(self) -> dict[str, float]:
-        lr = self.engine.get_lr()[0]
+        lr = max(self.engine.get_lr())
         self.engine.step()  # the accumulation boundary: clip, update, schedule
         norm = self.engine.get_global_grad_norm()
         return {"grad_norm": float(norm) if norm is not None else math.nan, "lr": float(lr)}
@@ -140,6 +142,11 @@ class DeepSpeedEngine:
         """Fresh Adam moments and step counts; the schedule keeps its position."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         inner.state.clear()
+
+    def set_lr_scales(self, scales: dict[str, float]) -> None:
+        self.lr_scales.clear()
+        self.lr_scales.update(scales)
+        refresh_lrs(self.scheduler)
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=TAG)

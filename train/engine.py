@@ -47,17 +47,34 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def group_lambdas(groups: list[dict], tcfg: TrainConfig, total_steps: int, scales: dict[str, float]) -> list:
+    """One lr multiplier per parameter group: the schedule times the group's scale.
+
+    A method names its groups (SemCoT: one per part it trains in turn) and sets ``scales`` per
+    epoch; a scale of 0 freezes a group exactly (no step, no weight decay). Unnamed groups: 1."""
+    base = lr_lambda(tcfg, total_steps)
+    return [lambda step, name=g.get("name"): base(step) * scales.get(name, 1.0) for g in groups]
+
+
+def refresh_lrs(scheduler) -> None:
+    """Apply changed group scales now rather than at the next scheduler step."""
+    for group, f in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = group["initial_lr"] * f(scheduler.last_epoch)
+
+
 class TorchEngine:
     rank = 0
     world_size = 1
 
     def __init__(self, model: torch.nn.Module, tcfg: TrainConfig, total_steps: int, device: torch.device,
-                 accum: int):
+                 accum: int, groups_fn=param_groups):
         self.module = model.to(device)
         self.tcfg = tcfg
         self.device = device
         self.accum = accum
         self.total_steps = total_steps
+        self.groups_fn = groups_fn
+        self.lr_scales: dict[str, float] = {}
         dtype = DTYPES[tcfg.precision]
         self.autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                          else contextlib.nullcontext())
@@ -66,17 +83,23 @@ class TorchEngine:
 
     def _build_optimizer(self) -> None:
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(param_groups(self.module, self.tcfg.weight_decay), lr=self.tcfg.lr,
-                                           betas=(self.tcfg.beta1, self.tcfg.beta2), fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(self.tcfg, self.total_steps))
+        groups = self.groups_fn(self.module, self.tcfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=self.tcfg.lr, betas=(self.tcfg.beta1, self.tcfg.beta2),
+                                           fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, group_lambdas(self.optimizer.param_groups, self.tcfg, self.total_steps, self.lr_scales))
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW (Coconut resets it at stage changes); the schedule keeps its position."""
         sched_state = self.scheduler.state_dict()
         self._build_optimizer()
         self.scheduler.load_state_dict(sched_state)
-        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
-            group["lr"] = lr
+        refresh_lrs(self.scheduler)
+
+    def set_lr_scales(self, scales: dict[str, float]) -> None:
+        self.lr_scales.clear()
+        self.lr_scales.update(scales)
+        refresh_lrs(self.scheduler)
 
     def eval_context(self):
         return contextlib.nullcontext()
@@ -95,7 +118,7 @@ class TorchEngine:
             self.scaler.unscale_(self.optimizer)
         clip = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        lr = self.scheduler.get_last_lr()[0]
+        lr = max(self.scheduler.get_last_lr())  # groups a method scales to 0 are frozen: report the live one
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()

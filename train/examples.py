@@ -22,7 +22,8 @@ def tokenize(records: list[Record], tok, answer_prefix: str, max_tokens: int = 0
     from datasets import Dataset
 
     datasets.disable_progress_bars()
-    ds = Dataset.from_list([{"idx": i, **r} for i, r in enumerate(records)])
+    # steps_text: the raw steps, for objectives that read reasoning as text (SemCoT's encoder)
+    ds = Dataset.from_list([{"idx": i, "steps_text": r["steps"], **r} for i, r in enumerate(records)])
     ds = ds.map(lambda r: encode_record(tok, r, answer_prefix), num_proc=num_proc or None,
                 remove_columns=["steps", "answer"], desc=None)
     examples = ds.to_list()

@@ -12,7 +12,8 @@ Formats:
 - ``icot``: the iCoT multiplication text, ``5 6 3 2 * 7 4 3 4||<partial products> #### <digits>``
   (digits least-significant first, steps separated by `` + ``).
 - ``coconut``: Coconut's JSON list of ``{"question", "steps", "answer", ...}`` (e.g. ProsQA).
-- ``jsonl``: one ``{"question", "steps", "answer"}`` object per line, for users' own data.
+- ``jsonl``: one ``{"question", "steps", "answer"}`` object per line, for users' own data
+  (optionally with ``reasoning`` and ``condensed_reasoning`` strings).
 """
 
 from __future__ import annotations
@@ -22,7 +23,11 @@ import re
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-Record = dict  # {"question": str, "steps": list[str], "answer": str}
+Record = dict  # {"question": str, "steps": list[str], "answer": str} (+ optional REASONING_FIELDS)
+
+# Optional strings a record may carry beside its steps: the reasoning as free text and a condensed
+# form of it (SemCoT's field names). GSM8K rows get "reasoning" from their natural-language solution.
+REASONING_FIELDS = ("reasoning", "condensed_reasoning")
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
 
@@ -51,7 +56,13 @@ def _check_record(rec: object, where: str) -> Record:
         raise DataError(f"{where}: empty question")
     if not answer:
         raise DataError(f"{where}: empty answer")
-    return {"question": question, "steps": [s.strip() for s in steps if s.strip()], "answer": answer}
+    out = {"question": question, "steps": [s.strip() for s in steps if s.strip()], "answer": answer}
+    for key in REASONING_FIELDS:  # optional free-text reasoning (SemCoT's contrastive pairs)
+        if key in rec:
+            if not isinstance(rec[key], str):
+                raise DataError(f"{where}: field '{key}' must be a string, got {type(rec[key]).__name__}")
+            out[key] = rec[key].strip()
+    return out
 
 
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
@@ -97,7 +108,9 @@ def read_gsm8k_jsonl(path: Path, steps: str = "equations") -> Iterator[Record]:
             st, final = parse_gsm8k_answer(obj["answer"], steps)
         except ValueError as e:
             raise DataError(f"{where}: {e}") from None
-        yield _check_record({"question": obj["question"], "steps": st, "answer": final}, where)
+        reasoning = _ANNOTATION.sub("", obj["answer"].rsplit("####", 1)[0])
+        yield _check_record({"question": obj["question"], "steps": st, "answer": final,
+                             "reasoning": " ".join(reasoning.split())}, where)
 
 
 # --------------------------------------------------------------------------- aug / icot text

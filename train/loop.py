@@ -141,7 +141,7 @@ class Trainer:
         self.engine.module.train()
         done = state.global_step >= self.total_steps
         while not done and state.epoch < t.epochs:
-            self._maybe_reset_optimizer(state)
+            self._enter_epoch(state)
             order = epoch_order(len(self.examples["train"]), t.seed, state.epoch)
             while state.step_in_epoch < self.steps_per_epoch:
                 m = self.train_step(state, order)
@@ -177,10 +177,16 @@ class Trainer:
             with (self.run_dir / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(record) + "\n")
 
-    def _maybe_reset_optimizer(self, state: TrainState) -> None:
+    def _enter_epoch(self, state: TrainState) -> None:
+        """The method's per-epoch settings (also on resuming mid-epoch): group learning rates, a fresh
+        optimizer at a stage change, and whatever it prepares (SemCoT caches its targets)."""
+        scales = self.method.lr_scales(state.epoch)
+        if scales is not None:
+            self.engine.set_lr_scales(scales)
         if state.step_in_epoch == 0 and state.epoch > 0 and self.method.reset_optimizer_at(state.epoch):
             log.info("epoch %d: fresh optimizer (stage %d)", state.epoch, self.method.stage(state.epoch))
             self.engine.reset_optimizer()
+        self.method.before_epoch(self.engine, state.epoch, self.examples["train"])
 
     def _progress(self, initial: int):
         if self.rank != 0 or not sys.stderr.isatty():

@@ -103,16 +103,19 @@ class Built:
     method: object
 
 
-def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_from: Path | None = None,
-          inference: bool = False) -> Built:
+def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, init_from: Path | None = None,
+          tokenizer_from: Path | None = None, inference: bool = False) -> Built:
     """Data, tokenizer, tokenized examples, model and method.
 
     `checkpoint`: take the tokenizer and the architecture from a checkpoint (its weights are
-    loaded afterwards by the caller). `tokenizer_from`: only the tokenizer (train.init_from).
-    `inference`: build only what evaluation needs (no SIM-CoT step decoder).
+    loaded afterwards by the caller). `init_from` (train.init_from): the tokenizer and the main
+    LM's weights, loaded before the method adds its parts, so that parts copied from the LM (the
+    SIM-CoT decoder, SemCoT's encoder and generator) copy the trained weights.
+    `tokenizer_from`: only the tokenizer (an export). `inference`: build only what evaluation
+    needs (no SIM-CoT step decoder).
     """
     splits = load_splits(cfg.data)
-    tokenizer_from = checkpoint or tokenizer_from
+    tokenizer_from = checkpoint or init_from or tokenizer_from
     if tokenizer_from:
         tok = load_tokenizer(str(tokenizer_from))
     else:
@@ -122,8 +125,13 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_
                 for s in ("train", "val", "test")}
     torch.manual_seed(cfg.train.seed)
     lm = build_lm(cfg.model, tok, torch.float32, checkpoint=checkpoint)
+    init_state = load_lm_state(init_from) if init_from is not None and checkpoint is None else None
+    if init_state is not None and not _peft_keys(init_state):
+        load_state_strict(lm, init_state, f"init_from {init_from}")
     if cfg.model.lora_r > 0:
         lm = apply_lora(lm, cfg.model)
+    if init_state is not None and _peft_keys(init_state):  # the LM was saved with its LoRA adapter
+        load_state_strict(lm, init_state, f"init_from {init_from}")
     model = LatentLM(lm)
     method = METHODS[cfg.method](cfg, tok, special, inference=inference)
     method.setup_model(model)
@@ -132,10 +140,13 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, tokenizer_
     return Built(cfg, splits, tok, special, examples, model, method)
 
 
-def load_lm_weights(model: LatentLM, ckpt: Path) -> None:
-    """Copy the main LM's weights from a checkpoint (``train.init_from``); extras start fresh."""
-    state = {k[3:]: v for k, v in load_weights(ckpt).items() if k.startswith("lm.")}
-    load_state_strict(model.lm, state, f"init_from {ckpt}")
+def load_lm_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The main LM's weights in a checkpoint (``train.init_from``); the method's extras start fresh."""
+    return {k[3:]: v for k, v in load_weights(ckpt).items() if k.startswith("lm.")}
+
+
+def _peft_keys(state: dict) -> bool:
+    return any(k.startswith("base_model.") for k in state)
 
 
 def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
@@ -242,15 +253,13 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
             hf_ds_config = HfDeepSpeedConfig(ds_config)
 
     init_ckpt = resolve_checkpoint(t.init_from) if t.init_from else None
-    built = build(cfg, run_dir, checkpoint=resume_ckpt, tokenizer_from=init_ckpt)
-    if init_ckpt is not None and resume_ckpt is None:
-        load_lm_weights(built.model, init_ckpt)
+    built = build(cfg, run_dir, checkpoint=resume_ckpt, init_from=init_ckpt)
     steps_per_epoch = max(1, len(built.examples["train"]) // t.batch_size)
     total = min(t.epochs * steps_per_epoch, t.max_steps) if t.max_steps else t.epochs * steps_per_epoch
     if ds_config is not None:
-        engine = DeepSpeedEngine(built.model, cfg, total, device, accum, ds_config)
+        engine = DeepSpeedEngine(built.model, cfg, total, device, accum, ds_config, built.method.param_groups)
     else:
-        engine = TorchEngine(built.model, t, total, device, accum)
+        engine = TorchEngine(built.model, t, total, device, accum, built.method.param_groups)
     if resume_ckpt is not None:
         engine.load(resume_ckpt)
         load_rng_state(resume_ckpt, engine.rank)
@@ -316,7 +325,8 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None,
     """(cfg, built, device) with the checkpoint's weights loaded on `device`.
 
     Loading is strict: every parameter of the model must be in the file and nothing else may be,
-    except the SIM-CoT step decoder's weights, which an inference model does not build.
+    except the SIM-CoT step decoder's and SemCoT encoder's weights, which an inference model does
+    not build.
     """
     from simcot.train.export import is_export, load_exported
 
@@ -327,7 +337,7 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None,
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     built = build(cfg, ckpt.parent.parent, checkpoint=ckpt, inference=inference)
     load_state_strict(built.model, load_weights(ckpt), f"checkpoint {ckpt}",
-                      ("step_decoder.",) if inference else ())
+                      ("step_decoder.", "encoder.") if inference else ())
     built.model.to(dev).eval()
     return cfg, built, dev
 

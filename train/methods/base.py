@@ -16,6 +16,7 @@ import torch
 from simcot.kernels import fused_linear_cross_entropy, gathered
 from simcot.models.decoding import Prefill, head, left_pad, prefill_ids
 from simcot.models.latent_lm import LatentLM
+from simcot.train.engine import param_groups
 from simcot.train.tokenizer import SpecialIds
 
 IGNORE = -100
@@ -69,6 +70,17 @@ class Method:
     def reset_optimizer_at(self, epoch: int) -> bool:
         """Start `epoch` with a fresh optimizer (Coconut's reset_optimizer)."""
         return False
+
+    def param_groups(self, model: torch.nn.Module, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; a group's ``name`` is what ``lr_scales`` refers to."""
+        return param_groups(model, weight_decay)
+
+    def lr_scales(self, epoch: int) -> dict[str, float] | None:
+        """Per-group multipliers of the scheduled lr for `epoch` (None: every group at 1)."""
+        return None
+
+    def before_epoch(self, engine, epoch: int, train_examples: list[dict]) -> None:
+        """Work the objective needs done before `epoch` starts (or resumes)."""
 
     def collate(self, examples: list[dict], epoch: int, rng: random.Random) -> dict:
         raise NotImplementedError
