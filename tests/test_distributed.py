@@ -158,3 +158,19 @@ def test_two_nodes_on_loopback_with_the_deepspeed_launcher(tmp_path):
     assert '"steps": 1,' in outs[0][0]  # rank 0 (on node 0) prints the run's summary
     assert list(losses(tmp_path, "nodes")) == [1]
     assert (tmp_path / "runs" / "nodes" / "checkpoints" / "step_0000001" / "deepspeed").is_dir()
+
+
+def test_semcot_under_zero3_two_processes_match_one(tmp_path):
+    """SemCoT's frozen answerer, phase-scaled lr groups and cached targets under ZeRO-3 sharding."""
+    torchrun(tmp_path, "cot", 1, **{"method": "cot", "train.epochs": 1, "deepspeed.enabled": False})
+    sem = {"method": "semcot", "train.init_from": str(tmp_path / "runs" / "cot"), "deepspeed.zero_stage": 3,
+           "semcot.n_thoughts": 2, "semcot.encoder_dim": 8, "semcot.generator": "truncate:1",
+           "semcot.encoder_layers": "1:2", "semcot.encoder_proj_epochs": 1, "semcot.encoder_epochs": 1,
+           "semcot.generator_proj_epochs": 1, "train.epochs": 4, "train.schedule": "constant"}
+    torchrun(tmp_path, "one", 1, **sem)
+    torchrun(tmp_path, "two", 2, **sem)
+    one, two = losses(tmp_path, "one"), losses(tmp_path, "two")
+    assert len(one) == len(two) == 24
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    assert predictions(tmp_path, "one") == predictions(tmp_path, "two")

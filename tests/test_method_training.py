@@ -11,6 +11,7 @@ import torch
 from simcot.models.rollout import run_latents
 from simcot.train.decode_latents import decode_latents, format_results
 from simcot.train.evaluate import evaluate
+from simcot.train.checkpoint import load_weights
 from simcot.train.runner import build, load_checkpoint_model, run_training
 from simcot.train.methods.base import IGNORE
 from simcot.train.methods.step_supervision import decoder_loss
@@ -182,3 +183,18 @@ def test_simcot_runs_log_decoded_latents(tiny, tmp_path):
     path = client.download_artifacts(run_id, "decoded_latents/test.jsonl", str(tmp_path))
     rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
     assert len(rows) == 8 and all(len(r["slots"]) == 3 for r in rows)  # 2 fed latents + the final one
+
+
+def test_copy_decoder_starts_from_the_init_from_weights(tiny):
+    """train.init_from loads the LM before the method copies it: the SIM-CoT decoder is a copy of
+    the CoT model, not of the random initialisation."""
+    cot, _ = tiny(**{"train.epochs": 1, "train.run_name": "cot0"})
+    ckpt = Path(run_training(cot)["checkpoint"])
+    cfg, _ = tiny(method="simcot-coconut", **LATENT, **{"train.init_from": str(ckpt), "simcot.decoder": "copy"})
+    built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=ckpt)
+    lm = built.model.lm.state_dict()
+    dec = built.model.step_decoder.lm.state_dict()
+    saved = {k[3:]: v for k, v in load_weights(ckpt).items() if k.startswith("lm.")}
+    assert dec.keys() == lm.keys()
+    for k, v in saved.items():
+        assert torch.equal(lm[k], v) and torch.equal(dec[k], v), k

@@ -156,8 +156,39 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         kept = next((n for n in names if n in state), None)
         for n in names if kept else []:
             state.setdefault(n, state[kept])
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    if any(hasattr(p, "ds_id") for p in module.parameters()):
+        missing, unexpected = _load_partitioned(module, state)
+    else:
+        missing, unexpected = module.load_state_dict(state, strict=False)
     unexpected = [k for k in unexpected if not k.startswith(ignore_prefixes)]
     if missing or unexpected:
         raise ValueError(f"{where} does not match the model built from its config: missing {sorted(missing)[:8]}, "
                          f"unexpected {sorted(unexpected)[:8]}")
+
+
+def _load_partitioned(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """load_state_dict for a ZeRO-3 partitioned module (its parameters are empty shards): each
+    parameter is gathered, written on rank 0 and re-partitioned. Buffers load as usual."""
+    import deepspeed
+    import torch.distributed as dist
+
+    params = dict(module.named_parameters(remove_duplicate=False))
+    keys = set(module.state_dict().keys())
+    buffers = {k: b for k, b in module.named_buffers() if k in keys}  # persistent ones only
+    missing = [k for k in list(params) + list(buffers) if k not in state]
+    unexpected = [k for k in state if k not in params and k not in buffers]
+    done: set[int] = set()
+    for name, p in params.items():
+        if name not in state or id(p) in done:
+            continue
+        done.add(id(p))
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0), torch.no_grad():
+            if dist.get_rank() == 0:
+                if p.shape != state[name].shape:
+                    raise ValueError(f"shape mismatch for '{name}': {tuple(state[name].shape)} vs {tuple(p.shape)}")
+                p.copy_(state[name])
+    with torch.no_grad():
+        for name, b in buffers.items():
+            if name in state:
+                b.copy_(state[name])
+    return missing, unexpected
