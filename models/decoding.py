@@ -74,10 +74,23 @@ def prefill_ids(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Prefill
     return Prefill(out.logits[:, -1], out.past_key_values, mask, pos[:, -1] + 1)
 
 
+def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits / temperature), restricted to the smallest set of
+    tokens whose probability reaches top_p."""
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True)
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # tokens after the nucleus is full
+    sorted_p = sorted_p.masked_fill(drop, 0.0)
+    pick = torch.multinomial(sorted_p.cpu(), 1, generator=generator).to(logits.device)
+    return order.gather(-1, pick).squeeze(-1)
+
+
 @torch.no_grad()
 def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int,
-                  group=None, synced: bool = False) -> torch.Tensor:
+                  group=None, synced: bool = False, temperature: float = 0.0, top_p: float = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
     """Greedy continuation of `state`: (B, <= max_new_tokens) ids, pad after each row's eos.
+    With `temperature` > 0 tokens are sampled (top-p) instead, from `generator` (CPU).
 
     `synced` forces every rank to run the same number of steps (ZeRO-3); the stop test is then
     an all-reduce over `group`.
@@ -89,7 +102,8 @@ def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: in
     logits = state.logits
     out = []
     for t in range(max_new_tokens):
-        tok = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), logits.argmax(-1))
+        nxt = sample_top_p(logits, temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
+        tok = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), nxt)
         out.append(tok)
         done = done | (tok == eos_id)
         if t == max_new_tokens - 1:

@@ -165,6 +165,20 @@ def test_end_to_end_run_keeps_the_answering_model_frozen_and_logs_to_mlflow(tiny
             "test/samples_per_s"} <= run.data.metrics.keys()
     rows = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows if "info_nce" in r] and all(r["epoch"] >= 2 for r in rows if "semantic" in r)
+    # inference needs no encoder: the export carries the generator, and predicts as the checkpoint does
+    from simcot.train.evaluate import evaluate
+    from simcot.train.export import export
+    from simcot.train.runner import load_checkpoint_model
+
+    out = export(summary["checkpoint"], tmp_path / "export", dtype="fp32")
+    preds = []
+    for path in (summary["checkpoint"], out):
+        cfg2, built, dev = load_checkpoint_model(path, device="cpu")
+        assert not hasattr(built.model, "encoder") and hasattr(built.model, "generator")
+        res = evaluate(built.model, built.method, built.examples["test"], built.tok, cfg2.eval,
+                       cfg2.data.answer_prefix, "test", dev)
+        preds.append([p["generated"] for p in res.predictions])
+    assert preds[0] == preds[1]
 
 
 def test_resume_in_the_generator_phase_gives_the_same_losses(tiny, cot_run, monkeypatch):
@@ -224,3 +238,15 @@ def test_phase_learning_rates_freeze_the_other_parts_exactly(tiny, cot_run):
     assert all(torch.equal(before[k], after[k]) for k in before if k.startswith(("encoder.", "lm.")))
     assert not torch.equal(before["generator.proj.weight"], after["generator.proj.weight"])
     assert not torch.equal(before["generator.thought"], after["generator.thought"])
+
+
+def test_top_p_sampling_keeps_the_nucleus_only():
+    from simcot.models.decoding import sample_top_p
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    logits = probs.log().expand(2000, 4)
+    g = torch.Generator().manual_seed(0)
+    picks = sample_top_p(logits, 1.0, 0.7, g)  # the nucleus: tokens 0 and 1 (0.5 + 0.3 >= 0.7)
+    assert set(picks.tolist()) == {0, 1}
+    assert (picks == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
+    assert set(sample_top_p(logits, 1e-3, 1.0, g).tolist()) == {0}  # cold: the argmax

@@ -114,6 +114,11 @@ class EvalConfig:
     split: str = opt("test", "Split for `simcot eval`: val | test | train")
     n_latents: int = opt(-1, "Latents at evaluation (-1 = the method's own count for the evaluated epoch)")
     latent_sweep: str = opt("", "Also evaluate with these latent counts, e.g. '1,2,4,8' (logged per count)")
+    temperature: float = opt(0.0, "0 = greedy decoding; > 0 samples with this temperature and top_p")
+    top_p: float = opt(0.9, "Nucleus sampling mass when temperature > 0 (SemCoT's reference: 0.9)")
+    temperature_sweep: str = opt("", "Also evaluate sampling at these temperatures, e.g. '0.1,0.3,0.5,0.7,0.9' "
+                                 "(SemCoT's reference reports one accuracy per temperature; logged per temperature)")
+    seed: int = opt(0, "Seed of sampled decoding")
 
 
 @dataclass
@@ -376,6 +381,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:
         raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+    try:
+        temps = [float(t) for t in cfg.eval.temperature_sweep.split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"config key 'eval.temperature_sweep': expected comma-separated numbers like '0.1,0.5', "
+                          f"got '{cfg.eval.temperature_sweep}'") from None
+    if any(t <= 0 for t in temps) or cfg.eval.temperature < 0 or not 0 < cfg.eval.top_p <= 1:
+        raise ConfigError("eval temperatures must be > 0 (eval.temperature 0 = greedy) and eval.top_p in (0, 1]")
     if any(not k.strip().isdigit() for k in cfg.eval.latent_sweep.split(",") if k.strip()):
         raise ConfigError(f"config key 'eval.latent_sweep': expected comma-separated counts like '1,2,4', "
                           f"got '{cfg.eval.latent_sweep}'")

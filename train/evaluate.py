@@ -60,11 +60,13 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str, split: str,
-             device: torch.device, epoch: int | None = None, n_latents: int | None = None) -> EvalResult:
+             device: torch.device, epoch: int | None = None, n_latents: int | None = None,
+             temperature: float | None = None) -> EvalResult:
     """Accuracy of greedy decoding on `examples` (every rank gets the same result).
 
     Prompts are sorted by length so each batch wastes little padding; predictions come back in
-    the original order. `n_latents` overrides the method's latent count (latent sweeps). With
+    the original order. `n_latents` overrides the method's latent count (latent sweeps),
+    `temperature` the configured one (0 = greedy; > 0 samples with eval.top_p). With
     several ranks each evaluates a shard; all run the same number of batches and decode steps
     (ZeRO-3 gathers parameters in every forward), then the results are gathered.
     """
@@ -80,6 +82,8 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
     batches = [shard[i:i + ecfg.batch_size] for i in range(0, len(shard), ecfg.batch_size)]
     n_batches = rank_max(len(batches))
     marker = answer_prefix.strip()
+    temperature = ecfg.temperature if temperature is None else temperature
+    gen_rng = torch.Generator().manual_seed(ecfg.seed * 1000 + rank)
     local = {"preds": [], "metric_sums": {}, "correct": 0, "gen_tokens": 0}
     _sync(device)
     t0 = time.perf_counter()
@@ -87,7 +91,7 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
         idx = batches[min(b, len(batches) - 1)] if batches else order[:1]  # extra batches: re-run, discard
         state = method.prefill(model, [prompts[i] for i in idx], device)
         gen = greedy_decode(model.lm, state, ecfg.max_new_tokens, method.special.eos, method.special.pad,
-                            synced=world > 1)
+                            synced=world > 1, temperature=temperature, top_p=ecfg.top_p, generator=gen_rng)
         if b >= len(batches):
             continue
         for k, v in state.metrics.items():

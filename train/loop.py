@@ -219,19 +219,22 @@ class Trainer:
         return state.epoch - 1 if state.step_in_epoch == 0 and state.epoch > 0 else state.epoch
 
     def run_eval(self, split: str, cap: int, state: TrainState, final: bool = False,
-                 n_latents: int | None = None) -> EvalResult:
+                 n_latents: int | None = None, temperature: float | None = None) -> EvalResult:
         examples = self.examples[split][:cap] if cap > 0 else self.examples[split]
         with self.engine.eval_context():
             res = evaluate(self.engine.module, self.method, examples, self.tok, self.cfg.eval,
                            self.cfg.data.answer_prefix, split, self.engine.device,
-                           epoch=self.trained_epoch(state), n_latents=n_latents)
+                           epoch=self.trained_epoch(state), n_latents=n_latents, temperature=temperature)
         name = split if n_latents is None else f"{split}/latents_{n_latents}"
+        if temperature is not None:
+            name = f"{split}/temperature_{temperature:g}"
         self.tracker.log_metrics(res.summary(name), state.global_step)
         if self.rank == 0:
             log.info("%s accuracy %.4f (%d/%d) | %.1f samples/s", name, res.accuracy, res.correct, res.n,
                      res.samples_per_s)
             if final:
                 suffix = "" if n_latents is None else f"_latents_{n_latents}"
+                suffix += "" if temperature is None else f"_temperature_{temperature:g}"
                 path = res.write(self.run_dir / f"predictions_{split}{suffix}.jsonl")
                 self.tracker.log_artifact(path, "predictions")
         return res

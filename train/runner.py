@@ -209,6 +209,10 @@ def _final_evaluation(cfg: Config, built: Built, trainer: Trainer, state: TrainS
         for k in latent_sweep(cfg) if built.method.uses_latents else []:
             results[f"{split}_latents_{k}"] = r = trainer.run_eval(split, cap, state, final=True, n_latents=k)
             metrics.update(r.summary(f"{split}/latents_{k}"))
+        for temp in [float(x) for x in cfg.eval.temperature_sweep.split(",") if x.strip()]:  # sampled, not greedy
+            results[f"{split}_temperature_{temp:g}"] = r = trainer.run_eval(split, cap, state, final=True,
+                                                                             temperature=temp)
+            metrics.update(r.summary(f"{split}/temperature_{temp:g}"))
     return results, metrics
 
 
