@@ -48,3 +48,34 @@ def tiny(tmp_path):
         return load_config(None, ov), ov
 
     return make
+
+
+def run_losses(run_dir) -> dict[int, float]:
+    """Loss per step from a run's metrics.jsonl (a resumed run appends: the last record wins)."""
+    import json
+
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def crash_at(monkeypatch, step: int, cfg) -> None:
+    """Run `cfg` until the optimizer step after `step`, where it dies (KeyboardInterrupt)."""
+    from simcot.train import loop as loop_mod
+    from simcot.train.runner import run_training
+
+    real_step = loop_mod.Trainer.train_step
+
+    def crashing_step(self, state, order):
+        if state.global_step == step:
+            raise KeyboardInterrupt
+        return real_step(self, state, order)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", crashing_step)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_training(cfg)
+    finally:
+        monkeypatch.setattr(loop_mod.Trainer, "train_step", real_step)

@@ -10,13 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import simcot.train.loop as loop_mod
 from simcot.models.sentence_encoder import SliceEncoder, info_nce
 from simcot.train.checkpoint import load_weights
 from simcot.train.config import ConfigError
 from simcot.train.methods.base import right_pad
 from simcot.train.methods.semcot import reasoning_pair, step_results
 from simcot.train.runner import build, run_training
+
+from conftest import crash_at, run_losses
 
 SEM = {"method": "semcot", "semcot.n_thoughts": 3, "semcot.encoder_dim": 16, "semcot.generator": "truncate:1",
        "semcot.encoder_layers": "1:2", "semcot.encoder_proj_epochs": 1, "semcot.encoder_epochs": 1,
@@ -181,40 +182,22 @@ def test_end_to_end_run_keeps_the_answering_model_frozen_and_logs_to_mlflow(tiny
     assert preds[0] == preds[1]
 
 
-def test_resume_in_the_generator_phase_gives_the_same_losses(tiny, cot_run, monkeypatch):
+def test_resume_in_the_generator_phase_gives_the_samerun_losses(tiny, cot_run, monkeypatch):
     extra = {"train.save_every": 3, "data.n_train": 48}
     full_cfg, _ = semcot_cfg(tiny, cot_run, **extra, **{"train.run_name": "full"})
     run_dir = Path(run_training(full_cfg)["run_dir"])
-    full = _losses(run_dir)
+    full = run_losses(run_dir)
     assert len(full) == 12
 
     cfg, _ = semcot_cfg(tiny, cot_run, **extra, **{"train.run_name": "crash"})
-    real_step = loop_mod.Trainer.train_step
-
-    def crashing_step(self, state, order):
-        if state.global_step == 10:  # after the step-9 checkpoint, in the last (generator) phase
-            raise KeyboardInterrupt
-        return real_step(self, state, order)
-
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg)
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", real_step)
+    crash_at(monkeypatch, 10, cfg)  # after the step-9 checkpoint, in the last (generator) phase
     crash_dir = Path(cfg.train.out_dir) / "crash"
     cfg, ov = semcot_cfg(tiny, cot_run, **extra, **{"train.run_name": "crash", "train.resume": str(crash_dir)})
     run_training(cfg, ov)
-    resumed = _losses(crash_dir)
+    resumed = run_losses(crash_dir)
     assert sorted(resumed) == list(range(1, 13))
     for step in range(1, 13):
         assert resumed[step] == pytest.approx(full[step], rel=1e-5), step
-
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        r = json.loads(line)
-        out[r["step"]] = r["loss"]
-    return out
 
 
 def test_phase_learning_rates_freeze_the_other_parts_exactly(tiny, cot_run):

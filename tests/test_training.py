@@ -10,13 +10,7 @@ from simcot.train import loop as loop_mod
 from simcot.train.loop import NonFiniteLossError, micro_batches
 from simcot.train.runner import run_training
 
-
-def _losses(run_dir: Path) -> dict[int, float]:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        rec = json.loads(line)
-        out[rec["step"]] = rec["loss"]  # the last record of a step wins
-    return out
+from conftest import crash_at, run_losses
 
 
 @pytest.mark.parametrize("method", ["cot", "nocot"])
@@ -24,35 +18,25 @@ def test_overfitting_one_batch_drives_the_loss_down(tiny, method):
     cfg, _ = tiny(method=method, **{"data.n_train": 16, "train.epochs": 60, "train.lr": 1e-2,
                                     "train.schedule": "constant", "data.n_val": 0, "data.n_test": 0})
     summary = run_training(cfg)
-    losses = _losses(Path(summary["run_dir"]))
+    losses = run_losses(Path(summary["run_dir"]))
     assert len(losses) == 60
     assert losses[60] < 0.25 * losses[1], (losses[1], losses[60])
 
 
-def test_resume_after_a_crash_gives_the_same_losses(tiny, monkeypatch, tmp_path):
+def test_resume_after_a_crash_gives_the_samerun_losses(tiny, monkeypatch, tmp_path):
     extra = {"train.epochs": 3, "train.save_every": 3, "data.n_train": 48, "train.run_name": "full"}
     cfg, _ = tiny(**extra)
-    full = _losses(Path(run_training(cfg)["run_dir"]))
+    full = run_losses(Path(run_training(cfg)["run_dir"]))
     assert len(full) == 9
 
     cfg, ov = tiny(**dict(extra, **{"train.run_name": "crash"}))
-    real_step = loop_mod.Trainer.train_step
-
-    def crashing_step(self, state, order):
-        if state.global_step == 5:  # dies after the step-3 checkpoint, mid-epoch 1
-            raise KeyboardInterrupt
-        return real_step(self, state, order)
-
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", crashing_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg)
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", real_step)
+    crash_at(monkeypatch, 5, cfg)  # dies after the step-3 checkpoint, mid-epoch 1
     run_dir = Path(cfg.train.out_dir) / "crash"
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000003"
 
     cfg, ov = tiny(**dict(extra, **{"train.run_name": "crash", "train.resume": str(run_dir)}))
     summary = run_training(cfg, ov)
-    resumed = _losses(run_dir)
+    resumed = run_losses(run_dir)
     assert summary["steps"] == 9
     for step in range(1, 10):
         assert resumed[step] == pytest.approx(full[step], rel=1e-6, abs=1e-7), step
