@@ -11,16 +11,12 @@ token embeddings stay frozen. The slots are marked in the input ids with the run
 from __future__ import annotations
 
 import copy
-import re
 
 import torch
 from torch import nn
 
 from simcot.models.decoding import body, positions, unwrap
 from simcot.models.loading import copy_weights
-
-_LAYER = re.compile(r"^(layers|h)\.(\d+)\.")
-
 
 def hidden_size(config) -> int:
     return getattr(config, "hidden_size", None) or config.n_embd

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from simcot.models.sentence_encoder import SliceEncoder, info_nce
+from simcot.models.sentence_encoder import info_nce
 from simcot.train.checkpoint import load_weights
 from simcot.train.config import ConfigError
 from simcot.train.methods.base import right_pad
