@@ -9,6 +9,8 @@ all-reduced across the data-parallel group when one is given.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +31,24 @@ def body(lm: nn.Module) -> nn.Module:
 
 def head(lm: nn.Module) -> nn.Module:
     return unwrap(lm).get_output_embeddings()
+
+
+@functools.cache
+def _cache_keyword(forward_cls: type) -> str:
+    params = inspect.signature(forward_cls.forward).parameters
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def with_cache(module: nn.Module, cache) -> dict:
+    """The keyword argument that hands `module` a KV cache: ``cache`` from transformers 5.24 on
+    (``past_key_values`` is deprecated there and removed in 5.40), ``past_key_values`` before."""
+    return {_cache_keyword(type(unwrap(module))): cache}
+
+
+def cache_of(out) -> object:
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else getattr(out, "past_key_values", None)
 
 
 def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +91,7 @@ class Prefill:
 def prefill_ids(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:
     pos = positions(mask)
     out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    return Prefill(out.logits[:, -1], out.past_key_values, mask, pos[:, -1] + 1)
+    return Prefill(out.logits[:, -1], cache_of(out), mask, pos[:, -1] + 1)
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -112,9 +132,9 @@ def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: in
         if stop:
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], past_key_values=cache,
-                  use_cache=True)
-        cache, logits = step.past_key_values, step.logits[:, -1]
+        step = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
+                  **with_cache(lm, cache))
+        cache, logits = cache_of(step), step.logits[:, -1]
         pos = pos + 1
     return torch.stack(out, dim=1) if out else torch.empty(bsz, 0, dtype=torch.long, device=device)
 

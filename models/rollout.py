@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from simcot.kernels import latent_feedback
-from simcot.models.decoding import Prefill, body, head, positions
+from simcot.models.decoding import Prefill, body, cache_of, head, positions, with_cache
 from simcot.train.distributed import rank_max
 
 
@@ -81,7 +81,7 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
     pos = positions(prefix_mask)
     out = stack(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True)
     h = out.last_hidden_state[:, -1]
-    cache, mask, next_pos = out.past_key_values, prefix_mask, pos[:, -1] + 1
+    cache, mask, next_pos = cache_of(out), prefix_mask, pos[:, -1] + 1
     h_final = h
     pad_ids = torch.full_like(n_latents, model.lm.config.pad_token_id or 0)
     fed, thinking_all = [], []
@@ -90,8 +90,8 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
         e = feed_back(model, h, thinking, pad_ids)
         mask = torch.cat([mask, thinking.to(mask.dtype)[:, None]], dim=1)
         out = stack(inputs_embeds=e[:, None].to(dtype), attention_mask=mask, position_ids=next_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+                    use_cache=True, **with_cache(stack, cache))
+        cache = cache_of(out)
         h = out.last_hidden_state[:, -1]
         h_final = torch.where(thinking[:, None], h, h_final)
         next_pos = next_pos + thinking.long()
@@ -106,8 +106,9 @@ def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, o
     """One forward of right-padded tokens on the rollout's cache (teacher forcing)."""
     full_mask = torch.cat([ro.mask, mask], dim=1)
     pos = ro.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
-    return body(model.lm)(input_ids=ids, attention_mask=full_mask, position_ids=pos, past_key_values=ro.cache,
-                          use_cache=True, output_hidden_states=output_hidden_states)
+    stack = body(model.lm)
+    return stack(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                 output_hidden_states=output_hidden_states, **with_cache(stack, ro.cache))
 
 
 @torch.no_grad()
@@ -119,5 +120,5 @@ def prefill_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
     ones = torch.ones_like(eot)
     out = continue_tokens(model, ro, eot, ones)
     logits = head(model.lm)(out.last_hidden_state[:, -1])
-    state = Prefill(logits, out.past_key_values, torch.cat([ro.mask, ones], 1), ro.next_pos + 1)
+    state = Prefill(logits, cache_of(out), torch.cat([ro.mask, ones], 1), ro.next_pos + 1)
     return state, ro

@@ -25,7 +25,7 @@ import math
 import torch
 from torch import nn
 
-from simcot.models.decoding import any_rank, body, head, unwrap
+from simcot.models.decoding import any_rank, body, cache_of, head, unwrap, with_cache
 from simcot.train.distributed import is_distributed
 
 
@@ -151,7 +151,7 @@ class StepDecoder(nn.Module):
                 if (not any_rank(~done.all())) if is_distributed() else bool(done.all()):
                     break
                 e = self._embed_in(emb(nxt)[:, None].to(prefix.dtype))
-                out = stack(inputs_embeds=e, past_key_values=out.past_key_values, use_cache=True)
+                out = stack(inputs_embeds=e, use_cache=True, **with_cache(stack, cache_of(out)))
         return torch.stack(toks, 1) if toks else torch.empty(rows, 0, dtype=torch.long, device=prefix.device)
 
 

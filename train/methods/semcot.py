@@ -35,7 +35,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from simcot.models.decoding import Prefill, body, left_pad, positions
+from simcot.models.decoding import Prefill, body, cache_of, left_pad, positions
 from simcot.models.loading import is_random_init
 from simcot.models.sentence_encoder import MiniLMEncoder, SliceEncoder, info_nce, n_layers, parse_slice
 from simcot.models.thought_generator import ThoughtGenerator, build_generator_lm, hidden_size
@@ -275,4 +275,4 @@ class SemCoT(Method):
             emb = emb.masked_scatter((ids == self.special.latent).unsqueeze(-1), implicit.to(emb.dtype))
         pos = positions(mask)
         out = model.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        return Prefill(out.logits[:, -1], out.past_key_values, mask, pos[:, -1] + 1)
+        return Prefill(out.logits[:, -1], cache_of(out), mask, pos[:, -1] + 1)
