@@ -327,8 +327,10 @@ Finished cells are skipped when the same command runs again.
 
 options (default):
   --methods='nocot,cot,coconut,simcot-coconut,codi,simcot-codi'
-  --latents='1,2,4,8,16'   latent budgets L (Coconut: ceil(L/steps) latents per step)
+  --latents='1,2,4,8,16'   latent budgets L (Coconut: ceil(L/S) latents per step over S stages)
   --seeds='0,1,2'
+  --stages=0               Coconut's curriculum stages S (0 = the task's step count: data.steps for
+                           arith, data.digits for mult; else coconut.max_latent_stage)
   --out='sweep'            output folder (cells, runs, table, plots)
   --quick=False            fewer cells: latents 1,4 and seed 0
 Other --section.key options apply to every cell (e.g. --data.steps 4 --model.name gpt2).
@@ -337,7 +339,7 @@ The CPU grid of the README: simcot sweep --config launchers/recipes/sweep-toy.ya
 
 
 def sweep(config: str = "", methods="", latents="1,2,4,8,16", seeds="0,1,2", out: str = "sweep",
-          quick: bool = False, **overrides):
+          quick: bool = False, stages: int = 0, **overrides):
     """Run a methods x latents x seeds grid (see --help)."""
     if _help_requested(overrides):
         print(SWEEP_HELP)
@@ -347,7 +349,7 @@ def sweep(config: str = "", methods="", latents="1,2,4,8,16", seeds="0,1,2", out
     try:
         ints = lambda v: [int(x) for x in _names(v)]  # noqa: E731
         lat, sd = ([1, 4], [0]) if quick else (ints(latents), ints(seeds))
-        summary = run_sweep(config, _names(methods) or list(METHODS), lat, sd, str(out), overrides)
+        summary = run_sweep(config, _names(methods) or list(METHODS), lat, sd, str(out), overrides, int(stages))
     except (ConfigError, ValueError) as e:
         _fail(e)
     print(open(summary["table"]).read())

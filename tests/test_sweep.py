@@ -11,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SHARED_DATA, tiny_overrides
 from simcot.train.config import load_config
-from simcot.train.sweep import Cell, cell_overrides, plan_cells
+from simcot.train.sweep import Cell, cell_overrides, curriculum_stages, plan_cells
 
 SIMCOT = str(Path(sys.executable).with_name("simcot"))
 
@@ -25,6 +25,15 @@ def test_cells_put_baselines_first_and_scale_coconut_to_the_budget(tmp_path):
     assert (ov["coconut.c_thought"], ov["coconut.max_latent_stage"]) == (2, 4)  # 2 latents per step, 4 steps
     assert ov["train.init_from"].endswith("cot-L0-s1")
     assert cell_overrides(Cell("simcot-codi", 16, 0), base, tmp_path)["codi.n_latents"] == 16
+
+
+def test_curriculum_stages_follow_the_task_unless_given(tmp_path):
+    assert curriculum_stages(load_config(None, {"data.source": "mult", "data.digits": 5})) == 5
+    gsm = load_config(None, {"data.source": "gsm8k", "coconut.max_latent_stage": 3, "coconut.epochs_per_stage": 3})
+    assert curriculum_stages(gsm) == 3  # GSM8K has no fixed step count: Coconut's own stage count
+    ov = cell_overrides(Cell("coconut", 10, 0), gsm, tmp_path, stages=5)  # SIM-CoT's GPT-2 recipe: 5 x 2
+    assert (ov["coconut.c_thought"], ov["coconut.max_latent_stage"]) == (2, 5)
+    assert "coconut.epochs_per_stage" not in ov  # the base config's epochs per stage stand
 
 
 def test_quick_sweep_writes_table_plots_and_nested_runs(tmp_path):
@@ -57,4 +66,7 @@ def test_quick_sweep_writes_table_plots_and_nested_runs(tmp_path):
     cells = {f.name: f.stat().st_mtime for f in (out / "cells").iterdir()}
     p = subprocess.run([SIMCOT, *args], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert p.returncode == 0 and {f.name: f.stat().st_mtime for f in (out / "cells").iterdir()} == cells
+    runs = client.search_runs([exp.experiment_id])  # the continued sweep reopened its parent
+    assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [parents[0].info.run_id]
+    assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     assert json.loads((out / "cells" / "codi-L4-s0.json").read_text())["metrics"]["test/accuracy"] >= 0

@@ -1,10 +1,13 @@
 """`simcot sweep`: methods x latent budgets x seeds, as nested MLflow runs, with a table and plots.
 
-The task is fixed (``data.steps`` reasoning steps, S) and the latent budget L varies. Each cell:
+The task is fixed and the latent budget L varies. S, the number of curriculum stages, is
+``stages`` (default: the task's step count, ``data.steps`` for arith and ``data.digits`` for mult;
+otherwise ``coconut.max_latent_stage``, e.g. 3 for GSM8K as in Coconut's recipe). Each cell:
 - ``nocot``, ``cot``: once per seed (they have no latents; shown flat across L);
 - ``coconut``, ``simcot-coconut``: from that seed's CoT run (the references' recipe), c = ceil(L / S)
-  latents per step over min(L, S) stages, one epoch per stage, then the remaining epochs with every
-  step replaced; evaluated with L' = c x min(L, S) latents (L itself whenever S divides L or L <= S);
+  latents per step over min(L, S) stages of ``coconut.epochs_per_stage`` epochs, then the remaining
+  epochs with every step replaced; evaluated with L' = c x min(L, S) latents (L itself whenever S
+  divides L or L <= S);
 - ``codi``, ``simcot-codi``: L latents from the start.
 A finished cell (its summary in ``<out>/cells``) is not run again, so a killed sweep continues.
 The sweep writes ``results.csv``, ``results.md`` (accuracy mean +- std per method and L) and
@@ -56,14 +59,24 @@ def plan_cells(methods: list[str], latents: list[int], seeds: list[int]) -> list
     return cells
 
 
-def cell_overrides(cell: Cell, base: Config, out: Path) -> dict:
-    steps = base.data.steps
+def curriculum_stages(base: Config, stages: int = 0) -> int:
+    """S: `stages` when given, else the generated task's step count, else coconut.max_latent_stage."""
+    if stages > 0:
+        return stages
+    if base.data.source == "arith":
+        return base.data.steps
+    if base.data.source == "mult":
+        return base.data.digits
+    return max(base.coconut.max_latent_stage, 1)
+
+
+def cell_overrides(cell: Cell, base: Config, out: Path, stages: int = 0) -> dict:
+    steps = curriculum_stages(base, stages)
     ov = {"method": cell.method, "train.seed": cell.seed, "data.seed": base.data.seed,
           "train.out_dir": str(out / "runs"), "train.run_name": cell.name}
     if cell.method in ("coconut", "simcot-coconut"):
         c = math.ceil(cell.latents / steps)
-        stages = min(cell.latents, steps)
-        ov.update({"coconut.c_thought": c, "coconut.max_latent_stage": stages, "coconut.epochs_per_stage": 1,
+        ov.update({"coconut.c_thought": c, "coconut.max_latent_stage": min(cell.latents, steps),
                    "coconut.stage_offset": 1, "coconut.pad_latent_to_max": True,
                    "train.init_from": str(out / "runs" / Cell("cot", 0, cell.seed).name)})
     elif cell.method in ("codi", "simcot-codi"):
@@ -150,10 +163,30 @@ def plot(rows: list[dict], latents: list[int], out: Path) -> list[Path]:
     return paths
 
 
+def _open_parent(base: Config, config: str, out_dir: Path, methods: list[str], latents: list[int],
+                 seeds: list[int]):
+    """The sweep's parent run: reopened when this folder's sweep was started before (a continued
+    or widened sweep keeps every child under one parent), else created. The grid is a set of tags,
+    not params, because a continued sweep may widen it."""
+    from simcot.train.tracking import run_exists, start_parent
+
+    marker = out_dir / "parent_run.json"
+    t = base.tracking
+    old = json.loads(marker.read_text()) if marker.is_file() else {}
+    run_id = old.get("run_id", "") if old.get("uri") == t.uri and run_exists(t.uri, old.get("run_id", ""),
+                                                                             t.experiment) else ""
+    parent = start_parent(t.experiment, out_dir.name, {"sweep.config": config or "(defaults)"}, uri=t.uri,
+                          run_id=run_id)
+    parent.set_tags({"sweep.methods": ",".join(methods), "sweep.latents": ",".join(map(str, latents)),
+                     "sweep.seeds": ",".join(map(str, seeds))})
+    marker.write_text(json.dumps({"run_id": parent.run_id, "uri": t.uri}))
+    return parent
+
+
 def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[int] | None = None,
-              seeds: list[int] | None = None, out: str = "sweep", overrides: dict | None = None) -> dict:
+              seeds: list[int] | None = None, out: str = "sweep", overrides: dict | None = None,
+              stages: int = 0) -> dict:
     from simcot.train.runner import run_training, setup_logging
-    from simcot.train.tracking import start_parent
 
     setup_logging()
     base = load_config(config or None, overrides or {})
@@ -163,10 +196,7 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
     out_dir = Path(out)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     cells = plan_cells(methods, latents, seeds)
-    parent = start_parent(base.tracking.experiment, out_dir.name,
-                          {"sweep.methods": ",".join(methods), "sweep.latents": ",".join(map(str, latents)),
-                           "sweep.seeds": ",".join(map(str, seeds)), "sweep.config": config or "(defaults)"},
-                          uri=base.tracking.uri) if base.tracking.enabled else None
+    parent = _open_parent(base, config, out_dir, methods, latents, seeds) if base.tracking.enabled else None
     t0 = time.perf_counter()
     results = []
     try:
@@ -176,7 +206,7 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
                 results.append(json.loads(done.read_text()))
                 continue
             cfg = load_config(config or None, overrides or {})
-            apply_overrides(cfg, cell_overrides(cell, base, out_dir))
+            apply_overrides(cfg, cell_overrides(cell, base, out_dir, stages))
             if parent is not None:
                 cfg.tracking.parent_run_id = parent.run_id
             validate(cfg)

@@ -26,6 +26,20 @@ _MAX_PARAM = 6000  # MLflow's limit on a param value
 SWEEP_ROLE = {"simcot.role": "sweep"}  # marks a parent run; `simcot compare` leaves these out
 
 
+def run_exists(uri: str, run_id: str, experiment: str) -> bool:
+    """True when `run_id` is a run of `experiment` in the store at `uri`."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri or default_uri())
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        return False
+    exp = client.get_experiment_by_name(experiment)
+    return exp is not None and run.info.experiment_id == exp.experiment_id
+
+
 def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
 
@@ -149,10 +163,11 @@ class MlflowTracker(NullTracker):
 
 
 def start_parent(experiment: str, name: str, params: dict | None = None, tags: dict | None = None,
-                 uri: str = "") -> MlflowTracker:
+                 uri: str = "", run_id: str = "") -> MlflowTracker:
     """A sweep's parent run. Pass its ``run_id`` to every child as ``tracking.parent_run_id`` (same
-    experiment), log the sweep's own params/summary on it, and ``finish()`` it when the sweep ends."""
-    parent = MlflowTracker(uri, experiment, name, tags={**SWEEP_ROLE, **(tags or {})})
+    experiment), log the sweep's own params/summary on it, and ``finish()`` it when the sweep ends.
+    With ``run_id`` (a continued sweep) the existing parent is reopened instead."""
+    parent = MlflowTracker(uri, experiment, name, run_id=run_id, tags={**SWEEP_ROLE, **(tags or {})})
     if params:
         parent.log_params(params)
     return parent
