@@ -7,8 +7,19 @@ import pytest
 from simcot.launchers.launch import launcher_line
 from simcot.launchers.plan import make_plan
 from simcot.train.config import load_config
+from simcot.train.sweep import METHODS, SweepConfig
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "launchers" / "recipes").glob("*.yaml"))
+ALL_RECIPES = sorted((Path(__file__).resolve().parents[1] / "launchers" / "recipes").glob("*.yaml"))
+SWEEPS = [p for p in ALL_RECIPES if p.stem.startswith("sweep-")]
+RECIPES = [p for p in ALL_RECIPES if p not in SWEEPS]
+
+
+def test_every_sweep_recipe_builds_a_valid_config_for_every_method():
+    assert len(SWEEPS) >= 2
+    for path in SWEEPS:
+        spec = SweepConfig.load(str(path))
+        for m in METHODS:
+            assert spec.build({}, m, {"method": m}).method == m
 
 
 def test_every_recipe_is_a_valid_config_and_chains_by_run_name():

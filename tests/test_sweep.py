@@ -11,7 +11,10 @@ from mlflow.tracking import MlflowClient
 
 from conftest import SHARED_DATA, tiny_overrides
 from simcot.train.config import load_config
-from simcot.train.sweep import Cell, cell_overrides, curriculum_stages, plan_cells
+import pytest
+
+from simcot.train.config import ConfigError
+from simcot.train.sweep import Cell, SweepConfig, cell_overrides, curriculum_stages, plan_cells
 
 SIMCOT = str(Path(sys.executable).with_name("simcot"))
 
@@ -70,3 +73,19 @@ def test_quick_sweep_writes_table_plots_and_nested_runs(tmp_path):
     assert [r.info.run_id for r in runs if "mlflow.parentRunId" not in r.data.tags] == [parents[0].info.run_id]
     assert client.get_run(parents[0].info.run_id).info.status == "FINISHED"
     assert json.loads((out / "cells" / "codi-L4-s0.json").read_text())["metrics"]["test/accuracy"] >= 0
+
+
+def test_per_method_settings_reach_only_their_method(tmp_path):
+    f = tmp_path / "sw.yaml"
+    f.write_text("train: {lr: 0.0001, epochs: 3}\nper_method:\n  codi: {train.lr: 0.003, codi: {distill_weight: 20}}\n")
+    spec = SweepConfig.load(str(f))
+    codi = spec.build({"train.epochs": 5}, "codi", {"codi.n_latents": 8})
+    cot = spec.build({"train.epochs": 5}, "cot")
+    assert (codi.train.lr, codi.codi.distill_weight, codi.codi.n_latents, codi.train.epochs) == (0.003, 20.0, 8, 5)
+    assert (cot.train.lr, cot.codi.distill_weight, cot.train.epochs) == (0.0001, 1.0, 5)
+    f.write_text("per_method:\n  codi: {train.lrr: 0.003}\n")
+    with pytest.raises(ConfigError, match=r"^per_method.codi: unknown config key 'train.lrr' \(did you mean 'lr'\?\)$"):
+        SweepConfig.load(str(f)).build({}, "codi")
+    f.write_text("per_method:\n  icot: {train.lr: 0.003}\n")
+    with pytest.raises(ConfigError, match="unknown method\\(s\\) in per_method: icot"):
+        SweepConfig.load(str(f))

@@ -9,6 +9,9 @@ otherwise ``coconut.max_latent_stage``, e.g. 3 for GSM8K as in Coconut's recipe)
   epochs with every step replaced; evaluated with L' = c x min(L, S) latents (L itself whenever S
   divides L or L <= S);
 - ``codi``, ``simcot-codi``: L latents from the start.
+The references tune each method apart, so the sweep's YAML may hold, beside the shared config, a
+``per_method`` mapping (method -> settings, nested or dotted) applied to that method's cells only;
+command-line overrides apply to every cell and win over both.
 A finished cell (its summary in ``<out>/cells``) is not run again, so a killed sweep continues.
 The sweep writes ``results.csv``, ``results.md`` (accuracy mean +- std per method and L) and
 ``accuracy_vs_latents.png`` / ``latent_cos_vs_latents.png`` to ``<out>``, and logs them on the
@@ -26,7 +29,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from simcot.train.config import Config, ConfigError, apply_overrides, load_config, validate
+import yaml
+
+from simcot.train.config import Config, ConfigError, apply_dict, apply_overrides, validate
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +62,47 @@ def plan_cells(methods: list[str], latents: list[int], seeds: list[int]) -> list
     cells = [Cell(m, 0, s) for s in seeds for m in base]
     cells += [Cell(m, L, s) for s in seeds for L in latents for m in methods if m not in LATENT_FREE]
     return cells
+
+
+@dataclass
+class SweepConfig:
+    """A sweep's YAML: the config shared by every cell, plus per-method settings."""
+
+    shared: dict
+    per_method: dict
+
+    @classmethod
+    def load(cls, path: str) -> "SweepConfig":
+        if not path:
+            return cls({}, {})
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        data = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        per_method = data.pop("per_method", None) or {}
+        if not isinstance(per_method, dict):
+            raise ConfigError(f"{p}: 'per_method' must map method names to settings")
+        unknown = [m for m in per_method if m not in METHODS]
+        if unknown:
+            raise ConfigError(f"{p}: unknown method(s) in per_method: {', '.join(map(str, unknown))} "
+                              f"(choose from {', '.join(METHODS)})")
+        return cls(data, per_method)
+
+    def build(self, overrides: dict, method: str | None = None, cell: dict | None = None) -> Config:
+        """File <- per_method[method] <- command-line overrides <- the cell's own settings, validated."""
+        cfg = Config()
+        apply_dict(cfg, self.shared)
+        for key, value in (self.per_method.get(method) or {}).items():
+            try:
+                apply_overrides(cfg, {key: value})
+            except ConfigError as e:
+                raise ConfigError(f"per_method.{method}: {e}") from None
+        apply_overrides(cfg, overrides)
+        apply_overrides(cfg, cell or {})
+        validate(cfg)
+        return cfg
 
 
 def curriculum_stages(base: Config, stages: int = 0) -> int:
@@ -189,7 +235,8 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
     from simcot.train.runner import run_training, setup_logging
 
     setup_logging()
-    base = load_config(config or None, overrides or {})
+    spec = SweepConfig.load(config)
+    base = spec.build(overrides or {})
     methods = list(methods or METHODS)
     latents = sorted(latents or [1, 2, 4, 8, 16])
     seeds = list(seeds if seeds is not None else [0, 1, 2])
@@ -205,11 +252,9 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
             if done.is_file():
                 results.append(json.loads(done.read_text()))
                 continue
-            cfg = load_config(config or None, overrides or {})
-            apply_overrides(cfg, cell_overrides(cell, base, out_dir, stages))
+            cfg = spec.build(overrides or {}, cell.method, cell_overrides(cell, base, out_dir, stages))
             if parent is not None:
                 cfg.tracking.parent_run_id = parent.run_id
-            validate(cfg)
             log.info("sweep cell %d/%d: %s", i, len(cells), cell.name)
             summary = run_training(cfg)
             record = {"method": cell.method, "latents": cell.latents, "seed": cell.seed,
