@@ -19,7 +19,7 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade "pip>=23" "setuptools>=64"
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
-	$(BIN)/python -m simcot.launchers.check_env --allow-nvidia=$(ALLOW_NVIDIA)
+	$(BIN)/python -m simcot.launchers.check_env --allow-nvidia=$(ALLOW_NVIDIA) --torch-spec="$(TORCH_SPEC)"
 	touch $@
 
 run: setup

@@ -78,6 +78,17 @@ def _gathered_for_write(params):
     return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
+def check_loading_info(info: dict, source: str) -> None:
+    """A pretrained model whose file lacks weights (or holds them in other shapes) would train from
+    random values without a word from from_pretrained: make that an error naming the tensors."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(str(m[0]) if isinstance(m, (tuple, list)) else str(m) for m in info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        parts = ([f"missing {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"] if missing else []) + \
+                ([f"shape mismatch {', '.join(mismatched[:8])}"] if mismatched else [])
+        raise ValueError(f"{source}: the weights do not fit the model ({'; '.join(parts)})")
+
+
 def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpoint: str | Path | None = None):
     """The causal LM.
 
@@ -97,8 +108,10 @@ def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpo
         cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
-        model = AutoModelForCausalLM.from_pretrained(weights_source(mcfg), dtype=dtype,
-                                                     attn_implementation=mcfg.attn_implementation)
+        model, info = AutoModelForCausalLM.from_pretrained(weights_source(mcfg), dtype=dtype,
+                                                           attn_implementation=mcfg.attn_implementation,
+                                                           output_loading_info=True)
+        check_loading_info(info, weights_source(mcfg))
     n_old = model.get_input_embeddings().num_embeddings  # not weight.shape: a ZeRO-3 shard reports [0]
     if len(tok) > n_old:
         model.resize_token_embeddings(len(tok), mean_resizing=False)

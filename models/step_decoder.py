@@ -25,6 +25,7 @@ import math
 import torch
 from torch import nn
 
+from simcot.models.checkpointing import register_switch
 from simcot.models.decoding import any_rank, body, cache_of, head, unwrap, with_cache
 from simcot.train.distributed import is_distributed
 
@@ -69,6 +70,7 @@ class StepDecoder(nn.Module):
             self.bridge = nn.Linear(hidden, self.lm.config.hidden_size, bias=False)
         elif kind == "shared":
             self.lm = None
+            register_switch(self)  # a checkpointed recompute must see the adapter as its forward did
             self.adapters = nn.ModuleDict()
             self._hooks = []
             for name, mod in base.named_modules():

@@ -15,6 +15,7 @@ import copy
 import torch
 from torch import nn
 
+from simcot.kernels.zero3 import gathered
 from simcot.models.decoding import body, positions, unwrap
 from simcot.models.loading import copy_weights
 
@@ -69,7 +70,8 @@ class ThoughtGenerator(nn.Module):
         self.lm.get_input_embeddings().weight.requires_grad_(False)
         d = hidden_size(gen_lm.config)
         emb = gen_lm.get_input_embeddings().weight
-        self.thought = nn.Parameter(emb.detach().float().mean(0).clone() if emb.numel() else torch.zeros(d))
+        with gathered(emb):  # under ZeRO-3 the shard is empty: every rank reads the whole table's mean
+            self.thought = nn.Parameter(emb.detach().float().mean(0).clone() if emb.numel() else torch.zeros(d))
         self.proj = nn.Linear(d, out_dim)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor, slot_id: int, n: int,

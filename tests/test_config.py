@@ -13,6 +13,11 @@ def test_yaml_then_overrides(tmp_path):
         ("nocot", 2e-4, 3, "tiny-gpt2", 5)
 
 
+def test_tracking_uri_has_its_flat_alias():
+    assert load_config(None, {"tracking_uri": "sqlite:///x.db"}).tracking.uri == "sqlite:///x.db"
+    assert load_config(None, {"tracking-uri": "http://h:5000"}).tracking.uri == "http://h:5000"
+
+
 def test_unknown_key_is_rejected_by_name(tmp_path):
     with pytest.raises(ConfigError, match=r"^unknown config key 'train.lrr' \(did you mean 'lr'\?\)$"):
         load_config(None, {"train.lrr": 1})

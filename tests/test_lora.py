@@ -37,3 +37,24 @@ def test_lora_trains_the_adapter_only_and_exports_merged(tiny, tmp_path, method)
     a = evaluate(ref.model, ref.method, ref.examples["test"], ref.tok, **kw)
     b = evaluate(exp.model, exp.method, exp.examples["test"], exp.tok, **kw)
     assert [p["generated"] for p in a.predictions] == [p["generated"] for p in b.predictions]
+
+
+def test_an_export_whose_files_lose_or_change_a_tensor_is_refused(tmp_path):
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from simcot.train.export import verify_reload
+
+    torch.manual_seed(0)
+    lm = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2))
+    lm.save_pretrained(str(tmp_path))
+    verify_reload(tmp_path, lm, torch.float32)  # the untouched folder passes
+    weights = load_file(str(tmp_path / "model.safetensors"))
+    key = "transformer.h.0.mlp.c_proj.weight"
+    save_file({**weights, key: weights[key] + 1e-3}, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"reloads with other values in {key}"):
+        verify_reload(tmp_path, lm, torch.float32)
+    save_file({k: v for k, v in weights.items() if k != key}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"the weights do not fit the model \\(missing {key}\\)"):
+        verify_reload(tmp_path, lm, torch.float32)

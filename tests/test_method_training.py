@@ -57,6 +57,29 @@ def test_gradients_reach_the_latent_path_projection_and_decoder(tiny, tmp_path, 
             assert all(n in grads for n in dec if n.endswith(".b.weight"))
 
 
+@pytest.mark.parametrize("decoder", ["shared", "copy"])
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny, tmp_path, decoder):
+    """The recompute in backward must run as the forward did: the shared decoder's adapter is on
+    only inside decoder passes, so its recompute has to switch it on again."""
+    grads = []
+    for ckpt in (False, True):
+        cfg, _ = tiny(method="simcot-codi", **LATENT, **{"simcot.decoder": decoder,
+                                                         "model.gradient_checkpointing": ckpt})
+        b = build(cfg, tmp_path / str(ckpt))
+        batch = b.method.collate(b.examples["train"][:4], 0, random.Random(0))
+        with torch.no_grad():  # B starts at zero: give the adapter an effect worth recomputing
+            for n, p in b.model.named_parameters():
+                if n.endswith(".b.weight"):
+                    p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+        loss = b.model(b.method.loss, batch).loss
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in b.model.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert torch.equal(l0, l1) and g0.keys() == g1.keys()
+    for n in g0:
+        assert torch.allclose(g0[n], g1[n], rtol=1e-5, atol=1e-7), n
+
+
 @pytest.mark.parametrize("norm", ["sequence", "token"])
 def test_batched_decoder_loss_equals_a_per_slot_loop(tiny, tmp_path, norm):
     cfg, _ = tiny(method="simcot-coconut", **LATENT, **{"simcot.normalization": norm})
@@ -172,17 +195,31 @@ def test_coconut_starts_from_a_cot_checkpoint_and_sweeps_latent_counts(tiny, mon
     assert "test/latents_0/latent_norm" not in logged  # no latents, no latent metrics
 
 
-def test_simcot_runs_log_decoded_latents(tiny, tmp_path):
+def test_simcot_codi_run_records_its_losses_latent_health_and_decoded_latents(tiny, tmp_path):
+    """What a latent method adds to the MLflow record, read back from a real SQLite store."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'ml.db'}"
     cfg, _ = tiny(method="simcot-codi", **LATENT, **{"train.epochs": 1, "tracking.enabled": True, "tracking.uri": uri,
-                                                     "simcot.decoder": "small", "simcot.small_layers": 1})
+                                                     "simcot.decoder": "small", "simcot.small_layers": 1,
+                                                     "eval.latent_sweep": "1,3"})
     run_id = run_training(cfg)["run_id"]
     client = MlflowClient(uri)
     path = client.download_artifacts(run_id, "decoded_latents/test.jsonl", str(tmp_path))
     rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
     assert len(rows) == 8 and all(len(r["slots"]) == 3 for r in rows)  # 2 fed latents + the final one
+    run = client.get_run(run_id)
+    m, tags = run.data.metrics, run.data.tags
+    for part in ("loss", "ce", "teacher_ce", "distill", "decoder_ce"):
+        assert len(client.get_metric_history(run_id, f"train/{part}")) == 4, part  # 64 rows / 16, every step
+    assert m["train/loss"] > m["train/decoder_ce"] > 0
+    for split in ("val", "test"):
+        assert -1.0 <= m[f"{split}/latent_cos_within"] <= 1.0 and -1.0 <= m[f"{split}/latent_cos_across"] <= 1.0
+        assert 1.0 <= m[f"{split}/latent_effective_rank"] <= 2.0 + 1e-6  # 2 latents per sample
+        assert m[f"{split}/latent_norm"] > 0 and 0.0 <= m[f"{split}/decoder_step_match"] <= 1.0
+    assert {f"test/latents_{k}/accuracy" for k in (1, 3)} <= set(m) and tags["n_latents"] == "2"
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {"plots/loss.png", "plots/accuracy_vs_latents.png"}
 
 
 def test_copy_decoder_starts_from_the_init_from_weights(tiny):

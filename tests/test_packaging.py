@@ -21,3 +21,13 @@ def test_regular_install_imports_from_another_folder(tmp_path):
     assert out.stdout.strip().startswith(str(target))
     shipped = {p.name for p in (target / "simcot" / "launchers").rglob("*") if p.is_file()}
     assert "cli.py" in shipped
+
+
+def test_env_check_fails_when_torch_is_not_the_requested_build():
+    import importlib.metadata as md
+
+    from simcot.launchers.check_env import main
+
+    installed = md.version("torch").split("+")[0]
+    assert main(["--torch-spec", f"torch=={installed}"]) == 0
+    assert main(["--torch-spec", "torch==0.0.1"]) == 1

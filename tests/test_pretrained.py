@@ -50,3 +50,17 @@ def test_a_pretrained_folder_trains_with_special_tokens_added(tiny, tmp_path):
     cfg2, loaded, _ = load_checkpoint_model(summary["checkpoint"])
     assert loaded.model.lm.get_input_embeddings().num_embeddings == n_old + 3
     assert loaded.tok.convert_tokens_to_ids(SPECIAL_TOKENS[0]) == built.tok.convert_tokens_to_ids(SPECIAL_TOKENS[0])
+
+
+def test_a_pretrained_folder_missing_a_tensor_is_refused_by_name(tiny, tmp_path):
+    import pytest
+    from safetensors.torch import load_file, save_file
+
+    src = _pretrained_dir(tmp_path)
+    weights = load_file(str(src / "model.safetensors"))
+    dropped = "transformer.h.1.mlp.c_fc.weight"
+    save_file({k: v for k, v in weights.items() if k != dropped}, str(src / "model.safetensors"),
+              metadata={"format": "pt"})
+    cfg, _ = tiny(**{"model.name": str(src)})
+    with pytest.raises(ValueError, match=rf"the weights do not fit the model \(missing .*{dropped}"):
+        build(cfg, tmp_path / "probe")

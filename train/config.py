@@ -295,10 +295,15 @@ def apply_dict(obj: Any, values: dict, prefix: str = "") -> None:
             setattr(obj, key, _coerce(value, tp, full))
 
 
+# Spellings that other tools' users type (HF Trainer's and Lightning's flat names).
+ALIASES = {"tracking_uri": "tracking.uri"}
+
+
 def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
     """Apply dotted overrides such as {"train.lr": 1e-4, "method": "coconut"}."""
     for dotted, value in overrides.items():
-        parts = dotted.replace("-", "_").split(".")
+        dotted = dotted.replace("-", "_")
+        parts = ALIASES.get(dotted, dotted).split(".")
         nested: dict = {parts[-1]: value}
         for p in reversed(parts[:-1]):
             nested = {p: nested}

@@ -31,7 +31,6 @@ def is_export(path: Path) -> bool:
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
     from safetensors.torch import load_file, save_file
-    from transformers import AutoModelForCausalLM
 
     from simcot.models.decoding import unwrap
     from simcot.train.config import dump_yaml
@@ -60,19 +59,30 @@ def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path
     (tmp / EXPORT_META).write_text(json.dumps({"source": str(ckpt.resolve()), "dtype": dtype,
                                                "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
                                                "mlflow_run_id": meta.get("mlflow_run_id", "")}, indent=2))
-    # strict round trip: what from_pretrained builds must hold exactly the exported tensors
-    again = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=DTYPES[dtype])
-    want = {k: tuple(v.shape) for k, v in lm.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in again.state_dict().items()}
-    if want != got:
-        raise ValueError(f"exported model does not reload with the same keys/shapes: "
-                         f"{sorted(set(want.items()) ^ set(got.items()))[:6]}")
+    verify_reload(tmp, lm, DTYPES[dtype])
     if extras and set(load_file(str(tmp / EXTRAS))) != set(extras):
         raise ValueError("extras file does not hold the model's extra parameters")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def verify_reload(folder: Path, lm: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Strict round trip: from_pretrained must find every tensor in `folder` and hold exactly `lm`'s values."""
+    from transformers import AutoModelForCausalLM
+
+    from simcot.models.loading import check_loading_info
+
+    again, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+    check_loading_info(info, f"export {folder}")
+    want, got = lm.state_dict(), again.state_dict()
+    if {k: tuple(v.shape) for k, v in want.items()} != {k: tuple(v.shape) for k, v in got.items()}:
+        raise ValueError(f"exported model does not reload with the same keys/shapes: "
+                         f"{sorted(set(want) ^ set(got))[:6]}")
+    differ = [k for k in want if not torch.equal(want[k].to(dtype), got[k])]
+    if differ:
+        raise ValueError(f"exported model reloads with other values in {', '.join(differ[:6])}")
 
 
 def load_exported(path: str | Path, overrides: dict | None = None, device: str = "auto"):
