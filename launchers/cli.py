@@ -144,20 +144,22 @@ def data(source: str = "arith", split: str = "train", n: int = 0, seed: int = 0,
     print(f"wrote {count} rows to {out} ({format})", file=sys.stderr)
 
 
-DECODE_HELP = """usage: simcot decode --checkpoint RUN_OR_CHECKPOINT [--question TEXT | --split test --n 20]
+DECODE_HELP = """usage: simcot decode --checkpoint RUN_OR_CHECKPOINT [--question TEXT | --data FILE | --split test] [--n 20]
 
 Decode a SIM-CoT model's latents into text with its step decoder, beside the gold steps.
 
 options (default):
   --checkpoint=''   a SIM-CoT run or checkpoint folder (required)
   --question=''     decode the latents of this question (else rows of --split)
-  --split='test'    train | val | test
-  --n=20            rows of the split
+  --data=''         a data file in any format simcot reads (jsonl, gsm8k-jsonl, aug, icot, coconut)
+  --split='test'    train | val | test (when neither --question nor --data is given)
+  --n=20            rows of the file or split
   --out=''          JSONL output (default: decoded_latents.jsonl in the checkpoint); also an MLflow artifact
 """
 
 
-def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int = 20, out: str = "", **overrides):
+def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int = 20, out: str = "", data: str = "",
+           **overrides):
     """Decode latents to text with the SIM-CoT step decoder (see --help)."""
     if _help_requested(overrides) or not checkpoint:
         print(DECODE_HELP)
@@ -167,7 +169,7 @@ def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int
     from simcot.train.decode_latents import decode_latents, format_results
 
     try:
-        results = decode_latents(checkpoint, str(question), str(split), int(n), overrides, out)
+        results = decode_latents(checkpoint, str(question), str(split), int(n), overrides, out, str(data))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         _fail(e)
     print(format_results(results))

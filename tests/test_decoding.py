@@ -52,3 +52,35 @@ def test_rows_stop_at_eos_pad_after_and_decoding_ends_when_all_are_done():
     out = greedy_decode(lm, prefill_ids(lm, ids, mask), 10, eos_id=1, pad_id=0)
     assert out.tolist() == [[5, 5, 1], [1, 0, 0], [5, 1, 0]]
     assert lm.calls == 3  # prefill + two steps: no forward after every row finished
+
+
+def test_eval_metrics_average_over_the_batches_that_report_them():
+    """A per-slot metric that only some batches have (no sample there has a step for that slot)
+    is the mean over those batches' rows, not diluted by the batches without it."""
+    from types import SimpleNamespace
+
+    from simcot.models.decoding import Prefill
+    from simcot.train.config import EvalConfig
+    from simcot.train.evaluate import evaluate
+    from simcot.train.methods.base import Prompt
+
+    class Fake:
+        special = SimpleNamespace(eos=1, pad=0)
+
+        def eval_prompt(self, ex, epoch=None):
+            return Prompt([2] * ex["len"], 0, ex)
+
+        def prefill(self, model, prompts, device):
+            logits = torch.zeros(len(prompts), 4)
+            logits[:, 1] = 1.0  # eos at once
+            short = prompts[0].ex["len"] == 1  # the batch of short prompts reports slot_2, the other does not
+            metrics = {"cos": 0.5, **({"slot_2": 0.25} if short else {})}
+            return Prefill(logits, None, torch.ones(len(prompts), 1), torch.zeros(len(prompts)), metrics)
+
+    examples = [{"len": 1 if i < 2 else 3, "answer": "7", "idx": i} for i in range(5)]
+    tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "")
+    model = torch.nn.Module()
+    model.lm = torch.nn.Linear(1, 1)
+    res = evaluate(model, Fake(), examples, tok, EvalConfig(batch_size=2, max_new_tokens=1), "### ",
+                   "test", torch.device("cpu"))
+    assert res.metrics == {"cos": 0.5, "slot_2": 0.25}

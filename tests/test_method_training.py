@@ -148,7 +148,7 @@ def test_checkpoint_with_a_foreign_key_is_refused(tiny, tmp_path):
         load_checkpoint_model(ckpt)
 
 
-def test_decode_prints_each_latent_beside_its_gold_step(tiny):
+def test_decode_prints_each_latent_beside_its_gold_step(tiny, tmp_path):
     cfg, _ = tiny(method="simcot-coconut", **LATENT, **{"train.epochs": 3, "train.run_name": "dec",
                                                         "simcot.decoder": "small", "simcot.small_layers": 1})
     ckpt = run_training(cfg)["checkpoint"]
@@ -159,8 +159,20 @@ def test_decode_prints_each_latent_beside_its_gold_step(tiny):
     assert "latent 0:" in text and "latent 1:" in text and "gold:" in text
     one = decode_latents(ckpt, question="3+4-2", overrides={"tracking.enabled": False})
     assert one[0]["question"] == "3+4-2" and len(one[0]["slots"]) == 2 and not one[0]["slots"][0]["gold"]
+    # a data file of the user's, logged to MLflow as an artifact of a decode run
+    from mlflow.tracking import MlflowClient
+
+    data = tmp_path / "mine.txt"
+    data.write_text("5+3-2||<<5+3=8>> <<8-2=6>> #### 6\n9-4+1||<<9-4=5>> <<5+1=6>> #### 6\n")
+    uri = f"sqlite:///{tmp_path / 'dec.db'}"
+    mine = decode_latents(ckpt, data=str(data), n=5, out=str(tmp_path / "dec.jsonl"),
+                          overrides={"tracking.enabled": True, "tracking.uri": uri})
+    assert [r["question"] for r in mine] == ["5+3-2", "9-4+1"] and mine[0]["slots"][1]["gold"] == "<<8-2=6>>"
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])
+    assert run.data.tags["method"] == "simcot-coconut"
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "decoded_latents")] == ["decoded_latents/dec.jsonl"]
     with pytest.raises(ValueError, match="simcot decode needs a SIM-CoT checkpoint"):
-        cfg2, _ = __import__("conftest").tiny_overrides, None
         plain = run_training(tiny(**{"train.epochs": 1, "train.run_name": "plain"})[0])["checkpoint"]
         decode_latents(plain, overrides={"tracking.enabled": False})
 

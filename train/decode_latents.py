@@ -46,7 +46,7 @@ def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tok
 
 
 def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: int = 20,
-                   overrides: dict | None = None, out: str = "") -> list[dict]:
+                   overrides: dict | None = None, out: str = "", data: str = "") -> list[dict]:
     from simcot.train.runner import load_checkpoint_model
 
     ckpt = resolve_checkpoint(checkpoint)
@@ -57,6 +57,13 @@ def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: 
     if question:
         examples = [dict(encode_record(built.tok, {"question": question, "steps": [], "answer": "?"},
                                        cfg.data.answer_prefix), idx=0)]
+    elif data:  # any file simcot reads (format sniffed), its gold steps shown beside the decoded ones
+        from simcot.train.formats import read_file
+
+        records = read_file(data, gsm8k_steps=cfg.data.gsm8k_steps)[:n]
+        if not records:
+            raise ValueError(f"{data}: no records")
+        examples = [dict(encode_record(built.tok, r, cfg.data.answer_prefix), idx=i) for i, r in enumerate(records)]
     else:
         examples = built.examples[split][:n]
         if not examples:

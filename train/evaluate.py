@@ -84,7 +84,7 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
     marker = answer_prefix.strip()
     temperature = ecfg.temperature if temperature is None else temperature
     gen_rng = torch.Generator().manual_seed(ecfg.seed * 1000 + rank)
-    local = {"preds": [], "metric_sums": {}, "correct": 0, "gen_tokens": 0}
+    local = {"preds": [], "metric_sums": {}, "metric_rows": {}, "correct": 0, "gen_tokens": 0}
     _sync(device)
     t0 = time.perf_counter()
     for b in range(n_batches):
@@ -94,8 +94,9 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
                             synced=world > 1, temperature=temperature, top_p=ecfg.top_p, generator=gen_rng)
         if b >= len(batches):
             continue
-        for k, v in state.metrics.items():
+        for k, v in state.metrics.items():  # a batch may lack a metric (no sample has a step for slot k)
             local["metric_sums"][k] = local["metric_sums"].get(k, 0.0) + float(v) * len(idx)
+            local["metric_rows"][k] = local["metric_rows"].get(k, 0) + len(idx)
         for row, i in enumerate(idx):
             ids = trim_at_eos(gen[row].tolist(), method.special.eos)
             text = tok.decode(ids, skip_special_tokens=False)
@@ -113,9 +114,11 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
     preds = [p for _, p in sorted((x for part in parts for x in part["preds"]), key=lambda x: x[0])]
     n = len(examples)
     sums: dict[str, float] = {}
+    rows: dict[str, int] = {}
     for part in parts:
         for k, v in part["metric_sums"].items():
             sums[k] = sums.get(k, 0.0) + v
-    metrics = {k: v / max(n, 1) for k, v in sums.items()}
+            rows[k] = rows.get(k, 0) + part["metric_rows"][k]
+    metrics = {k: v / max(rows[k], 1) for k, v in sums.items()}  # over the batches that reported k
     return EvalResult(split, n, sum(p["correct"] for p in parts), seconds,
                       sum(p["gen_tokens"] for p in parts) / max(n, 1), preds, metrics)
