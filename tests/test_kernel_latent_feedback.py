@@ -31,8 +31,12 @@ def make(mode, dtype, b=7, h=24, p=40, v=50, seed=0, pdtype=None):
         return (torch.randn(*shape, generator=g) * scale).to(dt or pdtype).requires_grad_()
 
     hidden, emb = t(b, h, dt=dtype), t(v, h)
-    thinking = torch.tensor([1, 0, 1, 1, 0, 0, 1][:b], dtype=torch.bool)
-    ids = torch.tensor([999, 3, -5, 2, 3, 7, 1][:b])
+    if b <= 7:
+        thinking = torch.tensor([1, 0, 1, 1, 0, 0, 1][:b], dtype=torch.bool)
+        ids = torch.tensor([999, 3, -5, 2, 3, 7, 1][:b])
+    else:  # a random half thinks; token rows draw ids with repeats
+        thinking = torch.rand(b, generator=g) < 0.5
+        ids = torch.where(thinking, torch.full((b,), 10**6), torch.randint(0, v, (b,), generator=g))
     proj = (t(p, h, scale=0.3), t(p), t(h, p, scale=0.3), t(h)) if "proj" in mode else None
     norm = None
     if "norm" in mode:
@@ -64,6 +68,20 @@ def test_matches_reference(impl, mode, dtype):
     assert torch.equal(d_emb[~used], torch.zeros_like(d_emb[~used]))  # exactly zero, not just small
     torch.testing.assert_close(d_emb[3].float(), upstream[1].float() + upstream[4].float(), rtol=TOL[dtype],
                                atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", ["identity", "proj+norm"])
+@pytest.mark.parametrize("b, h, p", [(1, 8, 8), (33, 64, 96), (64, 130, 40), (9, 257, 17)])
+def test_shape_grid(impl, mode, b, h, p):
+    """Batch sizes from 1 to a rollout batch, widths on and off the power-of-two block (H=130, 257)."""
+    hidden, thinking, ids, emb, proj, norm, params = make(mode, torch.float32, b=b, h=h, p=p, v=70, seed=b)
+    got = latent_feedback(hidden, thinking, ids, emb, proj=proj, norm=norm, impl=impl)
+    ref = latent_feedback_reference(hidden, thinking, ids, emb, proj=proj, norm=norm)
+    assert got.shape == (b, h) and rel_err(got, ref) < 1e-5
+    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(2))
+    for a, r in zip(torch.autograd.grad(got, params, upstream), torch.autograd.grad(ref, params, upstream)):
+        assert rel_err(a, r) < 1e-5 if r.abs().max() > 0 else torch.equal(a, r)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
