@@ -54,7 +54,7 @@ def _linear_dims(m: nn.Module) -> tuple[int, int] | None:
 
 
 class StepDecoder(nn.Module):
-    def __init__(self, kind: str, main_lm: nn.Module, scfg):
+    def __init__(self, kind: str, main_lm: nn.Module, scfg, copy_of: nn.Module | None = None):
         super().__init__()
         self.kind = kind
         base = unwrap(main_lm)
@@ -63,7 +63,7 @@ class StepDecoder(nn.Module):
         self.adapters = None
         self._active = False
         if kind == "copy":
-            self.lm = _clone(main_lm)  # of the weights the main model starts from
+            self.lm = copy_of if copy_of is not None else _clone(main_lm)  # default: the main model's start
             self.lm.train()
         elif kind == "small":
             self.lm = self._small_lm(base, scfg)

@@ -64,3 +64,28 @@ def test_a_pretrained_folder_missing_a_tensor_is_refused_by_name(tiny, tmp_path)
     cfg, _ = tiny(**{"model.name": str(src)})
     with pytest.raises(ValueError, match=rf"the weights do not fit the model \(missing .*{dropped}"):
         build(cfg, tmp_path / "probe")
+
+
+def test_copy_decoder_from_the_pretrained_base_or_from_the_init_from_run(tiny, tmp_path):
+    """SIM-CoT's references start the copy decoder from the pretrained base while the main model
+    starts from the CoT (or Coconut) run: copy_from=pretrained does that, init copies the run."""
+    import pytest
+
+    from simcot.train.config import ConfigError, load_config
+
+    src = _pretrained_dir(tmp_path)
+    cot, _ = tiny(**{"model.name": str(src), "train.epochs": 1, "train.run_name": "cot-pre"})
+    ckpt = run_training(cot)["checkpoint"]
+    pretrained = AutoModelForCausalLM.from_pretrained(str(src)).state_dict()
+    key = "transformer.h.0.mlp.c_fc.weight"
+    for copy_from in ("pretrained", "init"):
+        cfg, _ = tiny(method="simcot-coconut", **{"model.name": str(src), "train.init_from": ckpt,
+                                                  "simcot.decoder": "copy", "simcot.copy_from": copy_from})
+        built = build(cfg, tmp_path / f"probe-{copy_from}", init_from=Path(ckpt))
+        dec, main = built.model.step_decoder.lm.state_dict(), built.model.lm.state_dict()
+        assert not torch.equal(main[key], pretrained[key])  # the main model starts from the CoT run
+        assert torch.equal(dec[key], pretrained[key] if copy_from == "pretrained" else main[key]), copy_from
+        assert dec["transformer.wte.weight"].shape == main["transformer.wte.weight"].shape  # resized alike
+    with pytest.raises(ConfigError, match="simcot.copy_from=pretrained needs pretrained weights, but model "
+                                          "'tiny-llama' is randomly initialised"):
+        load_config(None, {"method": "simcot-codi", "simcot.copy_from": "pretrained"})

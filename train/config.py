@@ -162,6 +162,8 @@ class StepDecoderConfig:
     weight: float = opt(1.0, "Weight of the step-decoder loss")
     normalization: str = opt("auto", "sequence (summed NLL per step / #steps: the Coconut fork) | token (token mean: "
                              "the CODI fork) | auto (sequence on Coconut, token on CODI)")
+    copy_from: str = opt("init", "copy: the decoder's starting weights: init (those the main model starts from, e.g. "
+                         "the train.init_from checkpoint) | pretrained (the pretrained model.name, as both references do)")
     lora_r: int = opt(16, "shared: rank of the decoder's LoRA adapter on the main model")
     lora_alpha: int = opt(32, "shared: LoRA alpha")
     small_layers: int = opt(2, "small: layers of the decoder LM")
@@ -360,6 +362,7 @@ _CHOICES = {
     "coconut.reset_optimizer": ("stage", "epoch", "none"),
     "codi.distill_loss": ("smooth_l1", "mse"),
     "simcot.decoder": ("copy", "shared", "small"),
+    "simcot.copy_from": ("init", "pretrained"),
     "simcot.normalization": ("auto", "sequence", "token"),
     "semcot.encoder": ("slice", "minilm"),
     "deepspeed.offload_optimizer": ("none", "cpu", "nvme"),

@@ -11,11 +11,16 @@ from simcot.models.decoding import left_pad
 from simcot.train.methods.base import LossOutput, shifted_ce
 from simcot.train.methods.coconut import Coconut
 from simcot.train.methods.step_supervision import (align_steps, build_decoder, decoder_batch, decoder_loss,
-                                                   step_match)
+                                                   step_match, validate_decoder)
 
 
 class SimCoTCoconut(Coconut):
     name = "simcot-coconut"
+
+    @classmethod
+    def validate(cls, cfg):
+        super().validate(cfg)
+        validate_decoder(cfg)
 
     @property
     def group(self) -> int:
@@ -33,7 +38,7 @@ class SimCoTCoconut(Coconut):
 
     def setup_model(self, model):
         if model.step_decoder is None and not self.inference:
-            model.step_decoder = build_decoder(model, self.cfg.simcot)
+            model.step_decoder = build_decoder(model, self.cfg, self.tok)
 
     @property
     def normalization(self) -> str:

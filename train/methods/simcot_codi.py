@@ -13,13 +13,18 @@ import torch
 from simcot.train.methods.base import LossOutput
 from simcot.train.methods.codi import Codi
 from simcot.train.methods.step_supervision import (align_steps, build_decoder, decoder_batch, decoder_loss,
-                                                   step_match)
+                                                   step_match, validate_decoder)
 
 
 class SimCoTCodi(Codi):
     name = "simcot-codi"
 
     group = 1  # latents per decoded slot
+
+    @classmethod
+    def validate(cls, cfg):
+        super().validate(cfg)
+        validate_decoder(cfg)
 
     def latent_table(self, model, ro):
         return self.table(model, ro)
@@ -32,7 +37,7 @@ class SimCoTCodi(Codi):
     def setup_model(self, model):
         super().setup_model(model)
         if model.step_decoder is None and not self.inference:
-            model.step_decoder = build_decoder(model, self.cfg.simcot)
+            model.step_decoder = build_decoder(model, self.cfg, self.tok)
 
     @property
     def normalization(self) -> str:

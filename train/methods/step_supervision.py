@@ -30,8 +30,25 @@ def align_steps(steps: list[list[int]], n_slots: int, filler: list[int] | None) 
     return [list(s) for s in steps] + [filler] * (n_slots - len(steps))
 
 
-def build_decoder(model, scfg) -> StepDecoder:
+def build_decoder(model, cfg, tok) -> StepDecoder:
+    """The configured step decoder; ``copy_from=pretrained`` starts a copy decoder from the pretrained
+    base model (the references' choice) instead of the main model's starting weights."""
+    scfg = cfg.simcot
+    if scfg.decoder == "copy" and scfg.copy_from == "pretrained":
+        from simcot.models.loading import build_lm
+
+        dtype = model.lm.get_input_embeddings().weight.dtype
+        return StepDecoder("copy", model.lm, scfg, copy_of=build_lm(cfg.model, tok, dtype))
     return StepDecoder(scfg.decoder, model.lm, scfg)
+
+
+def validate_decoder(cfg) -> None:
+    from simcot.models.loading import is_random_init
+    from simcot.train.config import ConfigError
+
+    if cfg.simcot.decoder == "copy" and cfg.simcot.copy_from == "pretrained" and is_random_init(cfg.model):
+        raise ConfigError(f"simcot.copy_from=pretrained needs pretrained weights, but model '{cfg.model.name}' is "
+                          f"randomly initialised (set model.pretrained, or use simcot.copy_from=init)")
 
 
 Row = tuple[int, int, list[int]]  # (sample, slot index g, target tokens); latents g*c .. g*c+c-1
