@@ -71,8 +71,11 @@ def predictions(tmp_path, name) -> list[str]:
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, stage):
     torchrun(tmp_path, "one", 1, **{"deepspeed.zero_stage": stage})
-    torchrun(tmp_path, "two", 2, **{"deepspeed.zero_stage": stage})
+    run_two = torchrun(tmp_path, "two", 2, **{"deepspeed.zero_stage": stage})
     one, two = losses(tmp_path, "one"), losses(tmp_path, "two")
+    if stage == 3:  # evaluation gathered the weights once and no module hook partitioned them mid-way
+        assert "ZeRO-3 evaluation ran on weights gathered once" in run_two.stderr
+        assert "partitioned again during evaluation" not in run_two.stderr
     assert len(one) == len(two) == 12
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5), step

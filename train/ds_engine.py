@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -22,6 +23,8 @@ import torch.distributed as dist
 
 from simcot.train.config import ConfigError
 from simcot.train.engine import group_lambdas, param_groups, refresh_lrs
+
+log = logging.getLogger(__name__)
 
 TEMPLATES = Path(__file__).resolve().parents[1] / "launchers" / "ds_configs"
 TAG = "deepspeed"
@@ -159,6 +162,38 @@ class DeepSpeedEngine:
         """ZeRO-3: gather the whole model once for a no-grad evaluation (cfg.deepspeed.gather_for_eval)."""
         if not (self.zero3 and self.cfg.deepspeed.gather_for_eval):
             return contextlib.nullcontext()
-        import deepspeed
+        return whole_model(self.engine)
 
-        return deepspeed.zero.GatheredParameters(list(self.module.parameters()), modifier_rank=None)
+
+@contextlib.contextmanager
+def whole_model(engine):
+    """Every weight of a ZeRO-3 model whole on every rank for a no-grad pass, gathered once.
+
+    GatheredParameters alone keeps them whole only until the first module forward: DeepSpeed's
+    post-forward hook partitions each module's parameters again, so every decode step would
+    all-gather the model anew. The module hooks are therefore taken off inside the gather and put
+    back after it (what DeepSpeed's own ``unwrap_model_for_generation`` does, here exception-safe).
+    """
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = list(engine.module.parameters())
+    offload = getattr(engine.optimizer, "parameter_offload", engine.optimizer)
+    if not (hasattr(offload, "forward_hooks") and hasattr(offload, "_register_deepspeed_module")):
+        log.warning("this DeepSpeed version has no module-hook list to lift: evaluation re-gathers per forward")
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+        return
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        for hook in offload.forward_hooks + offload.backward_hooks:
+            hook.remove()
+        offload.forward_hooks, offload.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            released = sum(p.ds_status != ZeroParamStatus.AVAILABLE for p in params)
+            if released:
+                log.warning("%d of %d parameters were partitioned again during evaluation", released, len(params))
+            else:
+                log.info("ZeRO-3 evaluation ran on weights gathered once (%d tensors)", len(params))
+            offload._register_deepspeed_module(offload.module)
