@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -112,8 +113,11 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny model, fewer repeats")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--eval-batch", type=int, default=128, help="simcot's default evaluation batch")
-    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", default="32,64", help="generated tokens per answer, comma-separated "
+                    "(64 is Coconut's evaluation setting)")
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (the best counts)")
     args = ap.parse_args()
+    repeats = 1 if args.quick else args.repeats
     device = torch.device(args.device)
     torch.set_num_threads(torch.get_num_threads())
     rows, evals = [], []
@@ -121,7 +125,7 @@ def main():
         model = model_of(size, device)
         for n in (6, 16):
             b = batch_of(args.batch, n, device)
-            t = {name: timed(lambda f=f: (model.zero_grad(), f(model, b)), device, 1 if args.quick else 3)
+            t = {name: timed(lambda f=f: (model.zero_grad(), f(model, b)), device, repeats)
                  for name, f in (("batched", step_batched), ("multipass", step_multipass),
                                  ("per_sample", step_per_sample))}
             rows.append({"model": size, "batch": args.batch, "latents": n, **{f"{k}_s": v for k, v in t.items()},
@@ -133,20 +137,34 @@ def main():
         model.eval()
         b = batch_of(args.eval_batch, 6, device, seed=1)
         limit = 4 if args.quick else 8  # batch-1 is slow: time a few samples, report samples/s
-        tb = timed(lambda: eval_batched(model, b, args.new_tokens), device, 1 if args.quick else 3)
-        t1 = timed(lambda: eval_batch1(model, b, args.new_tokens, limit), device, 1)
-        sps_b, sps_1 = args.eval_batch / tb, limit / t1
-        evals.append({"model": size, "batch": args.eval_batch, "latents": 6, "new_tokens": args.new_tokens,
-                      "batched_samples_per_s": sps_b, "batch1_nocache_samples_per_s": sps_1, "speedup": sps_b / sps_1})
-        print(f"eval        {size:5s} B={args.eval_batch} L=6, {args.new_tokens} new tokens: batched {sps_b:.1f} samples/s | batch-1 "
-              f"no cache {sps_1:.2f} samples/s | {sps_b / sps_1:.0f}x")
+        for new_tokens in [int(x) for x in str(args.new_tokens).split(",")]:
+            tb = timed(lambda: eval_batched(model, b, new_tokens), device, repeats)
+            t1 = timed(lambda: eval_batch1(model, b, new_tokens, limit), device, 1)
+            sps_b, sps_1 = args.eval_batch / tb, limit / t1
+            evals.append({"model": size, "batch": args.eval_batch, "latents": 6, "new_tokens": new_tokens,
+                          "batched_samples_per_s": sps_b, "batch1_nocache_samples_per_s": sps_1,
+                          "speedup": sps_b / sps_1})
+            print(f"eval        {size:5s} B={args.eval_batch} L=6, {new_tokens} new tokens: batched {sps_b:.1f} "
+                  f"samples/s | batch-1 no cache {sps_1:.2f} samples/s | {sps_b / sps_1:.0f}x")
     out = {"device": str(device), "machine": platform.processor() or platform.machine(),
            "threads": torch.get_num_threads(), "torch": torch.__version__, "train_step": rows, "eval": evals,
            "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None}
     path = Path(__file__).parent / "results" / f"rollout_{device.type}{'_quick' if args.quick else ''}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path}")
+    md = [f"Rollout benchmark, {out['cuda'] or out['machine']} ({out['device']}, {out['threads']} threads, torch "
+          f"{out['torch']}): `python benchmarks/bench_rollout.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+          "| model | batch | latents | batched (s) | multi-pass (s) | vs batched | per-sample (s) | vs batched |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {r['model']} | {r['batch']} | {r['latents']} | {r['batched_s']:.3f} | {r['multipass_s']:.3f} | "
+           f"{r['multipass_over_batched']:.1f}x | {r['per_sample_s']:.3f} | {r['per_sample_over_batched']:.1f}x |"
+           for r in rows]
+    md += ["", "| model | batch | latents | new tokens | batched (samples/s) | batch-1, no cache (samples/s) | speed-up |",
+           "|---|---:|---:|---:|---:|---:|---:|"]
+    md += [f"| {e['model']} | {e['batch']} | {e['latents']} | {e['new_tokens']} | {e['batched_samples_per_s']:.1f} | "
+           f"{e['batch1_nocache_samples_per_s']:.2f} | {e['speedup']:.0f}x |" for e in evals]
+    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+    print(f"wrote {path} and {path.with_suffix('.md').name}")
 
 
 if __name__ == "__main__":

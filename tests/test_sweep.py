@@ -54,7 +54,12 @@ def test_quick_sweep_writes_table_plots_and_nested_runs(tmp_path):
     methods = ("nocot", "cot", "coconut", "simcot-coconut", "codi", "simcot-codi")
     assert got == {(m, L) for m in methods for L in (1, 4)}
     table = (out / "results.md").read_text()
-    assert table.startswith("| method | L=1 | L=4 |") and table.count("\n") == 2 + len(methods)
+    first, second = table.split("Mean pairwise cosine")
+    assert first.startswith("Test accuracy (%)") and "| method | L=1 | L=4 |" in first
+    assert [l.split(" |")[0] for l in first.splitlines() if l.startswith("| ") and "method" not in l] == \
+        [f"| {m}" for m in methods]
+    assert [l.split(" |")[0] for l in second.splitlines() if l.startswith("| ") and "method" not in l] == \
+        [f"| {m}" for m in methods if m not in ("nocot", "cot")]
     for png in ("accuracy_vs_latents.png", "latent_cos_vs_latents.png"):
         assert (out / png).stat().st_size > 5000
     client = MlflowClient(uri)

@@ -160,13 +160,21 @@ def write_table(rows: list[dict], latents: list[int], out: Path) -> tuple[Path, 
         w.writerows(rows)
     by = {(r["method"], r["latents"]): r for r in rows}
     methods = [m for m in METHODS if any(k[0] == m for k in by)]
-    lines = ["| method | " + " | ".join(f"L={L}" for L in latents) + " |",
-             "|---|" + "---|" * len(latents)]
+    head = ["| method | " + " | ".join(f"L={L}" for L in latents) + " |", "|---|" + "---|" * len(latents)]
+    lines = ["Test accuracy (%), mean ± std over seeds:", ""] + head
     for m in methods:
         cells = []
         for L in latents:
             r = by.get((m, L))
             cells.append(f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}" if r else "")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    lines += ["", "Mean pairwise cosine similarity of a sample's latents (collapse -> 1; undefined for one latent):",
+              ""] + head
+    for m in methods:
+        if m in LATENT_FREE:
+            continue
+        cells = [f"{by[(m, L)]['latent_cos_within']:.2f}" if (m, L) in by and
+                 not math.isnan(by[(m, L)]["latent_cos_within"]) else "" for L in latents]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     md_path = out / "results.md"
     md_path.write_text("\n".join(lines) + "\n")
@@ -179,6 +187,7 @@ def plot(rows: list[dict], latents: list[int], out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}  # one colour per method in both plots
     paths = []
     for key, ylabel, fname in (("accuracy_mean", "test accuracy", "accuracy_vs_latents.png"),
                                ("latent_cos_within", "mean pairwise cosine of a sample's latents",
@@ -192,11 +201,13 @@ def plot(rows: list[dict], latents: list[int], out: Path) -> list[Path]:
             xs, ys, err = zip(*pts)
             style = "--" if m in LATENT_FREE else "-"
             if key == "accuracy_mean":
-                ax.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=m)
+                ax.errorbar(xs, ys, yerr=err, fmt=style + "o", capsize=3, label=m, color=colors[m])
             else:
-                ax.plot(xs, ys, style + "o", label=m)
+                ax.plot(xs, ys, style + "o", label=m, color=colors[m])
         ax.set_xscale("log", base=2)
         ax.set_xticks(latents, [str(L) for L in latents])
+        if key == "accuracy_mean":
+            ax.set_ylim(top=1.02)
         ax.set_xlabel("number of latent tokens")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -245,12 +256,13 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
     cells = plan_cells(methods, latents, seeds)
     parent = _open_parent(base, config, out_dir, methods, latents, seeds) if base.tracking.enabled else None
     t0 = time.perf_counter()
-    results = []
+    results, cached = [], 0
     try:
         for i, cell in enumerate(cells, 1):
             done = out_dir / "cells" / f"{cell.name}.json"
             if done.is_file():
                 results.append(json.loads(done.read_text()))
+                cached += 1
                 continue
             cfg = spec.build(overrides or {}, cell.method, cell_overrides(cell, base, out_dir, stages))
             if parent is not None:
@@ -269,7 +281,11 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
         if parent is not None:
             for p in (csv_path, md_path, *pngs):
                 parent.log_artifact(p, "sweep")
-            parent.log_metrics({"sweep/wall_seconds": wall, "sweep/cells": float(len(cells))}, 0)
+            ran = len(cells) - cached
+            metrics = {"sweep/cells": float(len(cells)), "sweep/cell_train_seconds": sum(r["train_seconds"] for r in results)}
+            if ran:  # a re-run that only rebuilds the table keeps the wall time of the runs that trained
+                metrics.update({"sweep/wall_seconds": wall, "sweep/cells_run": float(ran)})
+            parent.log_metrics(metrics, 0)
             parent.finish("FINISHED")
     except KeyboardInterrupt:
         if parent is not None:
@@ -279,5 +295,5 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
         if parent is not None:
             parent.finish("FAILED")
         raise
-    return {"out": str(out_dir), "cells": len(cells), "wall_seconds": wall, "table": str(md_path),
+    return {"out": str(out_dir), "cells": len(cells), "cells_cached": cached, "wall_seconds": wall, "table": str(md_path),
             "csv": str(csv_path), "plots": [str(p) for p in pngs], "parent_run_id": parent.run_id if parent else ""}
