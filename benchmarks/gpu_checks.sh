@@ -8,8 +8,10 @@
 #   QUICK=1 bash benchmarks/gpu_checks.sh    # smoke run of every step, ~2 min
 #
 # Needs torch + triton with CUDA (the device image has both) and, for the package itself, nothing
-# else: simcot is installed --no-deps, and the kernels import neither deepspeed nor mlflow. Training
-# steps on GPU (issue 6) need deepspeed/mlflow/fire/datasets as carried wheels, so they are not here.
+# else: simcot is installed --no-deps, and the kernels import neither deepspeed nor mlflow.
+# TRAIN_STEPS=1 adds bench_train_step.py (every method at llama-3.2-1b full FT and llama-3.1-8b with
+# ZeRO-3 + optimizer offload): it needs deepspeed, mlflow, fire and datasets, which the device image
+# lacks, so carry them as wheels (the device README says how) and set PYTHONPATH before calling.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
@@ -36,5 +38,11 @@ step cuda_tests $PY -m pytest -q -p no:cacheprovider --noconftest tests/test_ker
 step linear_cross_entropy $PY benchmarks/bench_linear_cross_entropy.py --device cuda $quick
 step latent_feedback $PY benchmarks/bench_latent_feedback.py --device cuda ${QUICK:+--iters 3}
 step rollout $PY benchmarks/bench_rollout.py --device cuda $quick
+if [ -n "${TRAIN_STEPS:-}" ]; then
+    step train_step_1b $PY benchmarks/bench_train_step.py --model llama-3.2-1b --zero 0 ${QUICK:+--steps 2} \
+        --out "$OUT/train_step_1b.json"
+    step train_step_8b $PY benchmarks/bench_train_step.py --model llama-3.1-8b --zero 3 --offload optimizer \
+        --micro-batch 2 ${QUICK:+--steps 2} --out "$OUT/train_step_8b.json"
+fi
 cp benchmarks/results/*cuda* "$OUT"/ 2>/dev/null
 exit $status

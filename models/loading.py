@@ -103,8 +103,8 @@ def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpo
         cfg._attn_implementation = mcfg.attn_implementation
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     elif is_random_init(mcfg):
-        cfg = get_preset(mcfg.name).hf_config(len(tok), mcfg.hidden_size, mcfg.num_layers, mcfg.num_heads,
-                                              mcfg.attn_implementation)
+        cfg = get_preset(mcfg.name).hf_config(max(len(tok), mcfg.pad_vocab_to), mcfg.hidden_size,
+                                              mcfg.num_layers, mcfg.num_heads, mcfg.attn_implementation)
         cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
@@ -116,7 +116,7 @@ def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpo
     if len(tok) > n_old:
         model.resize_token_embeddings(len(tok), mean_resizing=False)
         _init_new_rows(model, tok, n_old, mcfg.init_special_from)
-    elif len(tok) < n_old and checkpoint is None and is_random_init(mcfg):
+    elif len(tok) < n_old and checkpoint is None and is_random_init(mcfg) and n_old != mcfg.pad_vocab_to:
         raise ValueError(f"model vocabulary ({n_old}) is larger than the tokenizer's ({len(tok)})")
     return model
 

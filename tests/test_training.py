@@ -73,3 +73,10 @@ def test_global_batch_is_the_same_for_any_world_size():
     two = sorted(i for r in range(2) for mb in micro_batches(order, 1, 32, 8, r, 2) for i in mb)
     four = sorted(i for r in range(4) for mb in micro_batches(order, 1, 32, 8, r, 4) for i in mb)
     assert sorted(one) == two == four == list(range(32, 64))
+
+
+def test_a_run_with_saving_off_writes_no_checkpoint(tiny):
+    cfg, _ = tiny(**{"train.save": False, "train.epochs": 2, "train.save_every": 2, "train.run_name": "nosave"})
+    summary = run_training(cfg)
+    assert summary["steps"] == 8 and summary["checkpoint"] == ""
+    assert not (Path(summary["run_dir"]) / "checkpoints").exists() and summary["test_accuracy"] >= 0

@@ -37,6 +37,8 @@ class ModelConfig:
     tokenizer: str = opt("", "Tokenizer path/name; empty = the model's own, or a SentencePiece tokenizer trained "
                          "on the task text for randomly initialised presets")
     vocab_size: int = opt(384, "Vocabulary size of the locally trained SentencePiece tokenizer (a soft limit)")
+    pad_vocab_to: int = opt(0, "Random-init presets: give the embedding and head this many rows (e.g. 128256) "
+                            "although the local tokenizer is small, to time or plan a real vocabulary (0 = off)")
     hidden_size: int = opt(0, "Override the preset's hidden size (0 = keep)")
     num_layers: int = opt(0, "Override the preset's number of layers (0 = keep)")
     num_heads: int = opt(0, "Override the preset's number of attention heads (0 = keep)")
@@ -98,6 +100,7 @@ class TrainConfig:
     eval_every: int = opt(0, "Evaluate on the validation split every N epochs (0 = only at the end)")
     save_every: int = opt(0, "Checkpoint every N optimizer steps (0 = at the end of every epoch)")
     keep_checkpoints: int = opt(2, "Keep only the newest N checkpoints")
+    save: bool = opt(True, "Write checkpoints (false: none at all, for benchmarks and smoke runs; nothing to resume)")
     resume: str = opt("", "Resume from a checkpoint folder, a run folder (its latest checkpoint) or 'auto'")
     init_from: str = opt("", "Start from the weights of a checkpoint (e.g. a CoT-SFT run for Coconut)")
     threads: int = opt(0, "torch CPU threads (0 = torch's default)")

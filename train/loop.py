@@ -239,7 +239,9 @@ class Trainer:
                 self.tracker.log_artifact(path, "predictions")
         return res
 
-    def save(self, state: TrainState) -> Path:
+    def save(self, state: TrainState) -> Path | None:
+        if not self.cfg.train.save:
+            return None
         state.last_checkpoint = str(self.run_dir / "checkpoints" / f"step_{state.global_step:07d}")
         path = save_checkpoint(self.run_dir, state.global_step, self.engine, self.tok, self.config_yaml,
                                asdict(state), keep=self.cfg.train.keep_checkpoints, is_writer=self.rank == 0)
