@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check of the project in one command, for a lent GPU machine (one `run` of the device
 # tool, or any CUDA box): the compiled Triton kernels against their references, then the kernel and
-# rollout benchmarks. Results go to $OUT (default benchmarks/results/gpu): summary.txt, checks.log and
-# the benchmarks' JSON/Markdown (7 files: the device tool brings back at most 8).
+# rollout benchmarks. $OUT (default benchmarks/results/gpu) gets three files, as the device tool
+# brings back at most 8: summary.txt, checks.log and results.tar.gz (every JSON/Markdown result).
 #
 #   bash benchmarks/gpu_checks.sh            # ~6-8 min on one H200
 #   QUICK=1 bash benchmarks/gpu_checks.sh    # smoke run of every step, ~2 min
@@ -15,6 +15,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results/gpu}
+RES=$(mktemp -d)  # every results file, packed into $OUT/results.tar.gz at the end
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY=${PYTHON:-python3}
@@ -40,9 +41,10 @@ step latent_feedback $PY benchmarks/bench_latent_feedback.py --device cuda ${QUI
 step rollout $PY benchmarks/bench_rollout.py --device cuda $quick
 if [ -n "${TRAIN_STEPS:-}" ]; then
     step train_step_1b $PY benchmarks/bench_train_step.py --model llama-3.2-1b --zero 0 ${QUICK:+--steps 2} \
-        --out "$OUT/train_step_1b.json"
+        --out "$RES/train_step_1b.json"
     step train_step_8b $PY benchmarks/bench_train_step.py --model llama-3.1-8b --zero 3 --offload optimizer \
-        --micro-batch 2 ${QUICK:+--steps 2} --out "$OUT/train_step_8b.json"
+        --micro-batch 2 ${QUICK:+--steps 2} --out "$RES/train_step_8b.json"
 fi
-cp benchmarks/results/*cuda* "$OUT"/ 2>/dev/null
+cp benchmarks/results/*cuda* "$RES"/ 2>/dev/null
+tar czf "$OUT/results.tar.gz" -C "$RES" .
 exit $status
