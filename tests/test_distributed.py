@@ -63,6 +63,15 @@ def losses(tmp_path, name) -> dict[int, float]:
     return out
 
 
+def same_losses(tmp_path, a: str, b: str, steps: int) -> dict[int, float]:
+    """Runs `a` and `b` logged `steps` steps with the same losses (1e-5 relative); returns a's."""
+    la, lb = losses(tmp_path, a), losses(tmp_path, b)
+    assert len(la) == len(lb) == steps
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], rel=1e-5), step
+    return la
+
+
 def predictions(tmp_path, name) -> list[str]:
     path = tmp_path / "runs" / name / "predictions_test.jsonl"
     return [json.loads(l)["generated"] for l in path.read_text().splitlines()]
@@ -72,13 +81,10 @@ def predictions(tmp_path, name) -> list[str]:
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, stage):
     torchrun(tmp_path, "one", 1, **{"deepspeed.zero_stage": stage})
     run_two = torchrun(tmp_path, "two", 2, **{"deepspeed.zero_stage": stage})
-    one, two = losses(tmp_path, "one"), losses(tmp_path, "two")
     if stage == 3:  # evaluation gathered the weights once and no module hook partitioned them mid-way
         assert "ZeRO-3 evaluation ran on weights gathered once" in run_two.stderr
         assert "partitioned again during evaluation" not in run_two.stderr
-    assert len(one) == len(two) == 12
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    same_losses(tmp_path, "one", "two", 12)
     assert predictions(tmp_path, "one") == predictions(tmp_path, "two")  # sharded eval gathers in order
     assert len(predictions(tmp_path, "two")) == 12
     if stage == 3:  # without the one-time gather every eval forward all-gathers: ranks must stay in step
@@ -172,10 +178,7 @@ def test_semcot_under_zero3_two_processes_match_one(tmp_path):
            "semcot.generator_proj_epochs": 1, "train.epochs": 4, "train.schedule": "constant"}
     torchrun(tmp_path, "one", 1, **sem)
     torchrun(tmp_path, "two", 2, **sem)
-    one, two = losses(tmp_path, "one"), losses(tmp_path, "two")
-    assert len(one) == len(two) == 24
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    one = same_losses(tmp_path, "one", "two", 24)
     assert predictions(tmp_path, "one") == predictions(tmp_path, "two")
     # the same initial weights as without DeepSpeed (the <thought> vector is the mean of a gathered table,
     # not of an empty shard), so the first step's loss agrees; the optimizers differ after it
@@ -190,7 +193,4 @@ def test_simcot_decoders_under_zero3_two_processes_match_one(tmp_path, decoder):
     extra = {"method": "simcot-coconut", "simcot.decoder": decoder, "deepspeed.zero_stage": 3, "train.epochs": 1}
     torchrun(tmp_path, "one", 1, **extra)
     torchrun(tmp_path, "two", 2, **extra)
-    one, two = losses(tmp_path, "one"), losses(tmp_path, "two")
-    assert len(one) == len(two) == 6
-    for step in one:
-        assert two[step] == pytest.approx(one[step], rel=1e-5), step
+    same_losses(tmp_path, "one", "two", 6)

@@ -315,17 +315,22 @@ def apply_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
         apply_dict(cfg, nested)
 
 
+def read_yaml_mapping(path: str | os.PathLike) -> dict:
+    """A YAML file's top-level mapping, or a ConfigError naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {p} must hold a mapping at the top level")
+    return data
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: dict[str, Any] | None = None) -> Config:
     """Defaults <- YAML file <- overrides, then validation."""
     cfg = Config()
     if path:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
-        apply_dict(cfg, data)
+        apply_dict(cfg, read_yaml_mapping(path))
     apply_overrides(cfg, overrides or {})
     validate(cfg)
     return cfg

@@ -29,9 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from simcot.train.config import Config, ConfigError, apply_dict, apply_overrides, validate
+from simcot.train.config import Config, ConfigError, apply_dict, apply_overrides, read_yaml_mapping, validate
 
 log = logging.getLogger(__name__)
 
@@ -76,11 +74,7 @@ class SweepConfig:
         if not path:
             return cls({}, {})
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        data = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {p} must hold a mapping at the top level")
+        data = read_yaml_mapping(p)
         per_method = data.pop("per_method", None) or {}
         if not isinstance(per_method, dict):
             raise ConfigError(f"{p}: 'per_method' must map method names to settings")
