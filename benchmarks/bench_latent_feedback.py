@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from simcot.kernels import latent_feedback, latent_feedback_reference
+from simcot.kernels import latent_feedback
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BATCHES = (8, 64, 256)

@@ -13,7 +13,6 @@ from simcot.train.decode_latents import decode_latents, format_results
 from simcot.train.evaluate import evaluate
 from simcot.train.checkpoint import load_weights
 from simcot.train.runner import build, load_checkpoint_model, run_training
-from simcot.train.methods.base import IGNORE
 from simcot.train.methods.step_supervision import decoder_loss
 
 LATENT = {"coconut.c_thought": 1, "coconut.max_latent_stage": 2, "coconut.epochs_per_stage": 1,
@@ -96,7 +95,6 @@ def test_batched_decoder_loss_equals_a_per_slot_loop(tiny, tmp_path, norm):
             n = int(batch["dec_mask"][r].sum())
             prefix = ro.latents[batch["dec_sample"][r], batch["dec_index"][r]][None]
             h = dec.hidden(lm, prefix, batch["dec_ids"][r:r + 1, :n], batch["dec_mask"][r:r + 1, :n])
-            y = torch.cat([torch.full((1,), IGNORE), batch["dec_labels"][r, :n]])[1:]
             logits = dec.output_head(lm)(h[0, prefix.shape[1] - 1:-1])
             nll = torch.nn.functional.cross_entropy(logits, batch["dec_labels"][r, :n], reduction="sum")
             per_slot.setdefault(int(batch["dec_slot"][r]), []).append((nll, n))

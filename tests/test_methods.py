@@ -1,7 +1,6 @@
 """Continuous-thought methods: exact token layouts, alignment rules, losses and gradients."""
 
 import random
-from pathlib import Path
 
 import pytest
 import torch

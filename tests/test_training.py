@@ -1,6 +1,5 @@
 """The training loop: losses fall, resume replays exactly, NaN stops cleanly, batched decoding."""
 
-import json
 from pathlib import Path
 
 import pytest

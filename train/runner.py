@@ -7,7 +7,6 @@ the MLflow run FAILED when something raises (KILLED on Ctrl-C) and re-raise.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import random
 import socket

@@ -8,7 +8,7 @@ objective inside the model's forward (``loss``), and says how evaluation prompts
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch

@@ -7,7 +7,6 @@ the answer ('### N') as a pseudo-step. Loss = Coconut's CE + weight * step-decod
 
 from __future__ import annotations
 
-from simcot.models.decoding import left_pad
 from simcot.train.methods.base import LossOutput, shifted_ce
 from simcot.train.methods.coconut import Coconut
 from simcot.train.methods.step_supervision import (align_steps, build_decoder, decoder_batch, decoder_loss,
