@@ -92,7 +92,11 @@ def gather_objects(obj) -> list:
 
 
 def shutdown() -> None:
+    """Leave the process group together: a rank that tears gloo down while its peer is still in
+    the last collective can abort ('terminate called without an active exception')."""
     if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -112,7 +116,13 @@ def fail_loudly(rank: int, err: BaseException) -> None:
 
 
 def maybe_inject_fault(rank: int, step: int) -> None:
-    """Testing aid: SIMCOT_FAIL_AT='<rank>:<step>' makes that rank raise at that optimizer step."""
+    """Testing aids: SIMCOT_FAIL_AT='<rank>:<step>' makes that rank raise at that optimizer step;
+    SIMCOT_KILL_AT='<step>' makes rank 0 SIGKILL its process group there (the ranks torchrun
+    started: a job that dies mid-training, at a known step, with no chance to clean up)."""
     spec = os.environ.get("SIMCOT_FAIL_AT")
     if spec and spec == f"{rank}:{step}":
         raise RuntimeError(f"injected failure (SIMCOT_FAIL_AT={spec})")
+    if rank == 0 and os.environ.get("SIMCOT_KILL_AT") == str(step):
+        import signal
+
+        os.killpg(os.getpgid(0), signal.SIGKILL)
