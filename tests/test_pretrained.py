@@ -70,6 +70,7 @@ def test_copy_decoder_from_the_pretrained_base_or_from_the_init_from_run(tiny, t
     """SIM-CoT's references start the copy decoder from the pretrained base while the main model
     starts from the CoT (or Coconut) run: copy_from=pretrained does that, init copies the run."""
     import pytest
+    from safetensors.torch import load_file
 
     from simcot.train.config import ConfigError, load_config
 
@@ -86,6 +87,22 @@ def test_copy_decoder_from_the_pretrained_base_or_from_the_init_from_run(tiny, t
         assert not torch.equal(main[key], pretrained[key])  # the main model starts from the CoT run
         assert torch.equal(dec[key], pretrained[key] if copy_from == "pretrained" else main[key]), copy_from
         assert dec["transformer.wte.weight"].shape == main["transformer.wte.weight"].shape  # resized alike
+    # resuming or evaluating a run: the checkpoint overwrites the decoder, so the base is not loaded again
+    import simcot.models.loading as loading
+
+    cfg, _ = tiny(method="simcot-coconut", **{"model.name": str(src), "train.init_from": ckpt, "train.epochs": 1,
+                                              "simcot.decoder": "copy", "simcot.copy_from": "pretrained",
+                                              "train.run_name": "sim-pre"})
+    run_ckpt = run_training(cfg)["checkpoint"]
+    real_build_lm, calls = loading.build_lm, []
+    loading.build_lm = lambda *a, **k: calls.append(1) or real_build_lm(*a, **k)
+    try:
+        _, loaded, _ = load_checkpoint_model(run_ckpt, inference=False)
+    finally:
+        loading.build_lm = real_build_lm
+    assert calls == []  # the runner's own build_lm (imported by name) builds the main model; nothing else
+    saved = load_file(str(Path(run_ckpt) / "model.safetensors"))
+    assert torch.equal(loaded.model.step_decoder.lm.state_dict()[key], saved[f"step_decoder.lm.{key}"])
     with pytest.raises(ConfigError, match="simcot.copy_from=pretrained needs pretrained weights, but model "
                                           "'tiny-llama' is randomly initialised"):
         load_config(None, {"method": "simcot-codi", "simcot.copy_from": "pretrained"})

@@ -133,6 +133,7 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, init_from:
         load_state_strict(lm, init_state, f"init_from {init_from}")
     model = LatentLM(lm)
     method = METHODS[cfg.method](cfg, tok, special, inference=inference)
+    method.restoring = checkpoint is not None
     method.setup_model(model)
     if cfg.model.gradient_checkpointing and not inference:
         enable_checkpointing(model.lm, latent=method.uses_latents)

@@ -55,6 +55,9 @@ class Method:
         self.tok = tok
         self.special = special
         self.inference = inference  # build only what evaluation needs (no step decoder)
+        # set by the builder when a checkpoint's weights overwrite the model right after set-up: the
+        # extra modules then need only their shapes, not starting weights worth loading
+        self.restoring = False
 
     @classmethod
     def validate(cls, cfg) -> None:

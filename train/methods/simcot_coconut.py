@@ -37,7 +37,7 @@ class SimCoTCoconut(Coconut):
 
     def setup_model(self, model):
         if model.step_decoder is None and not self.inference:
-            model.step_decoder = build_decoder(model, self.cfg, self.tok)
+            model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring)
 
     @property
     def normalization(self) -> str:

@@ -37,7 +37,7 @@ class SimCoTCodi(Codi):
     def setup_model(self, model):
         super().setup_model(model)
         if model.step_decoder is None and not self.inference:
-            model.step_decoder = build_decoder(model, self.cfg, self.tok)
+            model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring)
 
     @property
     def normalization(self) -> str:

@@ -30,11 +30,12 @@ def align_steps(steps: list[list[int]], n_slots: int, filler: list[int] | None) 
     return [list(s) for s in steps] + [filler] * (n_slots - len(steps))
 
 
-def build_decoder(model, cfg, tok) -> StepDecoder:
+def build_decoder(model, cfg, tok, restoring: bool = False) -> StepDecoder:
     """The configured step decoder; ``copy_from=pretrained`` starts a copy decoder from the pretrained
-    base model (the references' choice) instead of the main model's starting weights."""
+    base model (the references' choice) instead of the main model's starting weights. When a
+    checkpoint is about to overwrite the weights (`restoring`), the pretrained base is not loaded."""
     scfg = cfg.simcot
-    if scfg.decoder == "copy" and scfg.copy_from == "pretrained":
+    if scfg.decoder == "copy" and scfg.copy_from == "pretrained" and not restoring:
         from simcot.models.loading import build_lm
 
         dtype = model.lm.get_input_embeddings().weight.dtype
