@@ -29,7 +29,6 @@ import tempfile
 import time
 from pathlib import Path
 
-VOCAB = {"llama-3.1-8b": 128256, "llama-3.2-1b": 128256, "llama-3.2-3b": 128256, "gpt2": 50257}
 METHOD_OVERRIDES = {
     "cot": {},
     "nocot": {},
@@ -43,12 +42,17 @@ METHOD_OVERRIDES = {
 def run_method(args, method: str, work: Path) -> dict:
     uri = f"sqlite:///{work / 'bench.db'}"
     batch = args.micro_batch * args.gpus
-    ov = {"method": method, "model.name": args.model, "model.pad_vocab_to": VOCAB.get(args.model, 0),
+    from simcot.models.presets import get_preset
+
+    preset = get_preset(args.model)
+    real_vocab = preset.config.get("vocab_size", 0) if preset else 0  # the tiny presets have none: the tokenizer's
+    ov = {"method": method, "model.name": args.model, "model.pad_vocab_to": real_vocab,
           "model.lora_r": args.lora, "model.gradient_checkpointing": args.checkpointing,
           "data.source": "arith", "data.steps": args.chain, "data.max_value": 999, "data.max_operand": 99,
           "data.n_train": batch * args.steps, "data.n_val": 0, "data.n_test": 0,
           "train.max_steps": args.steps, "train.epochs": 1, "train.batch_size": batch,
-          "train.micro_batch_size": args.micro_batch, "train.log_every": 1, "train.save": False, "train.precision": "bf16" if args.device == "cuda" else "fp32",
+          "train.micro_batch_size": args.micro_batch, "train.log_every": 1, "train.save": False,
+          "train.precision": "bf16" if args.device == "cuda" else "fp32",
           "train.device": args.device, "train.out_dir": str(work / "runs"), "train.run_name": method,
           "train.warmup_steps": 0, "deepspeed.enabled": True, "deepspeed.zero_stage": args.zero,
           "deepspeed.offload_optimizer": "cpu" if args.offload in ("optimizer", "all") else "none",

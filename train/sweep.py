@@ -276,7 +276,8 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
             for p in (csv_path, md_path, *pngs):
                 parent.log_artifact(p, "sweep")
             ran = len(cells) - cached
-            metrics = {"sweep/cells": float(len(cells)), "sweep/cell_train_seconds": sum(r["train_seconds"] for r in results)}
+            metrics = {"sweep/cells": float(len(cells)),
+                       "sweep/cell_train_seconds": sum(r["train_seconds"] for r in results)}
             if ran:  # a re-run that only rebuilds the table keeps the wall time of the runs that trained
                 metrics.update({"sweep/wall_seconds": wall, "sweep/cells_run": float(ran)})
             parent.log_metrics(metrics, 0)
@@ -289,5 +290,6 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
         if parent is not None:
             parent.finish("FAILED")
         raise
-    return {"out": str(out_dir), "cells": len(cells), "cells_cached": cached, "wall_seconds": wall, "table": str(md_path),
+    return {"out": str(out_dir), "cells": len(cells), "cells_cached": cached, "wall_seconds": wall,
+            "table": str(md_path),
             "csv": str(csv_path), "plots": [str(p) for p in pngs], "parent_run_id": parent.run_id if parent else ""}

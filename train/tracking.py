@@ -26,18 +26,23 @@ _MAX_PARAM = 6000  # MLflow's limit on a param value
 SWEEP_ROLE = {"simcot.role": "sweep"}  # marks a parent run; `simcot compare` leaves these out
 
 
+def _experiment_of(client, run_id: str) -> str | None:
+    """The experiment id of `run_id`, or None when the store has no such run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_run(run_id).info.experiment_id
+    except MlflowException:
+        return None
+
+
 def run_exists(uri: str, run_id: str, experiment: str) -> bool:
     """True when `run_id` is a run of `experiment` in the store at `uri`."""
-    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(uri or default_uri())
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
-        return False
     exp = client.get_experiment_by_name(experiment)
-    return exp is not None and run.info.experiment_id == exp.experiment_id
+    return exp is not None and _experiment_of(client, run_id) == exp.experiment_id
 
 
 def default_uri() -> str:
@@ -92,13 +97,10 @@ class MlflowTracker(NullTracker):
 
     def _check_parent(self, parent_run_id: str, exp_id: str, experiment: str) -> None:
         """A child must name an existing run of its own experiment, or the UI cannot nest it."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            parent = self.client.get_run(parent_run_id)
-        except MlflowException:
-            raise ValueError(f"tracking.parent_run_id '{parent_run_id}': no such run at {self.uri}") from None
-        if parent.info.experiment_id != exp_id:
+        parent_exp = _experiment_of(self.client, parent_run_id)
+        if parent_exp is None:
+            raise ValueError(f"tracking.parent_run_id '{parent_run_id}': no such run at {self.uri}")
+        if parent_exp != exp_id:
             raise ValueError(f"tracking.parent_run_id '{parent_run_id}' is in another experiment than "
                              f"'{experiment}'; give the child the parent's experiment")
 
