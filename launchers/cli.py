@@ -99,7 +99,8 @@ DATA_HELP = """usage: simcot data [options]
 Preview a data source, or write any source as jsonl, GSM8K-Aug text (aug) or iCoT text (icot).
 
 options (default):
-  --source='arith'     arith | mult (generated), gsm8k | prosqa (shared data), or a file format
+  --source='arith'     arith | mult (generated); gsm8k | gsm8k-aug | gsm8k-aug-nl | multiarith | svamp
+                       (local copy, else the Hugging Face Hub) | prosqa | prontoqa; or a file format
                        jsonl | gsm8k-jsonl | aug | icot | coconut (with --path)
   --split='train'      train | val | test
   --n=0                rows (generators: how many to make, default 1000; files: a cap, 0 = all)
@@ -108,7 +109,7 @@ options (default):
   --digits=4           mult: digits per factor (2..6)
   --gsm8k_steps='equations'  gsm8k: equations (<<expr>> annotations) or text (solution lines)
   --path=''            input file for a file format
-  --data_dir=''        shared data folder (default $SIMCOT_DATA_DIR or ../shared/data)
+  --data_dir=''        local data folder, searched before $SIMCOT_DATA_DIR and ../shared/data
   --format='preview'   preview | jsonl | aug | icot
   --out=''             output file (required unless previewing)
   --preview=3          rows to print when previewing

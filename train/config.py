@@ -55,12 +55,17 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: str = opt("arith", "Task: arith | mult (generated), gsm8k | prosqa (shared data), or a file format "
-                      "jsonl | gsm8k-jsonl | aug | icot | coconut read from train_file/val_file/test_file")
-    train_file: str = opt("", "Training file (overrides the source's own train split)")
-    val_file: str = opt("", "Validation file (overrides the source's own validation split)")
-    test_file: str = opt("", "Test file (overrides the source's own test split)")
-    data_dir: str = opt("", "Folder of the shared data sets; empty = $SIMCOT_DATA_DIR or ../shared/data")
+    source: str = opt("arith", "Task: arith | mult (generated); gsm8k | gsm8k-aug | gsm8k-aug-nl | multiarith | svamp "
+                      "(a local copy, else the Hugging Face Hub) | prosqa | prontoqa (a local copy or Coconut's "
+                      "JSON files); or a file format jsonl | gsm8k-jsonl | aug | icot | coconut read from "
+                      "train_file/val_file/test_file")
+    train_file: str = opt("", "Training file, a path or URL (overrides the source's own train split)")
+    val_file: str = opt("", "Validation file, a path or URL (overrides the source's own validation split)")
+    test_file: str = opt("", "Test file, a path or URL (overrides the source's own test split)")
+    data_dir: str = opt("", "Folder of local data sets (<data_dir>/<source>/), searched before $SIMCOT_DATA_DIR "
+                        "and ../shared/data")
+    hub_id: str = opt("", "Hugging Face dataset id (or a local dataset folder) for the Hub step; empty = the "
+                      "source's own (e.g. zen-E/GSM8k-Aug)")
     n_train: int = opt(8000, "Training rows (generated count, or a cap on a file; 0 = all of a file)")
     n_val: int = opt(200, "Validation rows (held out from train when the source has no validation split)")
     n_test: int = opt(500, "Test rows (0 = all of a file)")

@@ -65,6 +65,9 @@ def _check_record(rec: object, where: str) -> Record:
     return out
 
 
+check_record = _check_record  # for readers outside this module (rows of named data sets)
+
+
 def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
     with path.open(encoding="utf-8") as f:
         for i, line in enumerate(f, 1):
@@ -97,20 +100,129 @@ def parse_gsm8k_answer(answer: str, steps: str = "equations") -> tuple[list[str]
     return out, final
 
 
+def gsm8k_row(obj: object, where: str, steps: str = "equations") -> Record:
+    """One GSM8K row as released (a jsonl line, or an `openai/gsm8k` Hub row)."""
+    _need_fields(obj, where, ("question", "answer"))
+    if not isinstance(obj["answer"], str):
+        raise DataError(f"{where}: field 'answer' must be a string")
+    try:
+        st, final = parse_gsm8k_answer(obj["answer"], steps)
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    reasoning = _ANNOTATION.sub("", obj["answer"].rsplit("####", 1)[0])
+    return _check_record({"question": obj["question"], "steps": st, "answer": final,
+                          "reasoning": " ".join(reasoning.split())}, where)
+
+
 def read_gsm8k_jsonl(path: Path, steps: str = "equations") -> Iterator[Record]:
     for i, obj in _json_lines(path):
-        where = _where(path, i)
-        if not isinstance(obj, dict) or "question" not in obj or "answer" not in obj:
-            raise DataError(f"{where}: expected an object with 'question' and 'answer'")
-        if not isinstance(obj["answer"], str):
-            raise DataError(f"{where}: field 'answer' must be a string")
-        try:
-            st, final = parse_gsm8k_answer(obj["answer"], steps)
-        except ValueError as e:
-            raise DataError(f"{where}: {e}") from None
-        reasoning = _ANNOTATION.sub("", obj["answer"].rsplit("####", 1)[0])
-        yield _check_record({"question": obj["question"], "steps": st, "answer": final,
-                             "reasoning": " ".join(reasoning.split())}, where)
+        yield gsm8k_row(obj, _where(path, i), steps)
+
+
+def _need_fields(obj: object, where: str, fields: tuple[str, ...]) -> None:
+    if not isinstance(obj, dict) or any(f not in obj for f in fields):
+        raise DataError(f"{where}: expected an object with {' and '.join(repr(f) for f in fields)}")
+
+
+# ----------------------------------------------------------------- rows of the Hub data sets
+# Each takes one row as `datasets` yields it (or as a jsonl line of a local copy) and the place
+# to name in errors (`zen-E/GSM8k-Aug[train]:row 12`), and goes through the same checks as files.
+
+
+def _text_answer(value: object, where: str) -> str:
+    """A final answer as text: '#### ' and thousands commas dropped, integral floats as ints."""
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else repr(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field 'answer' must be a string or a number, got {type(value).__name__}")
+    return value.replace("####", "").strip().replace(",", "")
+
+
+def gsm8k_aug_row(obj: object, where: str) -> Record:
+    """`zen-E/GSM8k-Aug` (CODI's release of the iCoT GSM8K-Aug): question, cot = the calculator
+    expressions separated by spaces (one step each, as CODI and Coconut split them), answer."""
+    _need_fields(obj, where, ("question", "cot", "answer"))
+    if not isinstance(obj["cot"], str):
+        raise DataError(f"{where}: field 'cot' must be a string, got {type(obj['cot']).__name__}")
+    return _check_record({"question": obj["question"], "steps": split_aug_steps(obj["cot"]),
+                          "answer": _text_answer(obj["answer"], where)}, where)
+
+
+def gsm8k_aug_nl_row(obj: object, where: str) -> Record | None:
+    """`zen-E/GSM8k-Aug-NL`: the same with a natural-language cot; one step per sentence (CODI
+    splits on '. '), and the whole cot is the record's reasoning text. Rows whose answer is null
+    are unusable in the release (CODI skips them too): None, which the caller counts and drops."""
+    _need_fields(obj, where, ("question", "cot", "answer"))
+    if obj["answer"] is None:
+        return None
+    if not isinstance(obj["cot"], str):
+        raise DataError(f"{where}: field 'cot' must be a string, got {type(obj['cot']).__name__}")
+    cot = " ".join(obj["cot"].split())
+    steps = [s if s.endswith(".") else s + "." for s in cot.split(". ") if s.strip(" .")]
+    return _check_record({"question": obj["question"], "steps": steps, "reasoning": cot,
+                          "answer": _text_answer(obj["answer"], where)}, where)
+
+
+def multiarith_row(obj: object, where: str) -> Record:
+    """`ChilleD/MultiArith`: question and final_ans only, no reasoning and no equations, so the
+    record is answer-only (no steps)."""
+    _need_fields(obj, where, ("question", "final_ans"))
+    return _check_record({"question": obj["question"], "steps": [],
+                          "answer": _text_answer(obj["final_ans"], where)}, where)
+
+
+def svamp_row(obj: object, where: str) -> Record:
+    """`ChilleD/SVAMP`: Body + Question (question_concat), Equation, Answer (a float). No reasoning
+    text; the steps are the equation's operations, innermost first, as `<<a+b=c>>`."""
+    _need_fields(obj, where, ("Body", "Question", "Equation", "Answer"))
+    question = obj.get("question_concat") or f"{str(obj['Body']).strip()} {str(obj['Question']).strip()}"
+    if not isinstance(obj["Equation"], str):
+        raise DataError(f"{where}: field 'Equation' must be a string, got {type(obj['Equation']).__name__}")
+    try:
+        steps = equation_steps(obj["Equation"])
+    except ValueError as e:
+        raise DataError(f"{where}: {e}") from None
+    return _check_record({"question": question, "steps": steps, "answer": _text_answer(obj["Answer"], where)}, where)
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:.10g}"
+
+
+def equation_steps(equation: str) -> list[str]:
+    """SVAMP's fully parenthesised equation, e.g. '( ( 7.0 + 12.0 ) - 15.0 )', as one
+    `<<7+12=19>>` step per operation in evaluation order; a bare number has no steps."""
+    tokens = equation.replace("(", " ( ").replace(")", " ) ").split()
+    steps: list[str] = []
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b, "/": lambda a, b: a / b}
+
+    def parse(i: int) -> tuple[float, int]:
+        if i >= len(tokens):
+            raise ValueError(f"equation '{equation}' ends early")
+        if tokens[i] != "(":
+            try:
+                return float(tokens[i]), i + 1
+            except ValueError:
+                raise ValueError(f"equation '{equation}': '{tokens[i]}' is not a number") from None
+        a, i = parse(i + 1)
+        if i >= len(tokens) or tokens[i] not in ops:
+            raise ValueError(f"equation '{equation}': expected an operator (+ - * /)")
+        op = tokens[i]
+        b, i = parse(i + 1)
+        if i >= len(tokens) or tokens[i] != ")":
+            raise ValueError(f"equation '{equation}': expected ')'")
+        if op == "/" and b == 0:
+            raise ValueError(f"equation '{equation}' divides by zero")
+        value = ops[op](a, b)
+        steps.append(f"<<{_number(a)}{op}{_number(b)}={_number(value)}>>")
+        return value, i + 1
+
+    _, end = parse(0)
+    if end != len(tokens):
+        raise ValueError(f"equation '{equation}': unexpected '{tokens[end]}'")
+    return steps
 
 
 # --------------------------------------------------------------------------- aug / icot text

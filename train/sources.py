@@ -3,9 +3,13 @@
 Sources:
 - ``arith``, ``mult``: generated; the three splits use disjoint seeds and the validation and
   test problems never appear in training (exact duplicates are removed).
-- ``gsm8k``: ``<data_dir>/gsm8k/{train,test}.jsonl``; validation is a seeded hold-out of train.
-- ``prosqa``: ``<data_dir>/prosqa/{valid,test}.json``; it has no training split here, so
-  ``data.train_file`` must name one (e.g. Coconut's ``prosqa_train.json``).
+- named public data sets (:data:`NAMED`): ``gsm8k``, ``gsm8k-aug``, ``gsm8k-aug-nl``, ``multiarith``,
+  ``svamp`` (Hugging Face Hub), ``prosqa`` (Coconut's JSON files on GitHub), ``prontoqa`` (files
+  made by Coconut's script). Each split comes from, in order: ``data.{train,val,test}_file``
+  (a path or a URL); ``<dir>/<name>/{train,valid|validation,test}.{jsonl,json,txt}`` in the first
+  of data.data_dir, $SIMCOT_DATA_DIR, ../shared/data that has the folder; then the Hub through
+  ``datasets.load_dataset`` (its cache; ``HF_DATASETS_OFFLINE``) or the release's URLs. A data set
+  without a validation split gets a seeded hold-out of train.
 - a file format (``jsonl``, ``gsm8k-jsonl``, ``aug``, ``icot``, ``coconut``): the splits come
   from ``train_file``/``val_file``/``test_file``; a missing validation file is held out of train.
 """
@@ -14,29 +18,38 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Iterator
 
 from simcot.train.config import DataConfig
 from simcot.train.formats import READERS, DataError, Record, read_file
-from simcot.train import generators
+from simcot.train import formats, generators, remote
 
 SPLITS = ("train", "val", "test")
+log = logging.getLogger(__name__)
+
+
+def data_dirs(cfg: DataConfig) -> list[Path]:
+    """Local data folders in the order they are searched: data.data_dir, $SIMCOT_DATA_DIR, then
+    ../shared/data beside the working directory and beside the repository."""
+    dirs = [Path(cfg.data_dir)] if cfg.data_dir else []
+    if os.environ.get("SIMCOT_DATA_DIR"):
+        dirs.append(Path(os.environ["SIMCOT_DATA_DIR"]))
+    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+        cand = base.parent / "shared" / "data"
+        if cand not in dirs:
+            dirs.append(cand)
+    return dirs
 
 
 def data_dir(cfg: DataConfig) -> Path:
-    """The shared data folder: config, then $SIMCOT_DATA_DIR, then ../shared/data near cwd or repo."""
-    if cfg.data_dir:
-        return Path(cfg.data_dir)
-    if os.environ.get("SIMCOT_DATA_DIR"):
-        return Path(os.environ["SIMCOT_DATA_DIR"])
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
-        cand = base.parent / "shared" / "data"
-        if cand.is_dir():
-            return cand
-    return Path.cwd().parent / "shared" / "data"
+    """The first local data folder that exists (else the first one searched)."""
+    dirs = data_dirs(cfg)
+    return next((d for d in dirs if d.is_dir()), dirs[0])
 
 
 @dataclass
@@ -99,39 +112,183 @@ def _generated(cfg: DataConfig) -> Splits:
     return Splits(train[: cfg.n_train], val, test, cfg.source)
 
 
+def _local(path: str | Path) -> Path:
+    """A data file by path, or by URL (fetched once into the cache folder)."""
+    if not remote.is_url(str(path)):
+        return Path(path)
+    try:
+        return remote.fetch(str(path))
+    except remote.Unreachable as e:
+        raise DataError(str(e)) from None
+
+
+def _assemble(cfg: DataConfig, loaded: dict[str, list[Record]]) -> Splits:
+    if not loaded["train"]:
+        raise DataError(f"source '{cfg.source}' has no training split here: set data.train_file")
+    train, val = loaded["train"], loaded["val"]
+    if not val:
+        train, val = _hold_out(train, cfg.n_val, cfg.seed)
+    return Splits(_cap(train, cfg.n_train), _cap(val, cfg.n_val), _cap(loaded["test"], cfg.n_test), cfg.source)
+
+
+def _explicit_files(cfg: DataConfig) -> dict[str, str]:
+    return {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}
+
+
 def _from_files(cfg: DataConfig, fmt: str, defaults: dict[str, Path | None]) -> Splits:
-    files = {"train": cfg.train_file, "val": cfg.val_file, "test": cfg.test_file}
+    files = _explicit_files(cfg)
     loaded: dict[str, list[Record]] = {}
     for split in SPLITS:
-        path = Path(files[split]) if files[split] else defaults.get(split)
+        path = _local(files[split]) if files[split] else defaults.get(split)
         if path is None:
             loaded[split] = []
             continue
         # A user's file given for a named data set (gsm8k, prosqa) may be in any format.
         f = "auto" if files[split] and cfg.source not in READERS else fmt
         loaded[split] = read_file(path, f, gsm8k_steps=cfg.gsm8k_steps)
-    if not loaded["train"]:
-        raise DataError(f"source '{cfg.source}' has no training split here: set data.train_file")
-    train = loaded["train"]
-    val = loaded["val"]
-    if not val:
-        train, val = _hold_out(train, cfg.n_val, cfg.seed)
-    return Splits(_cap(train, cfg.n_train), _cap(val, cfg.n_val), _cap(loaded["test"], cfg.n_test), cfg.source)
+    return _assemble(cfg, loaded)
+
+
+# ------------------------------------------------------------------------- named data sets
+
+
+@dataclass(frozen=True)
+class Named:
+    """A public data set: its folder in a local data directory, then (if any) its Hub id."""
+
+    folder: str
+    row: Callable[[object, str, DataConfig], Record]  # one row of the release -> record
+    hub: str = ""  # Hugging Face dataset id
+    hub_config: str | None = None
+    urls: tuple[str, str, str] = ("", "", "")  # (train, val, test) files elsewhere, e.g. on GitHub
+
+
+_COCONUT = "https://raw.githubusercontent.com/facebookresearch/coconut/main/data/"
+
+NAMED: dict[str, Named] = {
+    "gsm8k": Named("gsm8k", lambda o, w, c: formats.gsm8k_row(o, w, c.gsm8k_steps), "openai/gsm8k", "main"),
+    "gsm8k-aug": Named("gsm8k-aug", lambda o, w, c: formats.gsm8k_aug_row(o, w), "zen-E/GSM8k-Aug"),
+    "gsm8k-aug-nl": Named("gsm8k-aug-nl", lambda o, w, c: formats.gsm8k_aug_nl_row(o, w), "zen-E/GSM8k-Aug-NL"),
+    "multiarith": Named("multiarith", lambda o, w, c: formats.multiarith_row(o, w), "ChilleD/MultiArith"),
+    "svamp": Named("svamp", lambda o, w, c: formats.svamp_row(o, w), "ChilleD/SVAMP"),
+    "prosqa": Named("prosqa", lambda o, w, c: formats.check_record(o, w),
+                    urls=tuple(f"{_COCONUT}prosqa_{s}.json" for s in ("train", "valid", "test"))),
+    "prontoqa": Named("prontoqa", lambda o, w, c: formats.check_record(o, w)),  # made by Coconut's script
+}
+
+# File names of each split in a local copy, and split names of a Hub data set, first match wins.
+_SPLIT_NAMES = {"train": ("train",), "val": ("validation", "valid", "val", "dev"), "test": ("test",)}
+_SUFFIXES = (".jsonl", ".json", ".txt")
+
+
+def _split_file(folder: Path, split: str) -> Path | None:
+    for name in _SPLIT_NAMES[split]:
+        for suffix in _SUFFIXES:
+            if (folder / (name + suffix)).is_file():
+                return folder / (name + suffix)
+    return None
+
+
+def _rows(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, row) of a .json list or a .jsonl file, for the release's own row parser."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        for i, obj in enumerate(data):
+            yield f"{path}: record {i}", obj
+        return
+    for i, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                yield f"{path}:{i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+
+
+def _read_release_file(path: Path, named: Named, cfg: DataConfig) -> list[Record]:
+    """A file of a named data set: the release's rows (e.g. the Hub's fields as jsonl), simcot's own
+    {question, steps, answer} rows, or a text format (aug/icot lines)."""
+    if path.suffix == ".txt":
+        return read_file(path, "auto")
+    rows = ((where, obj, isinstance(obj, dict) and "steps" in obj) for where, obj in _rows(path))
+    return _kept([(where, formats.check_record(obj, where) if own else named.row(obj, where, cfg))
+                  for where, obj, own in rows])
+
+
+def _kept(parsed: list[tuple[str, Record | None]]) -> list[Record]:
+    """The records, without the rows a release marks unusable (None), which are logged once."""
+    dropped = [where for where, rec in parsed if rec is None]
+    if dropped:
+        log.warning("dropped %d rows the release leaves without an answer (first: %s)", len(dropped), dropped[0])
+    return [rec for _, rec in parsed if rec is not None]
+
+
+def _hub_records(named: Named, cfg: DataConfig) -> dict[str, list[Record]]:
+    repo = cfg.hub_id or named.hub
+    ds = remote.hub_dataset(repo, named.hub_config)
+    loaded = {}
+    for split in SPLITS:
+        name = next((n for n in _SPLIT_NAMES[split] if n in ds), None)
+        if name is None:
+            loaded[split] = []
+            continue
+        rows = ds[name].to_list()
+        wheres = (f"{repo}[{name}]:row {i}" for i in range(len(rows)))
+        loaded[split] = _kept([(w, named.row(obj, w, cfg)) for w, obj in zip(wheres, rows)])
+    return loaded
+
+
+def _named(cfg: DataConfig, named: Named) -> Splits:
+    """Each split from, in order: its explicit file (path or URL); the data set's folder in the first
+    data directory that has it; the Hugging Face Hub (through `datasets`' cache), or the release's URLs."""
+    explicit = _explicit_files(cfg)
+    loaded: dict[str, list[Record]] = {}
+    for split in SPLITS:
+        if explicit[split]:
+            loaded[split] = read_file(_local(explicit[split]), "auto", gsm8k_steps=cfg.gsm8k_steps)
+    missing = [s for s in SPLITS if s not in loaded]
+    if not missing:
+        return _assemble(cfg, loaded)
+    folders = [d / named.folder for d in data_dirs(cfg)]
+    folder = next((f for f in folders if any(_split_file(f, s) for s in SPLITS)), None)
+    if folder is not None:  # a local copy is a whole release: a split it lacks is not looked up elsewhere
+        for split in missing:
+            path = _split_file(folder, split)
+            loaded[split] = _read_release_file(path, named, cfg) if path else []
+        return _assemble(cfg, loaded)
+    tried = [f"{f}/" for f in folders]
+    try:
+        if named.hub or cfg.hub_id:
+            tried.append(f"Hub dataset {cfg.hub_id or named.hub}")
+            hub = _hub_records(named, cfg)
+            loaded.update({s: hub[s] for s in missing})
+        elif any(named.urls):
+            urls = dict(zip(SPLITS, named.urls))
+            tried.append(" ".join(urls[s] for s in missing if urls[s]))
+            for split in missing:
+                loaded[split] = _read_release_file(remote.fetch(urls[split]), named, cfg) if urls[split] else []
+        elif loaded:  # the user's own files; the splits they left out are empty (validation: held out)
+            loaded.update({s: [] for s in missing})
+        else:
+            raise remote.Unreachable("no download location; pass data.train_file/val_file/test_file (paths or URLs)")
+    except remote.Unreachable as e:
+        places = ", ".join(tried)
+        raise DataError(f"source '{cfg.source}': none of its places is reachable (tried {places}): {e}") from None
+    return _assemble(cfg, loaded)
 
 
 def load_splits(cfg: DataConfig) -> Splits:
     src = cfg.source
     if src in ("arith", "mult"):
         return _generated(cfg)
-    if src == "gsm8k":
-        root = data_dir(cfg) / "gsm8k"
-        return _from_files(cfg, "gsm8k-jsonl", {"train": root / "train.jsonl", "test": root / "test.jsonl"})
-    if src == "prosqa":
-        root = data_dir(cfg) / "prosqa"
-        return _from_files(cfg, "coconut", {"val": root / "valid.json", "test": root / "test.json"})
+    if src in NAMED:
+        return _named(cfg, NAMED[src])
     if src in READERS:
         return _from_files(cfg, src, {})
-    raise DataError(f"unknown data source '{src}' (choose from arith, mult, gsm8k, prosqa, {', '.join(READERS)})")
+    raise DataError(f"unknown data source '{src}' (choose from arith, mult, {', '.join(NAMED)}, {', '.join(READERS)})")
 
 
 def load_source(source: str, split: str, *, n: int = 0, seed: int = 0, steps: int = 3, digits: int = 4,
