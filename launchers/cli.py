@@ -101,7 +101,7 @@ Preview a data source, or write any source as jsonl, GSM8K-Aug text (aug) or iCo
 options (default):
   --source='arith'     arith | mult (generated); gsm8k | gsm8k-aug | gsm8k-aug-nl | multiarith | svamp
                        (local copy, else the Hugging Face Hub) | prosqa | prontoqa; or a file format
-                       jsonl | gsm8k-jsonl | aug | icot | coconut (with --path)
+                       jsonl | gsm8k-jsonl | aug | icot | coconut | semcot (with --path)
   --split='train'      train | val | test
   --n=0                rows (generators: how many to make, default 1000; files: a cap, 0 = all)
   --seed=0             generator seed

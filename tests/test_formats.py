@@ -98,3 +98,31 @@ def test_aug_writer_refuses_steps_with_spaces():
 def test_gsm8k_answer_commas_are_removed():
     steps, final = parse_gsm8k_answer("He has <<1000+234=1234>>1,234 apples.\n#### 1,234")
     assert steps == ["<<1000+234=1234>>"] and final == "1234"
+
+
+def test_svamp_equations_become_one_step_per_operation_innermost_first():
+    from simcot.train.formats import equation_steps
+    assert equation_steps("( ( 7.0 + 12.0 ) - 15.0 )") == ["<<7+12=19>>", "<<19-15=4>>"]
+    assert equation_steps("( ( 3.0 * 4.0 ) / ( 10.0 - 2.0 ) )") == ["<<3*4=12>>", "<<10-2=8>>", "<<12/8=1.5>>"]
+    assert equation_steps(" 5.0 ") == []
+    with pytest.raises(ValueError, match=r"^equation '\( 3\.0 \+ \)': '\)' is not a number$"):
+        equation_steps("( 3.0 + )")
+    with pytest.raises(ValueError, match="unexpected '7.0'"):
+        equation_steps("( 3.0 + 4.0 ) 7.0")
+
+
+def test_hub_rows_are_checked_like_file_rows():
+    from simcot.train.formats import gsm8k_aug_row, multiarith_row, svamp_row
+    where = "ChilleD/SVAMP[train]:row 3"
+    row = {"Body": "Ed has 6 dollars.", "Question": "He buys 4 pens. What does each cost?",
+           "Equation": "( 6.0 / 4.0 )", "Answer": 1.5, "Type": "Common-Division"}
+    assert svamp_row(row, where) == {"question": "Ed has 6 dollars. He buys 4 pens. What does each cost?",
+                                     "steps": ["<<6/4=1.5>>"], "answer": "1.5"}
+    with pytest.raises(DataError, match=r"^ChilleD/SVAMP\[train\]:row 3: equation '\( 6\.0 / 0\.0 \)' divides by zero$"):
+        svamp_row(dict(row, Equation="( 6.0 / 0.0 )"), where)
+    with pytest.raises(DataError, match=r"^m\[test\]:row 0: expected an object with 'question' and 'final_ans'$"):
+        multiarith_row({"question": "q"}, "m[test]:row 0")
+    assert gsm8k_aug_row({"question": "q", "cot": "<<2*3=6>> <<6+1=7>>", "answer": "#### 1,007"}, "x") == {
+        "question": "q", "steps": ["<<2*3=6>>", "<<6+1=7>>"], "answer": "1007"}
+    with pytest.raises(DataError, match=r"^x: field 'answer' must be a string or a number, got list$"):
+        gsm8k_aug_row({"question": "q", "cot": "", "answer": [7]}, "x")

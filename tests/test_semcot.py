@@ -258,3 +258,41 @@ def test_minilm_encoder_option_trains_the_generator_and_adapter_only(tiny, cot_r
     assert not any(n.startswith(("lm.", "encoder.body.")) for n in grads)
     with pytest.raises(ConfigError, match="semcot.encoder=minilm is trained already"):
         semcot_cfg(tiny, cot_run, **{"semcot.encoder": "minilm"})
+
+
+def test_the_multiarith_release_recipe_runs_a_tiny_smoke_run(tmp_path, monkeypatch):
+    """semcot-sheared-llama-1.3b-multiarith.yaml as written, with a tiny model and local stand-ins for
+    ChilleD/MultiArith on the Hub (a dataset folder) and the release's training file (a file:// URL)."""
+    from simcot.train.config import load_config
+    from tests.conftest import tiny_overrides
+
+    recipe = Path(__file__).resolve().parents[1] / "launchers" / "recipes" / "semcot-sheared-llama-1.3b-multiarith.yaml"
+    hub = tmp_path / "MultiArith"
+    (hub / "data").mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = [{"question": f" Tim has {a} apples and gets {b} more. How many now? ", "final_ans": str(a + b)}
+                for a, b in ((3, 4), (5, 2), (6, 1), (2, 2), (7, 1), (1, 8))]
+        (hub / "data" / f"{split}-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    release = [{"query": f" Tim has {a} apples and gets {b} more. How many now? ", "answer": str(a + b),
+                "full_answer": f"He has {a} + {b} = {a + b} apples.\n####{a + b}",
+                "reasoning": f"He has {a} + {b} = {a + b} apples.", "condensed_reasoning": f"{a}+{b}={a + b}"}
+               for a, b in ((3, 4), (5, 2), (6, 1), (2, 2), (7, 1), (1, 8), (4, 4), (9, 0))]
+    (tmp_path / "train_42.json").write_text(json.dumps(release))
+    monkeypatch.setenv("SIMCOT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    stand_ins = {"data.hub_id": str(hub), "data.train_file": (tmp_path / "train_42.json").as_uri()}
+    tiny = {k: v for k, v in tiny_overrides(tmp_path).items() if k.startswith(("model.", "train.out_dir", "tracking."))}
+    tiny.update({"model.name": "tiny-llama", "model.pretrained": False, "eval.max_new_tokens": 8})
+    cot = run_training(load_config(None, {**tiny, **stand_ins, "data.source": "multiarith", "data.n_val": 2,
+                                          "train.run_name": "cot", "train.epochs": 1, "train.batch_size": 6,
+                                          "train.micro_batch_size": 6}))
+    cfg = load_config(recipe, {**tiny, **stand_ins, "train.init_from": cot["run_dir"], "semcot.generator": "truncate:1",
+                               "semcot.encoder_layers": "1:2", "semcot.encoder_dim": 16, "semcot.encoder_proj_epochs": 1,
+                               "semcot.encoder_epochs": 1, "semcot.generator_proj_epochs": 1, "train.epochs": 4,
+                               "data.n_val": 2, "eval.temperature_sweep": "0.5"})
+    assert (cfg.method, cfg.semcot.alpha, cfg.eval.n_latents, cfg.data.source) == ("semcot", 0.75, 1, "multiarith")
+    summary = run_training(cfg)
+    rows = [json.loads(l) for l in (Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert any("info_nce" in r for r in rows) and any("semantic" in r for r in rows)
+    assert summary["steps"] >= 4 and 0.0 <= summary["test_accuracy"] <= 1.0
+    assert "test/temperature_0.5/accuracy" in summary["metrics"]  # the reference's sampled evaluation

@@ -57,7 +57,7 @@ class ModelConfig:
 class DataConfig:
     source: str = opt("arith", "Task: arith | mult (generated); gsm8k | gsm8k-aug | gsm8k-aug-nl | multiarith | svamp "
                       "(a local copy, else the Hugging Face Hub) | prosqa | prontoqa (a local copy or Coconut's "
-                      "JSON files); or a file format jsonl | gsm8k-jsonl | aug | icot | coconut read from "
+                      "JSON files); or a file format jsonl | gsm8k-jsonl | aug | icot | coconut | semcot read from "
                       "train_file/val_file/test_file")
     train_file: str = opt("", "Training file, a path or URL (overrides the source's own train split)")
     val_file: str = opt("", "Validation file, a path or URL (overrides the source's own validation split)")

@@ -12,6 +12,10 @@ Formats:
 - ``icot``: the iCoT multiplication text, ``5 6 3 2 * 7 4 3 4||<partial products> #### <digits>``
   (digits least-significant first, steps separated by `` + ``).
 - ``coconut``: Coconut's JSON list of ``{"question", "steps", "answer", ...}`` (e.g. ProsQA).
+- ``semcot``: the SemCoT release's JSON list of ``{"query", "reasoning", "answer",
+  "condensed_reasoning"}`` (reasoning kept as text, no steps).
+- rows of the Hub data sets (``gsm8k_row``, ``gsm8k_aug_row``, ``gsm8k_aug_nl_row``,
+  ``multiarith_row``, ``svamp_row``): one row as ``datasets`` yields it, checked like a file row.
 - ``jsonl``: one ``{"question", "steps", "answer"}`` object per line, for users' own data
   (optionally with ``reasoning`` and ``condensed_reasoning`` strings).
 """
@@ -276,6 +280,29 @@ def read_coconut_json(path: Path) -> Iterator[Record]:
         yield _check_record(obj, f"{path}: record {i}")
 
 
+def semcot_row(obj: object, where: str) -> Record:
+    """One record of the SemCoT release's JSON (``datasets/<task>/{train,eval}_42.json``): query,
+    reasoning (one string, e.g. GPT-4o-mini's for MultiArith), answer, and condensed_reasoning in the
+    training files. SemCoT reads the reasoning whole, so it stays text and the steps are empty."""
+    _need_fields(obj, where, ("query", "reasoning", "answer"))
+    rec = {"question": obj["query"], "steps": [], "answer": _text_answer(obj["answer"], where),
+           "reasoning": obj["reasoning"]}
+    if obj.get("condensed_reasoning") is not None:
+        rec["condensed_reasoning"] = obj["condensed_reasoning"]
+    return _check_record(rec, where)
+
+
+def read_semcot_json(path: Path) -> Iterator[Record]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{_where(path, e.lineno)}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of records")
+    for i, obj in enumerate(data):
+        yield semcot_row(obj, f"{path}: record {i}")
+
+
 def read_jsonl(path: Path) -> Iterator[Record]:
     for i, obj in _json_lines(path):
         yield _check_record(obj, _where(path, i))
@@ -287,6 +314,7 @@ READERS: dict[str, Callable[[Path], Iterable[Record]]] = {
     "aug": read_aug,
     "icot": read_icot,
     "coconut": read_coconut_json,
+    "semcot": read_semcot_json,
 }
 
 
@@ -306,7 +334,9 @@ def read_file(path: str | Path, fmt: str = "auto", gsm8k_steps: str = "equations
 def sniff_format(path: Path) -> str:
     """Guess a format from the extension and the first row."""
     if path.suffix == ".json":
-        return "coconut"
+        with path.open(encoding="utf-8") as f:
+            head = f.read(4096)  # the first record's keys: SemCoT's 'query' or Coconut's 'steps'
+        return "semcot" if '"query"' in head and '"steps"' not in head else "coconut"
     with path.open(encoding="utf-8") as f:
         first = next((line for line in f if line.strip()), "")
     if path.suffix == ".jsonl" or first.lstrip().startswith("{"):

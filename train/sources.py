@@ -213,9 +213,14 @@ def _read_release_file(path: Path, named: Named, cfg: DataConfig) -> list[Record
     {question, steps, answer} rows, or a text format (aug/icot lines)."""
     if path.suffix == ".txt":
         return read_file(path, "auto")
-    rows = ((where, obj, isinstance(obj, dict) and "steps" in obj) for where, obj in _rows(path))
-    return _kept([(where, formats.check_record(obj, where) if own else named.row(obj, where, cfg))
-                  for where, obj, own in rows])
+    def parse(obj: object, where: str) -> Record | None:
+        if isinstance(obj, dict) and "steps" in obj:
+            return formats.check_record(obj, where)
+        if isinstance(obj, dict) and "query" in obj and "reasoning" in obj:  # the SemCoT release's files
+            return formats.semcot_row(obj, where)
+        return named.row(obj, where, cfg)
+
+    return _kept([(where, parse(obj, where)) for where, obj in _rows(path)])
 
 
 def _kept(parsed: list[tuple[str, Record | None]]) -> list[Record]:
