@@ -118,7 +118,8 @@ def test_hub_rows_are_checked_like_file_rows():
            "Equation": "( 6.0 / 4.0 )", "Answer": 1.5, "Type": "Common-Division"}
     assert svamp_row(row, where) == {"question": "Ed has 6 dollars. He buys 4 pens. What does each cost?",
                                      "steps": ["<<6/4=1.5>>"], "answer": "1.5"}
-    with pytest.raises(DataError, match=r"^ChilleD/SVAMP\[train\]:row 3: equation '\( 6\.0 / 0\.0 \)' divides by zero$"):
+    with pytest.raises(DataError, match=r"^ChilleD/SVAMP\[train\]:row 3: equation '\( 6\.0 / 0\.0 \)' divides "
+                                        r"by zero$"):
         svamp_row(dict(row, Equation="( 6.0 / 0.0 )"), where)
     with pytest.raises(DataError, match=r"^m\[test\]:row 0: expected an object with 'question' and 'final_ans'$"):
         multiarith_row({"question": "q"}, "m[test]:row 0")

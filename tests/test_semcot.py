@@ -287,7 +287,8 @@ def test_the_multiarith_release_recipe_runs_a_tiny_smoke_run(tmp_path, monkeypat
                                           "train.run_name": "cot", "train.epochs": 1, "train.batch_size": 6,
                                           "train.micro_batch_size": 6}))
     cfg = load_config(recipe, {**tiny, **stand_ins, "train.init_from": cot["run_dir"], "semcot.generator": "truncate:1",
-                               "semcot.encoder_layers": "1:2", "semcot.encoder_dim": 16, "semcot.encoder_proj_epochs": 1,
+                               "semcot.encoder_layers": "1:2", "semcot.encoder_dim": 16,
+                               "semcot.encoder_proj_epochs": 1,
                                "semcot.encoder_epochs": 1, "semcot.generator_proj_epochs": 1, "train.epochs": 4,
                                "data.n_val": 2, "eval.temperature_sweep": "0.5"})
     assert (cfg.method, cfg.semcot.alpha, cfg.eval.n_latents, cfg.data.source) == ("semcot", 0.75, 1, "multiarith")

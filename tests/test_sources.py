@@ -156,3 +156,32 @@ def test_an_unreachable_url_is_one_line(tmp_path, no_local_copies, monkeypatch):
         load_splits(DataConfig(source="prontoqa"))
     assert not list((tmp_path / "cache").glob("*.part*"))
     assert remote.is_url(missing) and not remote.is_url(str(tmp_path))
+
+
+def test_data_dir_comes_before_simcot_data_dir(tmp_path, monkeypatch):
+    mine, env = tmp_path / "mine", tmp_path / "env"
+    for root, answer in ((mine, "10"), (env, "99")):
+        (root / "svamp").mkdir(parents=True)
+        row = {"Body": "Ann has 4 pens.", "Question": "She buys 6 more. How many?", "Equation": "( 4.0 + 6.0 )",
+               "Answer": float(answer)}
+        (root / "svamp" / "train.json").write_text(json.dumps([row] * 4))  # a JSON list, as ChilleD's files
+    monkeypatch.setenv("SIMCOT_DATA_DIR", str(env))
+    s = load_splits(DataConfig(source="svamp", data_dir=str(mine), n_val=1))
+    assert s.train[0] == {"question": "Ann has 4 pens. She buys 6 more. How many?", "steps": ["<<4+6=10>>"],
+                          "answer": "10"}
+    assert s.sizes() == {"train": 3, "val": 1, "test": 0}
+    assert load_splits(DataConfig(source="svamp", n_val=1)).train[0]["answer"] == "99"
+
+
+def test_semcot_release_files_are_sniffed_and_checked(tmp_path):
+    from simcot.train.formats import read_file, sniff_format
+    p = tmp_path / "train_42.json"
+    p.write_text(json.dumps([{"query": " Q? ", "full_answer": "1+1=2\n####2", "reasoning": "1+1=2", "answer": "2",
+                              "condensed_reasoning": "2"}, {"query": "Q2?", "reasoning": "x"}]))
+    assert sniff_format(p) == "semcot"
+    with pytest.raises(DataError, match=r"train_42\.json: record 1: expected an object with 'query' and 'reasoning' "
+                                        r"and 'answer'$"):
+        read_file(p)
+    p.write_text(json.dumps([{"query": " Q? ", "reasoning": "1+1=2", "answer": "2", "condensed_reasoning": "2"}]))
+    assert read_file(p) == [{"question": "Q?", "steps": [], "answer": "2", "reasoning": "1+1=2",
+                             "condensed_reasoning": "2"}]
