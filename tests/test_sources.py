@@ -56,6 +56,11 @@ def test_hub_rows_go_through_the_parser_with_the_hubs_splits(tmp_path, no_local_
     assert s.test == [{"question": AUG_ROWS["test"][0]["question"], "steps": ["<<5*2=10>>", "<<10+1=11>>"],
                        "answer": "11"}]
     assert s.train[0]["steps"] == ["<<1+2=3>>"] and s.val[0]["answer"] == "7"
+    # an explicit file in the release's own fields replaces that split only
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text(json.dumps({"question": "Mine?", "cot": "<<1*1=1>>", "answer": "1"}) + "\n")
+    s = load_splits(DataConfig(source="gsm8k-aug", hub_id=str(repo), test_file=str(mine)))
+    assert [r["question"] for r in s.test] == ["Mine?"] and len(s.train) == 8
 
 
 def test_a_bad_hub_row_is_named_by_dataset_split_and_row(tmp_path, no_local_copies, monkeypatch):

@@ -163,7 +163,8 @@ class Named:
     urls: tuple[str, str, str] = ("", "", "")  # (train, val, test) files elsewhere, e.g. on GitHub
 
 
-_COCONUT = "https://raw.githubusercontent.com/facebookresearch/coconut/main/data/"
+# Pinned to a commit: the files behind a URL are cached by URL, so they must not change under it.
+_COCONUT = "https://raw.githubusercontent.com/facebookresearch/coconut/27273cb8cca4bb763c041a63b036d0c3b7cbbb48/data/"
 
 NAMED: dict[str, Named] = {
     "gsm8k": Named("gsm8k", lambda o, w, c: formats.gsm8k_row(o, w, c.gsm8k_steps), "openai/gsm8k", "main"),
@@ -210,9 +211,14 @@ def _rows(path: Path) -> Iterator[tuple[str, object]]:
 
 def _read_release_file(path: Path, named: Named, cfg: DataConfig) -> list[Record]:
     """A file of a named data set: the release's rows (e.g. the Hub's fields as jsonl), simcot's own
-    {question, steps, answer} rows, or a text format (aug/icot lines)."""
-    if path.suffix == ".txt":
+    {question, steps, answer} rows, the SemCoT release's rows, or a text format (aug/icot lines)."""
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    with path.open(encoding="utf-8") as f:
+        first = next((line for line in f if line.strip()), "").lstrip()
+    if not first.startswith(("{", "[")):
         return read_file(path, "auto")
+
     def parse(obj: object, where: str) -> Record | None:
         if isinstance(obj, dict) and "steps" in obj:
             return formats.check_record(obj, where)
@@ -253,7 +259,7 @@ def _named(cfg: DataConfig, named: Named) -> Splits:
     loaded: dict[str, list[Record]] = {}
     for split in SPLITS:
         if explicit[split]:
-            loaded[split] = read_file(_local(explicit[split]), "auto", gsm8k_steps=cfg.gsm8k_steps)
+            loaded[split] = _read_release_file(_local(explicit[split]), named, cfg)
     missing = [s for s in SPLITS if s not in loaded]
     if not missing:
         return _assemble(cfg, loaded)
