@@ -125,5 +125,6 @@ def test_hub_rows_are_checked_like_file_rows():
         multiarith_row({"question": "q"}, "m[test]:row 0")
     assert gsm8k_aug_row({"question": "q", "cot": "<<2*3=6>> <<6+1=7>>", "answer": "#### 1,007"}, "x") == {
         "question": "q", "steps": ["<<2*3=6>>", "<<6+1=7>>"], "answer": "1007"}
+    assert svamp_row(dict(row, Equation="( 6.0 + 4.0 )", Answer="10.0"), where)["answer"] == "10"
     with pytest.raises(DataError, match=r"^x: field 'answer' must be a string or a number, got list$"):
         gsm8k_aug_row({"question": "q", "cot": "", "answer": [7]}, "x")

@@ -34,6 +34,7 @@ Record = dict  # {"question": str, "steps": list[str], "answer": str} (+ optiona
 REASONING_FIELDS = ("reasoning", "condensed_reasoning")
 
 _ANNOTATION = re.compile(r"<<([^<>]*)>>")
+_INTEGRAL = re.compile(r"^(-?\d+)\.0+$")
 
 
 class DataError(ValueError):
@@ -141,7 +142,8 @@ def _text_answer(value: object, where: str) -> str:
         return str(value)
     if not isinstance(value, str):
         raise DataError(f"{where}: field 'answer' must be a string or a number, got {type(value).__name__}")
-    return value.replace("####", "").strip().replace(",", "")
+    text = value.replace("####", "").strip().replace(",", "")
+    return _INTEGRAL.sub(r"\1", text)  # '145.0' (a float written as text) -> '145'
 
 
 def gsm8k_aug_row(obj: object, where: str) -> Record:
