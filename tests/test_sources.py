@@ -56,6 +56,7 @@ def test_hub_rows_go_through_the_parser_with_the_hubs_splits(tmp_path, no_local_
     assert s.test == [{"question": AUG_ROWS["test"][0]["question"], "steps": ["<<5*2=10>>", "<<10+1=11>>"],
                        "answer": "11"}]
     assert s.train[0]["steps"] == ["<<1+2=3>>"] and s.val[0]["answer"] == "7"
+    assert s.origin == {"train": f"{repo}[train]", "val": f"{repo}[validation]", "test": f"{repo}[test]"}
     # an explicit file in the release's own fields replaces that split only
     mine = tmp_path / "mine.jsonl"
     mine.write_text(json.dumps({"question": "Mine?", "cot": "<<1*1=1>>", "answer": "1"}) + "\n")
@@ -109,6 +110,9 @@ def test_a_local_copy_comes_before_the_hub_and_names_file_and_line(tmp_path, mon
     # data.data_dir is searched first; it lacks the folder, so $SIMCOT_DATA_DIR's copy is used (no Hub id)
     s = load_splits(DataConfig(source="gsm8k-aug", data_dir=str(first), hub_id="/nonexistent", n_val=2))
     assert s.sizes() == {"train": 6, "val": 2, "test": 1} and s.test[0]["answer"] == "10"
+    train_file = second / "gsm8k-aug" / "train.jsonl"
+    assert s.origin == {"train": str(train_file), "val": f"held out of {train_file}", "test": str(train_file.with_name(
+        "test.txt"))}
     with (second / "gsm8k-aug" / "train.jsonl").open("a") as f:
         f.write(json.dumps({"question": "Q", "cot": "<<1+1=2>>"}) + "\n")
     with pytest.raises(DataError, match=r"gsm8k-aug/train\.jsonl:9: expected an object with 'question' and 'cot' "

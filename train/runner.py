@@ -158,6 +158,8 @@ def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
         params[f"data.{split}_examples"] = len(built.examples[split])
     for split, h in built.splits.hashes().items():
         params[f"data.{split}_hash"] = h
+    for split, where in built.splits.origin.items():  # a local file, a URL or `<hub id>[<split>]`
+        params[f"data.{split}_origin"] = where
     params["model.parameters"] = sum(p.numel() for p in built.model.lm.parameters())
     params["model.actual_vocab_size"] = len(built.tok)  # model.vocab_size is the config's (soft) target
     params.update(versions())

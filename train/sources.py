@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -58,6 +58,7 @@ class Splits:
     val: list[Record]
     test: list[Record]
     source: str
+    origin: dict[str, str] = field(default_factory=dict)  # split -> where its rows came from (logged)
 
     def __getitem__(self, name: str) -> list[Record]:
         if name not in SPLITS:
@@ -122,13 +123,17 @@ def _local(path: str | Path) -> Path:
         raise DataError(str(e)) from None
 
 
-def _assemble(cfg: DataConfig, loaded: dict[str, list[Record]]) -> Splits:
+def _assemble(cfg: DataConfig, loaded: dict[str, list[Record]], origin: dict[str, str] | None = None) -> Splits:
     if not loaded["train"]:
         raise DataError(f"source '{cfg.source}' has no training split here: set data.train_file")
+    origin = {s: o for s, o in (origin or {}).items() if loaded[s]}
     train, val = loaded["train"], loaded["val"]
     if not val:
         train, val = _hold_out(train, cfg.n_val, cfg.seed)
-    return Splits(_cap(train, cfg.n_train), _cap(val, cfg.n_val), _cap(loaded["test"], cfg.n_test), cfg.source)
+        if val and "train" in origin:
+            origin["val"] = f"held out of {origin['train']}"
+    return Splits(_cap(train, cfg.n_train), _cap(val, cfg.n_val), _cap(loaded["test"], cfg.n_test), cfg.source,
+                  origin)
 
 
 def _explicit_files(cfg: DataConfig) -> dict[str, str]:
@@ -146,7 +151,7 @@ def _from_files(cfg: DataConfig, fmt: str, defaults: dict[str, Path | None]) -> 
         # A user's file given for a named data set (gsm8k, prosqa) may be in any format.
         f = "auto" if files[split] and cfg.source not in READERS else fmt
         loaded[split] = read_file(path, f, gsm8k_steps=cfg.gsm8k_steps)
-    return _assemble(cfg, loaded)
+    return _assemble(cfg, loaded, {s: files[s] for s in SPLITS if files[s]})
 
 
 # ------------------------------------------------------------------------- named data sets
@@ -237,19 +242,20 @@ def _kept(parsed: list[tuple[str, Record | None]]) -> list[Record]:
     return [rec for _, rec in parsed if rec is not None]
 
 
-def _hub_records(named: Named, cfg: DataConfig) -> dict[str, list[Record]]:
+def _hub_records(named: Named, cfg: DataConfig) -> tuple[dict[str, list[Record]], dict[str, str]]:
+    """The records of each split and the Hub's name of that split."""
     repo = cfg.hub_id or named.hub
     ds = remote.hub_dataset(repo, named.hub_config)
-    loaded = {}
+    loaded, names = {}, {}
     for split in SPLITS:
-        name = next((n for n in _SPLIT_NAMES[split] if n in ds), None)
-        if name is None:
+        name = names[split] = next((n for n in _SPLIT_NAMES[split] if n in ds), "")
+        if not name:
             loaded[split] = []
             continue
         rows = ds[name].to_list()
         wheres = (f"{repo}[{name}]:row {i}" for i in range(len(rows)))
         loaded[split] = _kept([(w, named.row(obj, w, cfg)) for w, obj in zip(wheres, rows)])
-    return loaded
+    return loaded, names
 
 
 def _named(cfg: DataConfig, named: Named) -> Splits:
@@ -257,30 +263,33 @@ def _named(cfg: DataConfig, named: Named) -> Splits:
     data directory that has it; the Hugging Face Hub (through `datasets`' cache), or the release's URLs."""
     explicit = _explicit_files(cfg)
     loaded: dict[str, list[Record]] = {}
-    for split in SPLITS:
-        if explicit[split]:
-            loaded[split] = _read_release_file(_local(explicit[split]), named, cfg)
+    origin = {s: explicit[s] for s in SPLITS if explicit[s]}
+    for split in origin:
+        loaded[split] = _read_release_file(_local(explicit[split]), named, cfg)
     missing = [s for s in SPLITS if s not in loaded]
     if not missing:
-        return _assemble(cfg, loaded)
+        return _assemble(cfg, loaded, origin)
     folders = [d / named.folder for d in data_dirs(cfg)]
     folder = next((f for f in folders if any(_split_file(f, s) for s in SPLITS)), None)
     if folder is not None:  # a local copy is a whole release: a split it lacks is not looked up elsewhere
         for split in missing:
             path = _split_file(folder, split)
             loaded[split] = _read_release_file(path, named, cfg) if path else []
-        return _assemble(cfg, loaded)
+            origin[split] = str(path)
+        return _assemble(cfg, loaded, origin)
     tried = [f"{f}/" for f in folders]
     try:
         if named.hub or cfg.hub_id:
             tried.append(f"Hub dataset {cfg.hub_id or named.hub}")
-            hub = _hub_records(named, cfg)
+            hub, names = _hub_records(named, cfg)
             loaded.update({s: hub[s] for s in missing})
+            origin.update({s: f"{cfg.hub_id or named.hub}[{names[s]}]" for s in missing})
         elif any(named.urls):
             urls = dict(zip(SPLITS, named.urls))
             tried.append(" ".join(urls[s] for s in missing if urls[s]))
             for split in missing:
                 loaded[split] = _read_release_file(remote.fetch(urls[split]), named, cfg) if urls[split] else []
+                origin[split] = urls[split]
         elif loaded:  # the user's own files; the splits they left out are empty (validation: held out)
             loaded.update({s: [] for s in missing})
         else:
@@ -288,7 +297,7 @@ def _named(cfg: DataConfig, named: Named) -> Splits:
     except remote.Unreachable as e:
         places = ", ".join(tried)
         raise DataError(f"source '{cfg.source}': none of its places is reachable (tried {places}): {e}") from None
-    return _assemble(cfg, loaded)
+    return _assemble(cfg, loaded, origin)
 
 
 def load_splits(cfg: DataConfig) -> Splits:
