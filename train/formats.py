@@ -137,7 +137,7 @@ def _need_fields(obj: object, where: str, fields: tuple[str, ...]) -> None:
 def _text_answer(value: object, where: str) -> str:
     """A final answer as text: '#### ' and thousands commas dropped, integral floats as ints."""
     if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else repr(value)
+        return _number(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
