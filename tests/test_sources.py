@@ -28,12 +28,18 @@ AUG_ROWS = {
 }
 
 
-def hub_repo(root: Path, splits: dict[str, list[dict]]) -> Path:
+def hub_repo(root: Path, splits: dict[str, list[dict]], fmt: str = "jsonl") -> Path:
     """A dataset repository as on the Hub: parquet/jsonl shards under data/ and a card naming them."""
     (root / "data").mkdir(parents=True)
     card = ["---", "configs:", "- config_name: default", "  data_files:"]
     for split, rows in splits.items():
-        (root / "data" / f"{split}-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        shard = root / "data" / f"{split}-00000-of-00001.{fmt}"
+        if fmt == "parquet":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+            pq.write_table(pa.Table.from_pylist(rows), shard)
+        else:
+            shard.write_text("".join(json.dumps(r) + "\n" for r in rows))
         card += [f"  - split: {split}", f"    path: data/{split}-*"]
     (root / "README.md").write_text("\n".join(card + ["---", ""]))
     return root
@@ -80,7 +86,8 @@ def test_svamp_and_multiarith_rows_as_the_hub_has_them(tmp_path, no_local_copies
                   "left. How many fishes disappeared?", "Equation": "( ( 7.0 + 12.0 ) - 15.0 )", "Answer": 4.0,
                   "Type": "Subtraction", "question_concat": "Paige raised 7 goldfish and 12 catfish. Now she has 15 "
                   "left. How many fishes disappeared?"}] * 3 for s in ("train", "test")}
-    s = load_splits(DataConfig(source="svamp", hub_id=str(hub_repo(tmp_path / "SVAMP", svamp)), n_val=1))
+    svamp_repo = hub_repo(tmp_path / "SVAMP", svamp, fmt="parquet")  # ChilleD/SVAMP is parquet shards
+    s = load_splits(DataConfig(source="svamp", hub_id=str(svamp_repo), n_val=1))
     assert s.test[0]["steps"] == ["<<7+12=19>>", "<<19-15=4>>"] and s.test[0]["answer"] == "4"
     assert s.sizes() == {"train": 2, "val": 1, "test": 3}  # no validation split: held out of train
     multi = {sp: [{"question": " Paige had 11 songs. She deleted 9 and added 8. How many now? ", "final_ans": "10"}]
