@@ -115,7 +115,8 @@ class EvalConfig:
     match: str = opt("exact", "Answer rule: exact (text after the answer prefix, numbers normalised) | "
                      "last_number | any_number (SemCoT's lenient rule)")
     split: str = opt("test", "Split for `simcot eval`: val | test | train")
-    n_latents: int = opt(-1, "Latents at evaluation (-1 = the method's own count for the evaluated epoch)")
+    n_latents: int = opt(-1, "Force this latent count at evaluation (-1 = the method's own count for each sample "
+                         "at the evaluated epoch)")
     latent_sweep: str = opt("", "Also evaluate with these latent counts, e.g. '1,2,4,8' (logged per count)")
     temperature: float = opt(0.0, "0 = greedy decoding; > 0 samples with this temperature and top_p")
     top_p: float = opt(0.9, "Nucleus sampling mass when temperature > 0 (SemCoT's reference: 0.9)")
