@@ -4,6 +4,7 @@
   per latent (Coconut's multi-pass algorithm in its simplest form).
 - :func:`multipass_hidden`: the same multi-pass algorithm on a padded batch (the reference's way:
   every pass recomputes the whole prefix, no KV cache).
+- :func:`naive_generate`: Coconut's reference ``generate`` (batch 1, no KV cache), its stop rule included.
 """
 
 from __future__ import annotations
@@ -55,8 +56,11 @@ def multipass_hidden(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor,
 @torch.no_grad()
 def naive_generate(model, prefix: list[int], n_latents: int, eot_id: int, max_new_tokens: int,
                    eos_id: int) -> list[int]:
-    """Batch-1 generation without a KV cache, as Coconut's reference `generate` does it: the latents
-    by the multi-pass algorithm, then every new token re-runs the whole sequence."""
+    """Batch-1 generation without a KV cache, as Coconut's reference `generate` does it
+    (facebookresearch/coconut coconut.py:201-257): the latents by the multi-pass algorithm, then
+    every new token re-runs the whole sequence. Its stop rule too: the first token is kept
+    whatever it is (an eos there does not stop generation); a later eos stops it and is not kept.
+    simcot's decoding stops at the first eos, the first token included (README: where simcot differs)."""
     stack = body(model.lm)
     head_ = model.lm.get_output_embeddings()
     emb = model.lm.get_input_embeddings()
@@ -67,10 +71,10 @@ def naive_generate(model, prefix: list[int], n_latents: int, eot_id: int, max_ne
         embeds = torch.cat([embeds, _feedback(model, h)[:, None]], 1)
     embeds = torch.cat([embeds, emb(torch.tensor([[eot_id]], device=dev))], 1)
     out = []
-    for _ in range(max_new_tokens):
+    for t in range(max_new_tokens):
         tok = int(head_(stack(inputs_embeds=embeds).last_hidden_state[:, -1]).argmax(-1))
-        out.append(tok)
-        if tok == eos_id:
+        if tok == eos_id and t > 0:
             break
+        out.append(tok)
         embeds = torch.cat([embeds, emb(torch.tensor([[tok]], device=dev))], 1)
     return out

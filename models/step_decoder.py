@@ -14,6 +14,11 @@ Three kinds:
 
 The step tokens are embedded with the *main* model's embedding (SIM-CoT's "same word
 embedding"); the output head is the decoder's own (``copy``, ``small``) or the main one (``shared``).
+
+Two settings follow the fork a method comes from: ``first_position``, the position id of the
+first latent (the Coconut fork feeds 1..L, coconut.py:744; the CODI fork HF's default 0..L-1),
+and ``dropout``: the Coconut fork's decoder never leaves eval mode (its ``train()`` reaches only
+the base LM, coconut.py:789-793), the CODI fork's trains with dropout like any submodule.
 """
 
 from __future__ import annotations
@@ -54,9 +59,12 @@ def _linear_dims(m: nn.Module) -> tuple[int, int] | None:
 
 
 class StepDecoder(nn.Module):
-    def __init__(self, kind: str, main_lm: nn.Module, scfg, copy_of: nn.Module | None = None):
+    def __init__(self, kind: str, main_lm: nn.Module, scfg, copy_of: nn.Module | None = None,
+                 first_position: int = 0, dropout: bool = True):
         super().__init__()
         self.kind = kind
+        self.first_position = first_position
+        self.dropout = dropout
         base = unwrap(main_lm)
         hidden = base.config.hidden_size
         self.bridge = None
@@ -111,7 +119,18 @@ class StepDecoder(nn.Module):
         finally:
             self._active = False
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.lm is not None and not self.dropout:
+            self.lm.eval()  # no dropout (``shared`` has no LM of its own: it follows the main model)
+        return self
+
     # ----------------------------------------------------------------------------- passes
+
+    def _positions(self, rows: int, start: int, length: int, device) -> torch.Tensor:
+        """(rows, length) position ids from first_position + start."""
+        first = self.first_position + start
+        return torch.arange(first, first + length, device=device).expand(rows, length)
 
     def _decoder_lm(self, main_lm):
         return main_lm if self.kind == "shared" else self.lm
@@ -126,7 +145,9 @@ class StepDecoder(nn.Module):
         mask = torch.cat([torch.ones(prefix.shape[:2], dtype=step_mask.dtype, device=step_mask.device), step_mask], 1)
         ctx = self._adapter_on() if self.kind == "shared" else contextlib.nullcontext()
         with ctx:
-            return body(self._decoder_lm(main_lm))(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+            pos = self._positions(embeds.shape[0], 0, embeds.shape[1], embeds.device)  # (R, c + S)
+            return body(self._decoder_lm(main_lm))(inputs_embeds=embeds, attention_mask=mask,
+                                                   position_ids=pos).last_hidden_state
 
     def output_head(self, main_lm) -> nn.Module:
         return head(self._decoder_lm(main_lm))
@@ -142,7 +163,9 @@ class StepDecoder(nn.Module):
         done = torch.zeros(rows, dtype=torch.bool, device=prefix.device)
         toks = []
         with ctx:
-            out = stack(inputs_embeds=self._embed_in(prefix), use_cache=True)
+            c = prefix.shape[1]
+            out = stack(inputs_embeds=self._embed_in(prefix), use_cache=True,
+                        position_ids=self._positions(rows, 0, c, prefix.device))
             for t in range(max_new_tokens):
                 nxt = out_head(out.last_hidden_state[:, -1]).argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -153,7 +176,8 @@ class StepDecoder(nn.Module):
                 if (not any_rank(~done.all())) if is_distributed() else bool(done.all()):
                     break
                 e = self._embed_in(emb(nxt)[:, None].to(prefix.dtype))
-                out = stack(inputs_embeds=e, use_cache=True, **with_cache(stack, cache_of(out)))
+                out = stack(inputs_embeds=e, use_cache=True, position_ids=self._positions(rows, c + t, 1, prefix.device),
+                            **with_cache(stack, cache_of(out)))
         return torch.stack(toks, 1) if toks else torch.empty(rows, 0, dtype=torch.long, device=prefix.device)
 
 

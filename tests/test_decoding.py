@@ -67,7 +67,7 @@ def test_eval_metrics_average_over_the_batches_that_report_them():
     class Fake:
         special = SimpleNamespace(eos=1, pad=0)
 
-        def eval_prompt(self, ex, epoch=None):
+        def eval_prompt(self, ex, epoch=None, n_latents=None):
             return Prompt([2] * ex["len"], 0, ex)
 
         def prefill(self, model, prompts, device):

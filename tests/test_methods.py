@@ -66,14 +66,55 @@ def test_coconut_pad_latent_to_max_and_eval_prompt():
     assert m.eval_prompt(E1, 1).ids == [10, 11, 2]
 
 
+def reference_eval_latents(n_steps, epoch, c_thought, max_latent_stage, epochs_per_stage, pad_latent_to_max):
+    """facebookresearch/coconut dataset.py:198-209 (get_question_latent_dataset), run.py:244-246."""
+    scheduled_stage = epoch // epochs_per_stage
+    if pad_latent_to_max:
+        max_latent_stage = max_latent_stage
+    else:
+        max_latent_stage = min(max_latent_stage, n_steps)
+    k = min(max_latent_stage, scheduled_stage)
+    return k * c_thought
+
+
+@pytest.mark.parametrize("pad", [False, True])
+@pytest.mark.parametrize("c, max_stage, per_stage", [(1, 3, 1), (2, 2, 1), (2, 3, 2), (1, 0, 1)])
+def test_coconut_eval_latents_per_sample_follow_the_reference(pad, c, max_stage, per_stage):
+    m = method("coconut", **{"coconut.c_thought": c, "coconut.max_latent_stage": max_stage,
+                             "coconut.epochs_per_stage": per_stage, "coconut.pad_latent_to_max": pad})
+    samples = [ex([10], [[20]] * n, [30]) for n in range(6)]
+    for epoch in range(12):
+        got = [m.eval_prompt(e, epoch).n_latents for e in samples]
+        assert got == [reference_eval_latents(n, epoch, c, max_stage, per_stage, pad) for n in range(6)], epoch
+        if m.stage(epoch) > max_stage:  # after the last stage: the same count as the training layout
+            assert got == m.collate(samples, epoch, random.Random(0))["n_latents"].tolist()
+    assert m.eval_latents(11) == max_stage * c  # the budget (tags, a typed question)
+
+
+def test_eval_prompt_forced_latent_count_wins_over_the_method_and_eval_n_latents():
+    m = method("coconut", **{"coconut.c_thought": 2, "coconut.max_latent_stage": 2})
+    assert [m.eval_prompt(e, 9).n_latents for e in (E1, E2)] == [4, 2]  # per sample: E2 has one step
+    assert [m.eval_prompt(e, 9, n_latents=3).n_latents for e in (E1, E2)] == [3, 3]
+    forced = method("coconut", **{"coconut.c_thought": 2, "coconut.max_latent_stage": 2, "eval.n_latents": 5})
+    assert [forced.eval_prompt(e, 9).n_latents for e in (E1, E2)] == [5, 5]
+    assert method("codi", **{"codi.n_latents": 3}).eval_prompt(E2, 0, n_latents=1).n_latents == 1
+
+
 def test_coconut_uniform_prob_draws_a_stage_per_sample():
     m = method("coconut", **{"coconut.uniform_prob": 1.0, "coconut.max_latent_stage": 3})
     stages = {m.plan(E1, 0, random.Random(s))[0] for s in range(40)}
     assert stages == {0, 1, 2, 3}
 
 
-def test_coconut_optimizer_reset_at_stage_changes():
+def test_coconut_optimizer_reset_defaults_to_every_epoch_as_the_reference():
     m = method("coconut", **{"coconut.epochs_per_stage": 2, "coconut.max_latent_stage": 2})
+    assert m.cfg.coconut.reset_optimizer == "epoch"  # reference run.py:312-319: a fresh AdamW every epoch
+    assert all(m.reset_optimizer_at(e) for e in range(1, 10))
+
+
+def test_coconut_optimizer_reset_at_stage_changes():
+    m = method("coconut", **{"coconut.epochs_per_stage": 2, "coconut.max_latent_stage": 2,
+                             "coconut.reset_optimizer": "stage"})
     assert [m.stage(e) for e in range(10)] == [0, 0, 1, 1, 2, 2, 3, 3, 3, 3]  # capped: all steps replaced
     assert [m.reset_optimizer_at(e) for e in range(1, 10)] == [False, True, False, True, False, True, False,
                                                                 False, False]
@@ -147,6 +188,87 @@ def test_simcot_codi_slots_count_the_bot_latent():
 def test_decoder_batch_without_rows_has_a_dummy_row_without_targets():
     b = decoder_batch([], 2, eos=1, pad=0, max_tokens=8)
     assert b["dec_dummy"].tolist() == [True] and (b["dec_labels"] == IGNORE).all()
+
+
+def test_decoder_targets_are_the_step_without_its_separator_then_eos(tmp_path):
+    """Both references decode the `<<…>>` span + eos (merged steps keep the `\n` between them)."""
+    from simcot.train.tokenizer import encode_record, record_texts, train_sentencepiece
+
+    rec = {"question": "2*3+1-2", "steps": ["<<2*3=6>>", "<<6+1=7>>", "<<7-2=5>>"], "answer": "5"}
+    tok = train_sentencepiece(record_texts([rec] * 4, "### "), 300, tmp_path / "tok")
+    sp = SpecialIds.of(tok)
+    e = encode_record(tok, rec, "### ")
+    for name, ov, epoch in [("simcot-coconut", {"coconut.max_latent_stage": 2}, 5), ("simcot-codi", {"codi.n_latents": 1}, 0)]:
+        m = METHODS[name](load_config(None, {"method": name, **ov}), tok, sp)
+        b = m.collate([e], epoch, random.Random(0))
+        rows = [r[k.bool()].tolist() for r, k in zip(b["dec_ids"], b["dec_mask"])]
+        assert all(r[-1] == sp.eos for r in rows), name
+        assert [tok.decode(r[:-1]) for r in rows] == ["<<2*3=6>>", "<<6+1=7>>\n<<7-2=5>>"], name
+
+
+def test_step_targets_split_a_token_that_merges_text_and_separator():
+    from simcot.train.methods.step_supervision import StepTargets
+
+    class Tok:  # LLaMA-3 style: '>>\n' is one token (99), '>>' is 98, '\n' is 7
+        def decode(self, ids):
+            return {99: ">>\n", 98: ">>", 7: "\n", 5: "<<"}[ids[0]]
+
+        def encode(self, text, add_special_tokens=False):
+            return {">>": [98], "": []}[text]
+
+    t = StepTargets(Tok())
+    assert t([5, 99]) == [5, 98] and t([5, 98, 7]) == [5, 98] and t([5, 98]) == [5, 98] and t([]) == []
+
+
+def test_codi_decoder_rows_keep_every_step_whole():
+    """The SIM-CoT CODI fork cuts every row's step to row 0's length + 1 (dedup_trailing_pads in its
+    per-row loop, CODI/src/model.py:494,616); simcot decodes each step whole."""
+    m = method("simcot-codi", **{"codi.n_latents": 1})
+    short, long_ = ex([10], [[20], [21]], [30]), ex([11], [[22, 23, 24, 25, 26], [27]], [31])
+    b = m.collate([short, long_], 0, random.Random(0))
+    rows = [r[k.bool()].tolist() for r, k in zip(b["dec_ids"], b["dec_mask"])]
+    assert rows == [[20, 1], [21, 1], [22, 23, 24, 25, 26, 1], [27, 1]]
+
+
+def test_steps_are_not_truncated_by_default():
+    assert load_config(None, {}).simcot.max_step_tokens == 0
+    m = method("simcot-codi", **{"codi.n_latents": 1})
+    b = m.collate([ex([10], [list(range(5, 105))], [30])], 0, random.Random(0))
+    assert b["dec_mask"][0].sum() == 101  # 100 step tokens + eos
+    assert decoder_batch([(0, 0, list(range(5, 105)))], 1, eos=1, pad=0, max_tokens=8)["dec_mask"].sum() == 9
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from simcot.models.latent_lm import LatentLM
+
+    torch.manual_seed(0)  # GPT-2's default dropout (0.1) everywhere
+    return LatentLM(GPT2LMHeadModel(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, n_positions=64)))
+
+
+@pytest.mark.parametrize("name, first, dropout", [("simcot-coconut", 1, False), ("simcot-codi", 0, True)])
+def test_step_decoder_positions_and_dropout_follow_the_reference_fork(name, first, dropout):
+    """Coconut fork: positions 1..L (coconut.py:744), eval mode (its train() reaches only the base LM,
+    coconut.py:789-793); CODI fork: HF's positions 0..L-1 and dropout like any submodule."""
+    from simcot.models.decoding import body
+
+    model = _tiny_gpt2()
+    method(name).setup_model(model)
+    dec = model.step_decoder
+    model.train()
+    assert model.lm.training and dec.lm.training == dropout
+    seen = []
+    body(dec.lm).register_forward_pre_hook(lambda mod, a, kw: seen.append(kw["position_ids"][0].tolist()),
+                                           with_kwargs=True)
+    prefix = torch.randn(2, 2, 16)
+    ids, mask = torch.tensor([[5, 6, 1], [7, 1, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
+    h1, h2 = (dec.hidden(model.lm, prefix, ids, mask) for _ in range(2))
+    assert seen[0] == list(range(first, first + 5))
+    assert torch.equal(h1, h2) != dropout  # dropout on: two passes differ
+    seen.clear()
+    dec.generate(model.lm, prefix, 3, eos_id=-1, pad_id=0)
+    assert seen == [[first, first + 1], [first + 2], [first + 3]]
 
 
 # ------------------------------------------------------------------------------ latent health

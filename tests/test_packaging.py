@@ -31,3 +31,23 @@ def test_env_check_fails_when_torch_is_not_the_requested_build():
     installed = md.version("torch").split("+")[0]
     assert main(["--torch-spec", f"torch=={installed}"]) == 0
     assert main(["--torch-spec", "torch==0.0.1"]) == 1
+
+
+def test_installed_transformers_is_within_the_declared_range():
+    """setup.cfg's floor is a version the suite was run on (the code uses transformers 5 names);
+    the one installed here must not be older."""
+    import configparser
+    import importlib.metadata as md
+    import re
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    req = next(r.strip() for r in cfg["options"]["install_requires"].splitlines() if r.strip().startswith("transformers"))
+    floor = re.fullmatch(r"transformers>=([\d.]+)", req)
+    assert floor, req
+
+    def version(v: str) -> tuple[int, ...]:
+        return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+    assert version(floor.group(1)) >= (5, 0)  # tokenizer.py passes replace_extra_special_tokens (5.x)
+    assert version(md.version("transformers")) >= version(floor.group(1))

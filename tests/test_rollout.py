@@ -106,18 +106,34 @@ def test_gradients_flow_through_every_latent_step():
 
 
 def test_batched_latent_generation_equals_batch1_generation_without_cache():
-    from simcot.models.decoding import greedy_decode
+    from simcot.models.decoding import greedy_decode, trim_at_eos
     from simcot.models.rollout import prefill_latents
     from simcot.models.rollout_reference import naive_generate
 
     model = _model("tiny-llama", True)
+    with torch.no_grad():  # sharper weights: greedy outputs that vary (at init every row repeats one token)
+        for p in model.lm.parameters():
+            p.mul_(8 if p.dim() == 2 else 1)
     prefixes, n_latents, _, _ = _batch()
     ids, mask = left_pad(prefixes, PAD)
     state, _ = prefill_latents(model, ids, mask, torch.tensor(n_latents), max(n_latents), EOT)
-    out = greedy_decode(model.lm, state, 10, eos_id=1, pad_id=PAD)
+    free = greedy_decode(model.lm, state, 10, eos_id=-1, pad_id=PAD)  # no eos: 10 tokens each
     for i, (p, n) in enumerate(zip(prefixes, n_latents)):
-        ref = naive_generate(model, p, n, EOT, 10, eos_id=1)
-        assert out[i, : len(ref)].tolist() == ref
+        assert free[i].tolist() == naive_generate(model, p, n, EOT, 10, eos_id=-1)
+    # eos = a row's 3rd token: both stop there (the reference keeps no eos); eos = its 1st token:
+    # the reference keeps it and goes on, simcot stops (README: where simcot differs)
+    checked = 0
+    for i, (p, n) in enumerate(zip(prefixes, n_latents)):
+        for at in (2, 0):
+            eos = int(free[i, at])
+            state, _ = prefill_latents(model, ids[i:i + 1], mask[i:i + 1], torch.tensor([n]), n, EOT)
+            ours = trim_at_eos(greedy_decode(model.lm, state, 10, eos_id=eos, pad_id=PAD)[0].tolist(), eos)
+            ref = naive_generate(model, p, n, EOT, 10, eos_id=eos)
+            first = free[i].tolist().index(eos)
+            assert ours == free[i, :first].tolist()
+            assert ref == (ours if first > 0 else [eos] + trim_at_eos(free[i, 1:].tolist(), eos))
+            checked += first == 0 and len(ref) > 1
+    assert checked  # a row whose reference output goes on past a first-token eos
 
 
 def test_mlp_checkpointing_keeps_the_rollout_exact():

@@ -120,7 +120,8 @@ class EvalConfig:
     match: str = opt("exact", "Answer rule: exact (text after the answer prefix, numbers normalised) | "
                      "last_number | any_number (SemCoT's lenient rule)")
     split: str = opt("test", "Split for `simcot eval`: val | test | train")
-    n_latents: int = opt(-1, "Latents at evaluation (-1 = the method's own count for the evaluated epoch)")
+    n_latents: int = opt(-1, "Force this latent count at evaluation (-1 = the method's own count for each sample "
+                         "at the evaluated epoch)")
     latent_sweep: str = opt("", "Also evaluate with these latent counts, e.g. '1,2,4,8' (logged per count)")
     temperature: float = opt(0.0, "0 = greedy decoding; > 0 samples with this temperature and top_p")
     top_p: float = opt(0.9, "Nucleus sampling mass when temperature > 0 (SemCoT's reference: 0.9)")
@@ -147,7 +148,8 @@ class CoconutConfig:
     pad_latent_to_max: bool = opt(False, "After the last stage give every sample max_latent_stage*c latents "
                                   "(else min(#steps, max_latent_stage)*c)")
     uniform_prob: float = opt(0.0, "Probability that a sample trains at a random stage in [0, #steps]")
-    reset_optimizer: str = opt("stage", "Fresh AdamW at: stage (each stage change) | epoch (the reference) | none")
+    reset_optimizer: str = opt("epoch", "Fresh AdamW at: epoch (every epoch, as the reference's reset_optimizer) | "
+                               "stage (each stage change) | none")
 
 
 @dataclass
@@ -177,7 +179,8 @@ class StepDecoderConfig:
     small_layers: int = opt(2, "small: layers of the decoder LM")
     small_hidden: int = opt(0, "small: hidden size of the decoder LM (0 = half the main model's)")
     small_model: str = opt("", "small: a pretrained decoder LM path/name instead of a config-built one")
-    max_step_tokens: int = opt(64, "Truncate each decoded step (merged steps included) to this many tokens")
+    max_step_tokens: int = opt(0, "Truncate each decoded step target (merged steps included) to this many tokens "
+                               "(0 = whole steps, as the references)")
 
 
 @dataclass

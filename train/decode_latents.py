@@ -23,18 +23,20 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tokens: int, device) -> list[dict]:
-    """For each example: its latents decoded slot by slot beside the gold steps, and the answer."""
+def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tokens: int, device,
+                    n_latents: int | None = None) -> list[dict]:
+    """For each example: its latents decoded slot by slot beside the gold steps, and the answer
+    (`n_latents` forces the latent count, else the method's count for each sample)."""
     from simcot.train.methods.step_supervision import decode_texts
 
-    prompts = [method.eval_prompt(ex, epoch) for ex in examples]
+    prompts = [method.eval_prompt(ex, epoch, n_latents=n_latents) for ex in examples]
     ids, mask = left_pad([p.ids for p in prompts], method.special.pad)
     counts = torch.tensor([p.n_latents for p in prompts], device=device)
     state, ro = prefill_latents(model, ids.to(device), mask.to(device), counts, int(counts.max()), method.special.eot)
     answers = greedy_decode(model.lm, state, max_new_tokens, method.special.eos, method.special.pad)
     rows = [r for i, p in enumerate(prompts) for r in method.decode_slots(i, p)]
     texts = decode_texts(model, method.latent_table(model, ro), rows, method.group, tok, method.special.eos,
-                         method.special.pad, method.cfg.simcot.max_step_tokens) if rows else []
+                         method.special.pad, method.cfg.simcot.max_step_tokens or max_new_tokens) if rows else []
     results = []
     for i, (ex, p) in enumerate(zip(examples, prompts)):
         slots = [{"slot": g, "decoded": text, "gold": tok.decode(gold).strip() if gold else ""}
@@ -68,8 +70,10 @@ def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: 
         examples = built.examples[split][:n]
         if not examples:
             raise ValueError(f"split '{split}' of source '{cfg.data.source}' is empty")
-    results = decode_examples(built.model, built.method, built.tok, examples, load_trainer_state(ckpt).get("epoch"),
-                              cfg.eval.max_new_tokens, dev)
+    epoch = load_trainer_state(ckpt).get("epoch")
+    # a typed question has no gold steps to size its latents by: it gets the method's full budget
+    results = decode_examples(built.model, built.method, built.tok, examples, epoch, cfg.eval.max_new_tokens, dev,
+                              n_latents=built.method.eval_latents(epoch) if question else None)
     path = Path(out) if out else ckpt / "decoded_latents.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results))
     tracker = make_tracker(cfg.tracking, f"decode-{cfg.train.run_name}")

@@ -65,7 +65,8 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
     """Accuracy of greedy decoding on `examples` (every rank gets the same result).
 
     Prompts are sorted by length so each batch wastes little padding; predictions come back in
-    the original order. `n_latents` overrides the method's latent count (latent sweeps),
+    the original order. `n_latents` forces the latent count (latent sweeps; else the method's
+    count for each sample),
     `temperature` the configured one (0 = greedy; > 0 samples with eval.top_p). With
     several ranks each evaluates a shard; all run the same number of batches and decode steps
     (ZeRO-3 gathers parameters in every forward), then the results are gathered.
@@ -73,10 +74,7 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
     rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
     was_training = model.training
     model.eval()
-    prompts = [method.eval_prompt(ex, epoch) for ex in examples]
-    if n_latents is not None:
-        for p in prompts:
-            p.n_latents = n_latents
+    prompts = [method.eval_prompt(ex, epoch, n_latents=n_latents) for ex in examples]
     order = sorted(range(len(examples)), key=lambda i: len(prompts[i].ids))
     shard = order[rank::world]
     batches = [shard[i:i + ecfg.batch_size] for i in range(0, len(shard), ecfg.batch_size)]

@@ -91,11 +91,14 @@ class Method:
     def loss(self, model: LatentLM, batch: dict) -> LossOutput:
         raise NotImplementedError
 
-    def eval_latents(self, epoch: int | None) -> int:
-        """Latents an evaluation prompt gets after training up to `epoch` (0: no latents)."""
+    def eval_latents(self, epoch: int | None, ex: dict | None = None) -> int:
+        """Latents an evaluation prompt gets after training up to `epoch` (0: no latents); with `ex`
+        the count for that sample (Coconut's depends on its step count), without it the method's budget."""
         return 0
 
-    def eval_prompt(self, ex: dict, epoch: int | None = None) -> Prompt:
+    def eval_prompt(self, ex: dict, epoch: int | None = None, n_latents: int | None = None) -> Prompt:
+        """The evaluation prompt of `ex` after training up to `epoch`; `n_latents` forces the latent
+        count (``eval.latent_sweep``), else the method decides it per sample."""
         raise NotImplementedError
 
     def prefill(self, model: LatentLM, prompts: list[Prompt], device: torch.device) -> Prefill:

@@ -57,9 +57,15 @@ class Coconut(LatentMethod):
             return n_steps, n_lat * c.c_thought
         return k, k * c.c_thought
 
-    def latent_count(self, epoch):
+    def latent_count(self, epoch, ex=None):
+        """min(max_latent_stage, stage)·c, the stage cap lowered to the sample's step count unless
+        ``pad_latent_to_max`` (the reference's get_question_latent_dataset, dataset.py:199-207); it
+        equals the training layout after the last stage. Without `ex`: the budget (the cap unlowered)."""
         c = self.cfg.coconut
-        return min(c.max_latent_stage, self.stage(epoch or 0)) * c.c_thought
+        cap = c.max_latent_stage
+        if ex is not None and not c.pad_latent_to_max:
+            cap = min(cap, len(ex["steps"]))
+        return min(cap, self.stage(epoch or 0)) * c.c_thought
 
     def collate(self, examples, epoch, rng):
         return self.collate_plans(examples, [self.plan(ex, epoch, rng) for ex in examples])

@@ -61,7 +61,7 @@ class Codi(LatentMethod):
         if self.cfg.codi.projection and model.projection is None:
             model.projection = LatentProjection(model.config.hidden_size, self.cfg.codi.proj_dim)
 
-    def latent_count(self, epoch):
+    def latent_count(self, epoch, ex=None):
         return self.cfg.codi.n_latents
 
     def teacher_steps(self, ex: dict) -> list[list[int]]:

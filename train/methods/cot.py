@@ -22,5 +22,5 @@ class CoT(Method):
         ce = shifted_ce(model.lm, hidden, batch["labels"])
         return LossOutput(ce, {"ce": ce.detach()})
 
-    def eval_prompt(self, ex, epoch=None):
+    def eval_prompt(self, ex, epoch=None, n_latents=None):
         return Prompt(ex["q"])

@@ -13,15 +13,17 @@ from simcot.train.methods.base import Method, Prompt
 class LatentMethod(Method):
     uses_latents = True
 
-    def latent_count(self, epoch: int | None) -> int:
-        """Latents at evaluation for a model trained up to `epoch`."""
+    def latent_count(self, epoch: int | None, ex: dict | None = None) -> int:
+        """Latents at evaluation for a model trained up to `epoch`: for sample `ex`, or (None) the budget."""
         raise NotImplementedError
 
-    def eval_latents(self, epoch: int | None) -> int:
-        return self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.latent_count(epoch)
+    def eval_latents(self, epoch: int | None, ex: dict | None = None) -> int:
+        """``eval.n_latents`` when set (>= 0: force this count), else the method's own count."""
+        return self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.latent_count(epoch, ex)
 
-    def eval_prompt(self, ex, epoch=None):
-        return Prompt(ex["q"] + [self.special.bot], self.eval_latents(epoch), ex)
+    def eval_prompt(self, ex, epoch=None, n_latents=None):
+        return Prompt(ex["q"] + [self.special.bot], self.eval_latents(epoch, ex) if n_latents is None else n_latents,
+                      ex)
 
     def prefill(self, model, prompts: list[Prompt], device: torch.device) -> Prefill:
         ids, mask = left_pad([p.ids for p in prompts], self.special.pad)

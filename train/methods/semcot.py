@@ -255,18 +255,20 @@ class SemCoT(Method):
 
     # ---------------------------------------------------------------------------- evaluation
 
-    def eval_latents(self, epoch=None):
+    def eval_latents(self, epoch=None, ex=None):
         return self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.cfg.semcot.n_thoughts
 
-    def eval_prompt(self, ex, epoch=None, n_thoughts: int | None = None):
-        n = self.eval_latents(epoch) if n_thoughts is None else n_thoughts
+    def eval_prompt(self, ex, epoch=None, n_latents=None):
+        n = self.eval_latents(epoch, ex) if n_latents is None else n_latents
         return Prompt(ex["q"] + [self.special.latent] * n + ex["a"][:ex["a_marker"]], n, ex)
 
     @torch.no_grad()
     def prefill(self, model, prompts: list[Prompt], device) -> Prefill:
         """Generator (one parallel forward), then the answering model's prompt with the implicit tokens."""
-        n = prompts[0].n_latents  # (a latent-count override may have changed it after eval_prompt)
-        ids, mask = left_pad([self.eval_prompt(p.ex, n_thoughts=n).ids for p in prompts], self.special.pad)
+        n = prompts[0].n_latents  # one count for the batch: the generator makes n states in one forward
+        if any(p.n_latents != n for p in prompts):
+            raise ValueError("semcot evaluates a batch with one implicit-token count")
+        ids, mask = left_pad([p.ids for p in prompts], self.special.pad)
         ids, mask = ids.to(device), mask.to(device)
         emb = model.embed(ids)
         if n > 0:

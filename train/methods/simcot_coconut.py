@@ -3,17 +3,18 @@
 Each group of c latents is decoded into the step it replaced at the current stage; with more
 replaced steps than groups the last group gets the rest merged, and groups without a step get
 the answer ('### N') as a pseudo-step. Loss = Coconut's CE + weight * step-decoder CE, one scalar.
+As in the Coconut fork, the decoder reads its latents at positions 1..c and trains without dropout.
 """
 
 from __future__ import annotations
 
 from simcot.train.methods.base import LossOutput, shifted_ce
 from simcot.train.methods.coconut import Coconut
-from simcot.train.methods.step_supervision import (align_steps, build_decoder, decoder_batch, decoder_loss,
-                                                   step_match, validate_decoder)
+from simcot.train.methods.step_supervision import (StepSupervised, align_steps, build_decoder, decoder_batch,
+                                                   decoder_loss, step_match, validate_decoder)
 
 
-class SimCoTCoconut(Coconut):
+class SimCoTCoconut(StepSupervised, Coconut):
     name = "simcot-coconut"
 
     @classmethod
@@ -37,7 +38,8 @@ class SimCoTCoconut(Coconut):
 
     def setup_model(self, model):
         if model.step_decoder is None and not self.inference:
-            model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring)
+            model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring, first_position=1,
+                                               dropout=False)
 
     @property
     def normalization(self) -> str:
@@ -46,7 +48,7 @@ class SimCoTCoconut(Coconut):
 
     def slot_rows(self, i: int, ex: dict, n_skip: int, n_latents: int) -> list[tuple[int, int, list[int]]]:
         slots = align_steps(ex["steps"][:n_skip], n_latents // self.cfg.coconut.c_thought, ex["a"][:-1])
-        return [(i, g, t) for g, t in enumerate(slots) if t is not None]
+        return [(i, g, self.step_targets(t)) for g, t in enumerate(slots) if t is not None]
 
     def collate(self, examples, epoch, rng):
         plans = [self.plan(ex, epoch, rng) for ex in examples]

@@ -12,11 +12,11 @@ import torch
 
 from simcot.train.methods.base import LossOutput
 from simcot.train.methods.codi import Codi
-from simcot.train.methods.step_supervision import (align_steps, build_decoder, decoder_batch, decoder_loss,
-                                                   step_match, validate_decoder)
+from simcot.train.methods.step_supervision import (StepSupervised, align_steps, build_decoder, decoder_batch,
+                                                   decoder_loss, step_match, validate_decoder)
 
 
-class SimCoTCodi(Codi):
+class SimCoTCodi(StepSupervised, Codi):
     name = "simcot-codi"
 
     group = 1  # latents per decoded slot
@@ -46,7 +46,7 @@ class SimCoTCodi(Codi):
 
     def slot_rows(self, i: int, ex: dict, n_latents: int) -> list[tuple[int, int, list[int]]]:
         slots = align_steps(self.teacher_steps(ex), n_latents + 1, None)
-        return [(i, g, t) for g, t in enumerate(slots) if t is not None]
+        return [(i, g, self.step_targets(t)) for g, t in enumerate(slots) if t is not None]
 
     def collate(self, examples, epoch, rng):
         batch = super().collate(examples, epoch, rng)

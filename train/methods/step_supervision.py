@@ -6,6 +6,11 @@ are merged into the last slot; slots without a step get a filler (Coconut: the a
 pseudo-step) or no loss (CODI). Every slot of every sample goes through the decoder in **one**
 batched forward (the reference runs a Python loop per slot).
 
+A slot's target is its step's text without the trailing step separator, then eos: both
+references decode the ``<<…>>`` span and the end marker (merged steps keep the separators
+between them, as the Coconut fork joins them with ``\n``). Steps are not truncated unless
+``simcot.max_step_tokens`` says so (the references never truncate).
+
 Normalisation, per slot index g, then the mean over slot indices that have targets:
 - ``sequence`` (Coconut fork): summed token NLL of the rows at g / number of such rows;
 - ``token`` (CODI fork): token-mean NLL over the rows at g.
@@ -13,11 +18,14 @@ Normalisation, per slot index g, then the mean over slot indices that have targe
 
 from __future__ import annotations
 
+from functools import cached_property
+
 import torch
 
 from simcot.kernels import fused_linear_cross_entropy, gathered
 from simcot.models.step_decoder import StepDecoder
 from simcot.train.methods.base import IGNORE, right_pad
+from simcot.train.tokenizer import STEP_SEP
 
 
 def align_steps(steps: list[list[int]], n_slots: int, filler: list[int] | None) -> list[list[int] | None]:
@@ -30,17 +38,49 @@ def align_steps(steps: list[list[int]], n_slots: int, filler: list[int] | None) 
     return [list(s) for s in steps] + [filler] * (n_slots - len(steps))
 
 
-def build_decoder(model, cfg, tok, restoring: bool = False) -> StepDecoder:
+class StepTargets:
+    """A step's decoder target: its tokens without the trailing separator ``\n``. A last token
+    that merges text and separator (LLaMA-3's ``'>>\n'``) is replaced by the text's own tokens,
+    as the Coconut fork splits ``'>>\n'`` into ``'>>'``, ``'\n'`` (coconut.py:533-549)."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self._last: dict[int, list[int] | None] = {}  # token id -> its tokens without the separator
+
+    def __call__(self, ids: list[int]) -> list[int]:
+        if not ids or self.tok is None:
+            return ids
+        last = ids[-1]
+        if last not in self._last:
+            text = self.tok.decode([last])
+            self._last[last] = (self.tok.encode(text[: -len(STEP_SEP)], add_special_tokens=False)
+                                if text.endswith(STEP_SEP) else None)
+        bare = self._last[last]
+        return ids if bare is None else ids[:-1] + bare
+
+
+class StepSupervised:
+    """What a SIM-CoT method adds to its base method's members (needs ``self.tok``)."""
+
+    @cached_property
+    def step_targets(self) -> StepTargets:
+        return StepTargets(self.tok)
+
+
+def build_decoder(model, cfg, tok, restoring: bool = False, first_position: int = 0,
+                  dropout: bool = True) -> StepDecoder:
     """The configured step decoder; ``copy_from=pretrained`` starts a copy decoder from the pretrained
     base model (the references' choice) instead of the main model's starting weights. When a
-    checkpoint is about to overwrite the weights (`restoring`), the pretrained base is not loaded."""
+    checkpoint is about to overwrite the weights (`restoring`), the pretrained base is not loaded.
+    `first_position` and `dropout` follow the method's reference fork (see StepDecoder)."""
     scfg = cfg.simcot
+    kw = {"first_position": first_position, "dropout": dropout}
     if scfg.decoder == "copy" and scfg.copy_from == "pretrained" and not restoring:
         from simcot.models.loading import build_lm
 
         dtype = model.lm.get_input_embeddings().weight.dtype
-        return StepDecoder("copy", model.lm, scfg, copy_of=build_lm(cfg.model, tok, dtype))
-    return StepDecoder(scfg.decoder, model.lm, scfg)
+        return StepDecoder("copy", model.lm, scfg, copy_of=build_lm(cfg.model, tok, dtype), **kw)
+    return StepDecoder(scfg.decoder, model.lm, scfg, **kw)
 
 
 def validate_decoder(cfg) -> None:
@@ -55,8 +95,14 @@ def validate_decoder(cfg) -> None:
 Row = tuple[int, int, list[int]]  # (sample, slot index g, target tokens); latents g*c .. g*c+c-1
 
 
+def truncate(target: list[int], max_tokens: int) -> list[int]:
+    """`target` cut to `max_tokens` (0: whole)."""
+    return target[:max_tokens] if max_tokens > 0 else target
+
+
 def decoder_batch(rows: list[Row], group: int, eos: int, pad: int, max_tokens: int) -> dict:
-    """Tensors for the decoder pass. Row (i, g, target) reads latents [g*c, (g+1)*c) of sample i.
+    """Tensors for the decoder pass. Row (i, g, target) reads latents [g*c, (g+1)*c) of sample i;
+    targets are cut to `max_tokens` (0: whole) and get eos.
 
     With no rows a dummy row without targets is added, so every step makes exactly one decoder
     forward (under ZeRO-3 every rank must run the same passes).
@@ -64,7 +110,7 @@ def decoder_batch(rows: list[Row], group: int, eos: int, pad: int, max_tokens: i
     dummy = not rows
     if dummy:
         rows = [(0, 0, [])]
-    targets = [t[:max_tokens] + [eos] for _, _, t in rows]
+    targets = [truncate(t, max_tokens) + [eos] for _, _, t in rows]
     labels = [[IGNORE] * len(t) if dummy else t for t in targets]
     return {"dec_ids": right_pad(targets, pad), "dec_mask": right_pad([[1] * len(t) for t in targets], 0),
             "dec_labels": right_pad(labels, IGNORE), "dec_sample": torch.tensor([i for i, _, _ in rows]),
@@ -118,14 +164,16 @@ def _row_prefix(table: torch.Tensor, rows: list[Row], group: int) -> torch.Tenso
 @torch.no_grad()
 def step_match(model, table: torch.Tensor, rows: list[Row], group: int, tok, eos: int, pad: int,
                max_tokens: int) -> dict[str, float]:
-    """Greedy-decode every slot and compare with its target step (exact match of the text)."""
+    """Greedy-decode every slot and compare with its target step (exact match of the text); each
+    decodes at most one token more than the longest target (cut to `max_tokens` when > 0) and eos."""
     if not rows:
         return {}
-    out = model.step_decoder.generate(model.lm, _row_prefix(table, rows, group), max_tokens + 1, eos, pad)
+    targets = [truncate(t, max_tokens) for _, _, t in rows]
+    out = model.step_decoder.generate(model.lm, _row_prefix(table, rows, group), max(map(len, targets)) + 1, eos, pad)
     hits: dict[int, list[float]] = {}
-    for (_, g, target), ids in zip(rows, out.tolist()):
+    for (_, g, _), target, ids in zip(rows, targets, out.tolist()):
         ids = ids[: ids.index(eos)] if eos in ids else ids
-        hits.setdefault(g, []).append(float(tok.decode(ids).strip() == tok.decode(target[:max_tokens]).strip()))
+        hits.setdefault(g, []).append(float(tok.decode(ids).strip() == tok.decode(target).strip()))
     metrics = {f"decoder_step_match/slot_{g}": sum(v) / len(v) for g, v in sorted(hits.items())}
     metrics["decoder_step_match"] = sum(sum(v) for v in hits.values()) / sum(len(v) for v in hits.values())
     return metrics
@@ -134,6 +182,6 @@ def step_match(model, table: torch.Tensor, rows: list[Row], group: int, tok, eos
 @torch.no_grad()
 def decode_texts(model, table: torch.Tensor, rows: list[Row], group: int, tok, eos: int, pad: int,
                  max_tokens: int) -> list[str]:
-    """Decoded text of each row's latent group (for `simcot decode`)."""
+    """Decoded text of each row's latent group (for `simcot decode`), at most `max_tokens` tokens."""
     out = model.step_decoder.generate(model.lm, _row_prefix(table, rows, group), max_tokens, eos, pad)
     return [tok.decode(ids[: ids.index(eos)] if eos in ids else ids).strip() for ids in out.tolist()]
