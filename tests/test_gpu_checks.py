@@ -1,0 +1,87 @@
+"""benchmarks/gpu_checks.sh imports the installed simcot, never the repository's own simcot/ folder.
+
+A lent GPU gives 15 minutes once; a script whose steps import the repo folder (which lacks
+kernels/, train/...: setup.cfg maps them only on install) loses it on the first import. The script's
+`where` part runs the same install path and the same Python launcher (`py`) as every step; here the
+installed package is a marked fake in a --target-like folder, and this venv's editable simcot is
+behind it on sys.path, so only the repo folder on sys.path (the working directory) could win.
+
+The whole CPU rehearsal (minutes, and a bare venv with the carried wheels) runs only when
+SIMCOT_REHEARSAL_PYTHON names that venv's python: see benchmarks/README.md, "Running the GPU checks".
+"""
+
+import os
+import re
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_checks.sh"
+
+
+def run_script(part: str, tmp_path: Path, timeout: int, **env) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DEVICE": "cpu", "OUT": str(tmp_path / "out"), "PYTHON": sys.executable, **env}
+    env.pop("PYTHONPATH", None)
+    return subprocess.run(["bash", str(SCRIPT), part], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def fake_site(tmp_path: Path) -> Path:
+    site = tmp_path / "site"
+    (site / "simcot").mkdir(parents=True)
+    (site / "simcot" / "__init__.py").write_text("INSTALLED = True\n")
+    return site
+
+
+def test_the_steps_python_imports_the_installed_simcot(tmp_path):
+    site = fake_site(tmp_path)
+    p = run_script("where", tmp_path, 120, INSTALL="0", SITE=str(site))
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert f"simcot from {site}/simcot/__init__.py" in p.stdout
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert re.search(r"^== imports: rc=0 in \d+ s \(estimated ~5 s\)$", summary, re.M), summary
+
+
+def test_a_step_that_would_import_the_repo_folder_fails(tmp_path):
+    """The check itself bites: the same check run from the repository root (the old script's way) fails."""
+    site = fake_site(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    p = subprocess.run([sys.executable, "-c", "import simcot; print(simcot.__file__)"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert p.stdout.strip() == str(REPO / "simcot" / "__init__.py")  # the shadowing the script must avoid
+
+
+def test_every_python_process_starts_through_py():
+    """No step may call the interpreter directly (it would run in the repo with the repo on sys.path)."""
+    lines = SCRIPT.read_text().splitlines()
+    start = lines.index(next(ln for ln in lines if ln.startswith("py() {")))
+    end = start + lines[start:].index("}")
+    direct = [f"{i + 1}: {ln}" for i, ln in enumerate(lines) if '"$PY"' in ln and not start <= i <= end]
+    assert not direct, "\n".join(direct)
+    assert not re.search(r"^\s*(python3?|torchrun|deepspeed)\b", SCRIPT.read_text(), re.M)
+
+
+def test_an_unknown_part_is_refused(tmp_path):
+    p = run_script("all", tmp_path, 30)
+    assert p.returncode == 2
+    assert p.stderr.strip() == "usage: bash benchmarks/gpu_checks.sh kernels|train|where (got 'all')"
+
+
+@pytest.mark.skipif(not os.environ.get("SIMCOT_REHEARSAL_PYTHON"),
+                    reason="the CPU rehearsal takes minutes: set SIMCOT_REHEARSAL_PYTHON to a bare venv's python")
+@pytest.mark.parametrize("part", ["kernels", "train"])
+def test_cpu_rehearsal(tmp_path, part):
+    p = run_script(part, tmp_path, 1800, QUICK="1", PYTHON=os.environ["SIMCOT_REHEARSAL_PYTHON"])
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert p.returncode == 0, summary
+    rcs = re.findall(r"^== (\w+): rc=(\d+)", summary, re.M)
+    assert rcs and all(rc == "0" for _, rc in rcs), summary
+    with tarfile.open(tmp_path / "out" / "results.tar.gz") as tar:
+        assert "./meta.json" in tar.getnames()
+    if part == "kernels":
+        log = (tmp_path / "out" / "checks.log").read_text()
+        assert re.search(r"\d+ skipped", log), "tests/test_kernel_cuda.py was not collected"
