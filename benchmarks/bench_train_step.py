@@ -187,7 +187,8 @@ def markdown(info: dict) -> str:
             md.append(f"| {r['setup']} | {r['method']} | | | | | | | {plan} | {r['status']} |")
             continue
         mfu = f"{100 * r['mfu']:.1f} %" if r.get("mfu") is not None else "n/a"
-        md.append(f"| {r['setup']} | {r['method']} | {r['params'] / 1e9:.2f}B | {r['tokens']:.0f} | {r['step_s']:.3f} "
+        size = f"{r['params'] / 1e9:.2f}B" if r["params"] >= 1e9 else f"{r['params'] / 1e6:.1f}M"
+        md.append(f"| {r['setup']} | {r['method']} | {size} | {r['tokens']:.0f} | {r['step_s']:.3f} "
                   f"| {r['tokens_per_s']:.0f} | {mfu} | {r['peak_memory_gib']:.1f} | {plan} | ok |")
     return "\n".join(md)
 
