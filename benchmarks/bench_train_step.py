@@ -127,7 +127,16 @@ def run_method(args, setup: dict, method: str, work: Path) -> dict:
     except ImportError:
         runner.tokenize = tokenize_plain
     runner.seed_everything(cfg.train.seed)
-    built = runner.build(cfg, work / "runs" / method)
+    if device.type == "cuda" and hf_ds_config is None:
+        try:  # weights created and random-initialised on the GPU: seconds, not a CPU init of 1B parameters
+            with torch.device(device):
+                built = runner.build(cfg, work / "runs" / method)
+        except Exception as e:  # noqa: BLE001 - a lease is worth more than the seconds: build as simcot train does
+            print(f"building on {device} failed ({type(e).__name__}: {e}); building on the CPU", flush=True)
+            runner.seed_everything(cfg.train.seed)
+            built = runner.build(cfg, work / "runs" / method)
+    else:  # ZeRO-3: zero.Init already creates each parameter partitioned on the GPU
+        built = runner.build(cfg, work / "runs" / method)
     engine = DeepSpeedEngine(built.model, cfg, cfg.train.max_steps, device, 1, ds_config, built.method.param_groups)
     trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, NullTracker(), work / "runs" / method, "")
     build_s = time.perf_counter() - t_build

@@ -16,7 +16,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PYVER=${PYVER:-3.12}
 PIP=${PIP:-$REPO/.venv/bin/python -m pip}
-DEST=$REPO/.whl
+DEST=${DEST:-$REPO/.whl}  # where the wheels go (the device tool carries .whl)
 # What the image (torch 2.11, triton, transformers, peft, pytest, numpy, safetensors, sentencepiece,
 # tokenizers) already brings, with their own dependencies: never carried (numpy alone is 16 MB).
 IMAGE_HAS="torch triton transformers tokenizers safetensors sentencepiece peft pytest numpy huggingface_hub hf_xet

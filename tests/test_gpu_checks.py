@@ -85,3 +85,47 @@ def test_cpu_rehearsal(tmp_path, part):
     if part == "kernels":
         log = (tmp_path / "out" / "checks.log").read_text()
         assert re.search(r"\d+ skipped", log), "tests/test_kernel_cuda.py was not collected"
+
+
+def test_gpu_results_lands_an_archive_and_renders_a_readme(tmp_path):
+    """An archive as gpu_checks.sh packs it -> results files with the run's provenance -> README blocks."""
+    import io
+    import json
+    import shutil
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import gpu_results
+
+    meta = {"command": "bash benchmarks/gpu_checks.sh kernels", "commit": "0123456789abcdef", "dirty": False,
+            "date": "2026-12-01 12:00 UTC", "device": "cuda", "machine": "x86_64", "cores": 16, "load_avg_1m": 0.5,
+            "threads": 8, "torch": "2.11.0+cu128", "python": "3.12.3", "gpu": "NVIDIA H200", "part": "kernels",
+            "quick": False}
+    own = dict(meta, commit="unknown", command="python benchmarks/bench_train_step.py")  # a results_io file
+    files = {"meta.json": json.dumps(meta),
+             "latent_feedback_cuda.json": json.dumps({"rows": [1, 2]}),  # a benchmark without a meta block
+             "latent_feedback_cuda.md": "| a |\n|---|\n| 1 |\n",
+             "train_step_cuda.json": json.dumps({"meta": own, "rows": []}),
+             "train_step_cuda.md": "Measured whenever: old provenance\n\n| b |\n|---|\n| 2 |\n"}
+    archive = tmp_path / "results.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo("./" + name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    results = tmp_path / "results"
+    shutil.copytree(REPO / "benchmarks" / "results", results)  # the README's other blocks stay renderable
+    readme = tmp_path / "README.md"
+    readme.write_text((REPO / "README.md").read_text() + "\n<!-- results:latent_feedback_cuda -->\n"
+                      "<!-- /results:latent_feedback_cuda -->\n")
+    assert gpu_results.main([str(archive), "--results-dir", str(results), "--readme", str(readme)]) == 0
+
+    lf_md = (results / "latent_feedback_cuda.md").read_text()
+    assert lf_md == ("Measured 2026-12-01 12:00 UTC at commit `0123456789` on NVIDIA H200, 8 torch threads, load 0.5, "
+                     "torch 2.11.0+cu128: `bash benchmarks/gpu_checks.sh kernels (latent_feedback_cuda)`\n\n"
+                     "| a |\n|---|\n| 1 |\n")
+    assert json.loads((results / "latent_feedback_cuda.json").read_text())["rows"] == [1, 2]
+    ts_md = (results / "train_step_cuda.md").read_text()
+    assert ts_md.startswith("Measured 2026-12-01 12:00 UTC at commit `0123456789` on NVIDIA H200")  # commit filled in
+    assert ts_md.endswith("`python benchmarks/bench_train_step.py`\n\n| b |\n|---|\n| 2 |\n")
+    assert "<!-- results:latent_feedback_cuda -->\n" + lf_md + "<!-- /results:latent_feedback_cuda -->" in \
+        readme.read_text()
