@@ -217,6 +217,8 @@ def main() -> int:
     ap.add_argument("--setup-budget-s", default="0", help="per setup (comma-separated, one per setup or one for "
                     "all): skip its methods that would end past this many seconds of it (0: no limit)")
     ap.add_argument("--quick", action="store_true", help="results file named *_quick (a rehearsal, not a figure)")
+    ap.add_argument("--results-dir", type=Path, default=None, help="where the results files go "
+                    "(default benchmarks/results)")
     args = ap.parse_args()
     if args.peak_tflops is None and args.device == "cuda":
         args.peak_tflops = 989.0
@@ -260,12 +262,14 @@ def main() -> int:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
                 # after every method: a lease's time limit that kills the process keeps what was measured
-                write_results(name, info, markdown(info), device=args.device, meta=meta)
+                write_results(name, info, markdown(info), device=args.device, meta=meta,
+                              results_dir=args.results_dir)
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()  # or the process aborts at exit
-    path = write_results(name, info, markdown(info), device=args.device, meta=meta)
+    path = write_results(name, info, markdown(info), device=args.device, meta=meta,
+                         results_dir=args.results_dir)
     print(f"wrote {path} and {path.with_suffix('.md').name}")
     return 0 if all(r["rc"] == 0 for r in rows) else 1
 

@@ -21,7 +21,7 @@ DEST=${DEST:-$REPO/.whl}  # where the wheels go (the device tool carries .whl)
 # tokenizers) already brings, with their own dependencies: never carried (numpy alone is 16 MB).
 IMAGE_HAS="torch triton transformers tokenizers safetensors sentencepiece peft pytest numpy huggingface_hub hf_xet
 pyyaml tqdm packaging regex filelock fsspec typing_extensions jinja2 markupsafe sympy mpmath networkx accelerate
-psutil pluggy iniconfig pygments setuptools"
+psutil pluggy iniconfig pygments"
 
 version() {  # the version in this machine's venv, so the GPU runs what the tests run
     $PIP show "$1" 2>/dev/null | sed -n 's/^Version: //p'
@@ -34,12 +34,13 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 echo "deepspeed $DS (built here), mlflow-skinny $MLF, fire $FIRE, for Python $PYVER"
 $PIP wheel -q --no-deps --no-build-isolation -w "$DEST" "deepspeed==$DS"
-# deepspeed's dependencies (but torch), mlflow-skinny's and fire's, and the SQLite store's, resolved
-# for the target Python; torch is not among them.
+# deepspeed's dependencies (but torch), mlflow-skinny's and fire's, the SQLite store's, and a
+# setuptools that builds wheels without the `wheel` package, resolved for the target Python.
 $PIP download -q --only-binary=:all: --python-version "$PYVER" --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d "$tmp" \
-    "mlflow-skinny==$MLF" "fire==$FIRE" sqlalchemy alembic einops hjson msgpack ninja py-cpuinfo pydantic
+    "mlflow-skinny==$MLF" "fire==$FIRE" sqlalchemy alembic einops hjson msgpack ninja py-cpuinfo pydantic \
+    "setuptools>=70.1"  # builds simcot there (--no-build-isolation) whatever the image's setuptools is
 norm() { echo "$1" | tr 'A-Z-.' 'a-z__'; }
 for w in "$tmp"/*.whl; do
     name=$(norm "$(basename "$w" | cut -d- -f1)")
