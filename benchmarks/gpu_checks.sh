@@ -33,6 +33,7 @@ esac
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
 PY=${PYTHON:-python3}
+PY=$([[ $PY != */* ]] && echo "$PY" || echo "$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")")  # steps run elsewhere
 OUT=${OUT:-$REPO/.gpu_checks/$PART}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT/summary.txt" "$OUT/checks.log" "$OUT/results.tar.gz"
@@ -169,8 +170,9 @@ if [ "${INSTALL:-1}" = 1 ]; then
 fi
 
 case "$PART" in
-    where)
+    where)  # the import path of every kind of step: `-c`, and pytest collecting the CUDA tests
         step imports 5 0 check_imports
+        step collect 10 0 py -m pytest --collect-only -q -s -p no:cacheprovider --noconftest "$REPO/tests/test_kernel_cuda.py"
         ;;
     kernels)
         step imports "$(est 15 30)" "$(lim 60)" check_imports torch triton simcot.kernels simcot.models.rollout
