@@ -179,11 +179,12 @@ case "$PART" in
         write_meta  # even after a failed import: the archive says where and what ran
         step cuda_tests "$(est 90 30)" "$(lim 180)" py -m pytest -q -rs -p no:cacheprovider --noconftest \
             "$REPO/tests/test_kernel_cuda.py"
-        step linear_cross_entropy "$(est 120 200)" "$(lim 180)" py "$REPO/benchmarks/bench_linear_cross_entropy.py" \
-            --device "$DEVICE" $quick
+        # the open-ended benchmark last: it gets what the budget leaves, the others surely finish
         step latent_feedback "$(est 30 90)" "$(lim 90)" py "$REPO/benchmarks/bench_latent_feedback.py" \
             --device "$DEVICE" ${QUICK:+--iters 3}
         step rollout "$(est 60 420)" "$(lim 120)" py "$REPO/benchmarks/bench_rollout.py" --device "$DEVICE" $quick
+        step linear_cross_entropy "$(est 150 200)" "$(lim 240)" py "$REPO/benchmarks/bench_linear_cross_entropy.py" \
+            --device "$DEVICE" $quick
         ;;
     train)
         step imports "$(est 20 40)" "$(lim 60)" check_imports torch deepspeed simcot.train.runner \
