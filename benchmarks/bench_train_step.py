@@ -3,8 +3,10 @@
 
 One process for every setup and method: each method's run is assembled as ``simcot train``
 assembles it (``runner.build`` -> DeepSpeed engine -> ``Trainer``), then ``Trainer.train_step`` runs
---warmup steps and one measured step (CUDA synchronised around it). No torchrun, no MLflow, nothing
-saved, nothing evaluated: a 1B model and an 8B ZeRO-3 model fit one 8-minute command.
+--warmup steps (default 2) and one measured step (CUDA synchronised around it). No torchrun, no
+MLflow, nothing saved, nothing evaluated: a 1B model and an 8B ZeRO-3 model fit one 8-minute command.
+Two warm-up steps because under ZeRO-3 the second step of a latent method was a one-off, ~20x
+slower than the first and the third (tiny-llama on CPU; why is not known yet).
 
 Setups (--setups, comma-separated; each a model shape, ZeRO stage and LoRA rank):
   1b-full          llama-3.2-1b, full fine-tuning, DeepSpeed ZeRO-0 (bf16 + fp32 master, torch AdamW)
@@ -210,7 +212,8 @@ def main() -> int:
     ap.add_argument("--decoder", default="shared", help="SIM-CoT's step decoder (copy doubles the model)")
     ap.add_argument("--checkpointing", action="store_true")
     ap.add_argument("--chain", type=int, default=12, help="steps per generated problem (sets the sequence length)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed steps before the measured one")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed steps before the measured one (ZeRO-3 with a "
+                    "latent rollout: the second step is a one-off ~20x slower than the first and the third, on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="peak dense bf16 TFLOP/s "
                     "(default 989 on CUDA: H100/H200 SXM; none on CPU)")
     ap.add_argument("--gpu-memory", type=float, default=141.0, help="GiB per GPU for the planner's verdict")

@@ -196,7 +196,7 @@ case "$PART" in
             setups=1b-full,8b-lora-zero3 budgets=120,200  # the 8B builds take longer: it gets more
         fi
         step train_step "$(est 340 600)" "$(lim 400)" py "$REPO/benchmarks/bench_train_step.py" --device "$DEVICE" \
-            --setups "$setups" --setup-budget-s "$budgets" $quick
+            --setups "$setups" --setup-budget-s "$budgets" ${QUICK:+--warmup 1} $quick
         ;;
 esac
 
