@@ -41,7 +41,8 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/simcot-gpu-checks.XXXXXX")  # every step's wor
 SITE=${SITE:-$WORK/site}
 mkdir -p "$SITE" "$WORK/results" "$WORK/results.bak"
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false MLFLOW_TRACKING_URI=sqlite:///$WORK/mlruns.db
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MLFLOW_TRACKING_URI=sqlite:///$WORK/mlruns.db
 if [ "$DEVICE" = cpu ]; then
     export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu  # before any kernel module is imported
 else
@@ -164,7 +165,8 @@ if [ "${INSTALL:-1}" = 1 ]; then
     # --no-build-isolation: the build's setuptools comes from the image or the wheels, not the index.
     mkdir -p "$WORK/src"
     tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude=./.gpu_checks --exclude=./build \
-        --exclude='*.egg-info' --exclude=__pycache__ --exclude=./tests --exclude=./benchmarks -cf - . | tar -C "$WORK/src" -xf -
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=./tests --exclude=./benchmarks -cf - . \
+        | tar -C "$WORK/src" -xf -
     step install "$(est 20 40)" "$(lim 120)" py -m pip install -q --no-index --no-deps --no-build-isolation \
         --no-cache-dir --disable-pip-version-check --target "$SITE" "$WORK/src"
 fi
@@ -172,7 +174,8 @@ fi
 case "$PART" in
     where)  # the import path of every kind of step: `-c`, and pytest collecting the CUDA tests
         step imports 5 0 check_imports
-        step collect 10 0 py -m pytest --collect-only -q -s -p no:cacheprovider --noconftest "$REPO/tests/test_kernel_cuda.py"
+        step collect 10 0 py -m pytest --collect-only -q -s -p no:cacheprovider --noconftest \
+            "$REPO/tests/test_kernel_cuda.py"
         ;;
     kernels)
         step imports "$(est 15 30)" "$(lim 60)" check_imports torch triton simcot.kernels simcot.models.rollout

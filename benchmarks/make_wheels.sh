@@ -27,7 +27,10 @@ version() {  # the version in this machine's venv, so the GPU runs what the test
     $PIP show "$1" 2>/dev/null | sed -n 's/^Version: //p'
 }
 DS=$(version deepspeed); MLF=$(version mlflow-skinny); FIRE=$(version fire)
-[ -n "$DS" ] && [ -n "$MLF" ] && [ -n "$FIRE" ] || { echo "make_wheels.sh: deepspeed, mlflow-skinny and fire must be installed in $PIP's environment (make dev)" >&2; exit 1; }
+if [ -z "$DS" ] || [ -z "$MLF" ] || [ -z "$FIRE" ]; then
+    echo "make_wheels.sh: deepspeed, mlflow-skinny and fire must be installed where $PIP looks (make setup)" >&2
+    exit 1
+fi
 
 rm -rf "$DEST" && mkdir -p "$DEST"
 tmp=$(mktemp -d)
