@@ -165,8 +165,8 @@ if [ "${INSTALL:-1}" = 1 ]; then
     # --no-build-isolation: the build's setuptools comes from the image or the wheels, not the index.
     mkdir -p "$WORK/src"
     tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude=./.gpu_checks --exclude=./build \
-        --exclude='*.egg-info' --exclude=__pycache__ --exclude=./tests --exclude=./benchmarks -cf - . \
-        | tar -C "$WORK/src" -xf -
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=./tests --exclude=./benchmarks --exclude=./shared \
+        -cf - . | tar -C "$WORK/src" -xf -
     step install "$(est 20 40)" "$(lim 120)" py -m pip install -q --no-index --no-deps --no-build-isolation \
         --no-cache-dir --disable-pip-version-check --target "$SITE" "$WORK/src"
 fi
