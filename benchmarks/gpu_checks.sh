@@ -1,50 +1,212 @@
 #!/usr/bin/env bash
-# Every GPU check of the project in one command, for a lent GPU machine (one `run` of the device
-# tool, or any CUDA box): the compiled Triton kernels against their references, then the kernel and
-# rollout benchmarks. $OUT (default benchmarks/results/gpu) gets three files, as the device tool
-# brings back at most 8: summary.txt, checks.log and results.tar.gz (every JSON/Markdown result).
+# Every GPU check of the project, in two parts that each fit one `run` of the device tool (<= 8 min
+# on one H200) or any CUDA box; benchmarks/README.md "Running the GPU checks" has the exact calls.
 #
-#   bash benchmarks/gpu_checks.sh            # ~6-8 min on one H200
-#   QUICK=1 bash benchmarks/gpu_checks.sh    # smoke run of every step, ~2 min
+#   bash benchmarks/gpu_checks.sh kernels   # CUDA kernel tests, fused CE, latent feedback, rollout
+#   bash benchmarks/gpu_checks.sh train     # one process: a measured step per method, 1B full FT, 8B LoRA ZeRO-3
+#   DEVICE=cpu QUICK=1 PYTHON=/path/to/bare/python bash benchmarks/gpu_checks.sh kernels   # the CPU rehearsal
+#   bash benchmarks/gpu_checks.sh where     # only install and check which simcot the steps import
 #
-# Needs torch + triton with CUDA (the device image has both) and, for the package itself, nothing
-# else: simcot is installed --no-deps, and the kernels import neither deepspeed nor mlflow.
-# TRAIN_STEPS=1 adds bench_train_step.py (every method at llama-3.2-1b full FT and llama-3.1-8b with
-# ZeRO-3 + optimizer offload): it needs deepspeed, mlflow, fire and datasets, which the device image
-# lacks, so carry them as wheels (the device README says how) and set PYTHONPATH before calling.
+# Every step prints its estimated time before and its actual time after; its rc goes to summary.txt,
+# its output to checks.log, and every results file it wrote to results.tar.gz (with meta.json:
+# commit, date, machine), all in $OUT (default .gpu_checks/<part>, git-ignored). Land the numbers with
+# `python benchmarks/gpu_results.py results.tar.gz`. The benchmarks' own results folder is left as found.
+#
+# The install is the GPU image's: the wheels in .whl/ (benchmarks/make_wheels.sh: deepspeed, mlflow,
+# fire and what they need) and simcot itself go into one --target folder on PYTHONPATH, --no-index.
+# No shadowing: every Python process runs in a scratch folder outside the repository (and -m / -c
+# with -P), so `import simcot` finds the installed package, never the repo's own simcot/ folder,
+# which lacks kernels/, train/... (setup.cfg maps them only on install).
+#
+# Environment: DEVICE (cuda | cpu), QUICK=1 (tiny shapes), PYTHON, OUT, SITE (the --target folder;
+# INSTALL=0 uses it as it is), BUDGET (seconds for the part, default 420 on a GPU, none on CPU),
+# SIMCOT_COMMIT (else git, else .whl/COMMIT: the tree travels to a lent GPU without .git).
 set -uo pipefail
-cd "$(dirname "$0")/.."
-OUT=${OUT:-benchmarks/results/gpu}
-RES=$(mktemp -d)  # every results file, packed into $OUT/results.tar.gz at the end
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
+
+main() {  # the whole script is read before it runs: editing or checking out the file mid-run is safe
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PART=${1:-}
+case "$PART" in
+    kernels | train | where) ;;
+    *) echo "usage: bash benchmarks/gpu_checks.sh kernels|train|where (got '${PART}')" >&2; exit 2 ;;
+esac
+DEVICE=${DEVICE:-cuda}
+QUICK=${QUICK:-}
 PY=${PYTHON:-python3}
+PY=$([[ $PY != */* ]] && echo "$PY" || echo "$(cd "$(dirname "$PY")" && pwd)/$(basename "$PY")")  # steps run elsewhere
+OUT=${OUT:-$REPO/.gpu_checks/$PART}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+rm -f "$OUT/summary.txt" "$OUT/checks.log" "$OUT/results.tar.gz"
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/simcot-gpu-checks.XXXXXX")  # every step's working directory
+SITE=${SITE:-$WORK/site}
+mkdir -p "$SITE" "$WORK/results" "$WORK/results.bak"
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export MLFLOW_TRACKING_URI=sqlite:///$WORK/mlruns.db
+if [ "$DEVICE" = cpu ]; then
+    export TRITON_INTERPRET=1 DS_ACCELERATOR=cpu  # before any kernel module is imported
+else
+    export TRITON_INTERPRET=0
+fi
 quick=${QUICK:+--quick}
 status=0
-step() {  # name, command...: run, log to $OUT/checks.log, remember a failure, go on
-    local name=$1; shift
-    echo "== $name: $*" | tee -a "$OUT/checks.log"
-    local t0=$SECONDS
-    "$@" 2>&1 | tee -a "$OUT/checks.log"
-    local rc=${PIPESTATUS[0]}
-    echo "== $name: rc=$rc in $((SECONDS - t0)) s" | tee -a "$OUT/summary.txt"
-    [ "$rc" = 0 ] || status=1
+# The part's wall-clock budget in seconds (0: none): on a GPU it must fit one `run` and the lease.
+BUDGET=${BUDGET:-$([ "$DEVICE" = cpu ] && echo 0 || echo 420)}
+RESERVE=15  # seconds kept for packing the results
+
+# The benchmarks write into benchmarks/results/: keep a copy, pack what they write, put the copy back.
+cp -a "$REPO/benchmarks/results/." "$WORK/results.bak/"
+touch "$WORK/stamp"
+
+log() { echo "$*" | tee -a "$OUT/summary.txt" "$OUT/checks.log"; }
+
+LIMIT=0  # seconds a step's Python may run (set by step; 0: no limit)
+py() {  # the only way a step starts Python: outside the repository; -P for -m and -c
+    local run=("$PY")
+    [ "$LIMIT" = 0 ] || run=(timeout --kill-after=15 "$LIMIT" "$PY")
+    case "${1:-}" in
+        -m | -c) (cd "$WORK" && "${run[@]}" -P "$@") ;;
+        *) (cd "$WORK" && "${run[@]}" "$@") ;;
+    esac
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/summary.txt"
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/summary.txt"
-step install $PY -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/simcot-site .
-export PYTHONPATH=/tmp/simcot-site${PYTHONPATH:+:$PYTHONPATH}
-step cuda_tests $PY -m pytest -q -p no:cacheprovider --noconftest tests/test_kernel_cuda.py
-step linear_cross_entropy $PY benchmarks/bench_linear_cross_entropy.py --device cuda $quick
-step latent_feedback $PY benchmarks/bench_latent_feedback.py --device cuda ${QUICK:+--iters 3}
-step rollout $PY benchmarks/bench_rollout.py --device cuda $quick
-if [ -n "${TRAIN_STEPS:-}" ]; then
-    step train_step_1b $PY benchmarks/bench_train_step.py --model llama-3.2-1b --zero 0 ${QUICK:+--steps 2} \
-        --out "$RES/train_step_1b.json"
-    step train_step_8b $PY benchmarks/bench_train_step.py --model llama-3.1-8b --zero 3 --offload optimizer \
-        --micro-batch 2 ${QUICK:+--steps 2} --out "$RES/train_step_8b.json"
+step() {  # name, estimated s, limit s (0: none) for its Python, command...: run, log, remember a failure
+    local name=$1 est=$2 limit=$3; shift 3
+    if [ "$BUDGET" != 0 ]; then  # never past the part's budget: the archive must still be packed
+        local left=$((BUDGET - SECONDS - RESERVE))
+        if [ "$left" -lt 10 ]; then
+            log "== $name: rc=124 in 0 s (estimated ~${est} s): not started, ${BUDGET} s budget spent"
+            status=1
+            return 124
+        fi
+        [ "$limit" != 0 ] && [ "$limit" -lt "$left" ] || limit=$left
+    fi
+    echo "== $name: estimated ~${est} s$([ "$limit" = 0 ] || echo ", limit $limit s"): $*" | tee -a "$OUT/checks.log"
+    local t0=$SECONDS
+    LIMIT=$limit
+    "$@" 2>&1 | tee -a "$OUT/checks.log"
+    local rc=${PIPESTATUS[0]}
+    LIMIT=0
+    log "== $name: rc=$rc in $((SECONDS - t0)) s (estimated ~${est} s)"
+    [ "$rc" = 0 ] || status=1
+    return "$rc"
+}
+
+est() {  # seconds: the GPU estimate ($1, unmeasured until a lease), or the CPU rehearsal's ($2)
+    if [ "$DEVICE" = cpu ]; then echo "$2"; else echo "$1"; fi
+}
+lim() {  # a hard limit on the GPU, so one hung step cannot eat the part; none on a loaded CPU
+    if [ "$DEVICE" = cpu ]; then echo 0; else echo "$1"; fi
+}
+
+check_imports() {  # the installed simcot (and the modules this part needs) and nothing else
+    py -c "
+import sys, simcot
+where = simcot.__file__
+print('simcot from', where)
+if not where.startswith('$SITE/'):
+    sys.exit(f'simcot resolves to {where}, not the installed copy under $SITE: the repo folder shadows it')
+import importlib
+for name in sys.argv[1:]:
+    mod = importlib.import_module(name)
+    print(name, getattr(mod, '__version__', ''), getattr(mod, '__file__', ''))
+" "$@"
+}
+
+write_meta() {  # commit, date, machine and versions of this run, for gpu_results.py
+    local commit
+    commit=$(git -C "$REPO" rev-parse HEAD 2>/dev/null || cat "$REPO/.whl/COMMIT" 2>/dev/null || echo unknown)
+    commit=${SIMCOT_COMMIT:-$commit}
+    py -c "
+import json, sys
+sys.path.insert(0, '$REPO/benchmarks')
+from results_io import machine_meta
+meta = machine_meta('$DEVICE', command='bash benchmarks/gpu_checks.sh $PART')
+if meta['commit'] == 'unknown':
+    meta['commit'] = '$commit'
+meta.update(part='$PART', quick=bool('$QUICK'))
+for pkg in ('triton', 'transformers', 'deepspeed'):
+    try:
+        meta[pkg] = __import__(pkg).__version__
+    except Exception as e:
+        meta[pkg] = f'absent ({type(e).__name__})'
+json.dump(meta, open('$WORK/results/meta.json', 'w'), indent=1)
+print(json.dumps(meta))
+"
+}
+
+collect() {  # results files written since the start -> the archive; the tracked copies put back
+    find "$REPO/benchmarks/results" -type f -newer "$WORK/stamp" | while read -r f; do
+        cp "$f" "$WORK/results/"
+        rel=${f#"$REPO/benchmarks/results/"}
+        if [ -f "$WORK/results.bak/$rel" ]; then cp -p "$WORK/results.bak/$rel" "$f"; else rm -f "$f"; fi
+    done
+    tar czf "$OUT/results.tar.gz" -C "$WORK/results" .
+    log "== results: $(tar tzf "$OUT/results.tar.gz" | grep -v '/$' | tr '\n' ' ')"
+}
+
+log "== gpu_checks $PART: device $DEVICE${QUICK:+, quick}, python $PY, $(date -u '+%Y-%m-%d %H:%M UTC')"
+if [ "$DEVICE" != cpu ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$OUT/summary.txt"
 fi
-cp benchmarks/results/*cuda* "$RES"/ 2>/dev/null
-tar czf "$OUT/results.tar.gz" -C "$RES" .
+
+if [ "${INSTALL:-1}" = 1 ]; then
+    shopt -s nullglob
+    wheels=("$REPO"/.whl/*.whl)
+    shopt -u nullglob
+    if [ ${#wheels[@]} -gt 0 ]; then
+        printf '%s\n' "${wheels[@]}" > "$WORK/wheels.txt"  # ${#wheels[@]} of them: one line in the log
+        step wheels "$(est 30 20)" "$(lim 120)" py -m pip install -q --no-index --no-deps --no-compile \
+            --no-cache-dir --disable-pip-version-check --target "$SITE" -r "$WORK/wheels.txt"
+    else
+        log "== wheels: none in .whl/ (benchmarks/make_wheels.sh makes them); the train part needs deepspeed"
+    fi
+    # Built from a copy: no build/ or egg-info left in the tree, no stale build/lib file installed.
+    # --no-build-isolation: the build's setuptools comes from the image or the wheels, not the index.
+    mkdir -p "$WORK/src"
+    tar -C "$REPO" --exclude=./.git --exclude=./.venv --exclude=./.whl --exclude=./.gpu_checks --exclude=./build \
+        --exclude='*.egg-info' --exclude=__pycache__ --exclude=./tests --exclude=./benchmarks --exclude=./shared \
+        -cf - . | tar -C "$WORK/src" -xf -
+    step install "$(est 20 40)" "$(lim 120)" py -m pip install -q --no-index --no-deps --no-build-isolation \
+        --no-cache-dir --disable-pip-version-check --target "$SITE" "$WORK/src"
+fi
+
+case "$PART" in
+    where)  # the import path of every kind of step: `-c`, and pytest collecting the CUDA tests
+        step imports 5 0 check_imports
+        step collect 10 0 py -m pytest --collect-only -q -s -p no:cacheprovider --noconftest \
+            "$REPO/tests/test_kernel_cuda.py"
+        ;;
+    kernels)
+        step imports "$(est 15 30)" "$(lim 60)" check_imports torch triton simcot.kernels simcot.models.rollout
+        write_meta  # even after a failed import: the archive says where and what ran
+        step cuda_tests "$(est 90 30)" "$(lim 180)" py -m pytest -q -rs -p no:cacheprovider --noconftest \
+            "$REPO/tests/test_kernel_cuda.py"
+        # the open-ended benchmark last: it gets what the budget leaves, the others surely finish
+        step latent_feedback "$(est 30 90)" "$(lim 90)" py "$REPO/benchmarks/bench_latent_feedback.py" \
+            --device "$DEVICE" ${QUICK:+--iters 3}
+        step rollout "$(est 60 420)" "$(lim 120)" py "$REPO/benchmarks/bench_rollout.py" --device "$DEVICE" $quick
+        step linear_cross_entropy "$(est 150 200)" "$(lim 240)" py "$REPO/benchmarks/bench_linear_cross_entropy.py" \
+            --device "$DEVICE" $quick
+        ;;
+    train)
+        step imports "$(est 20 40)" "$(lim 60)" check_imports torch deepspeed simcot.train.runner \
+            simcot.launchers.plan peft mlflow fire
+        write_meta
+        if [ -n "$QUICK" ]; then
+            setups=tiny-full,tiny-lora-zero3 budgets=0  # every method, however loaded the machine
+        else
+            setups=1b-full,8b-lora-zero3 budgets=120,200  # the 8B builds take longer: it gets more
+        fi
+        step train_step "$(est 340 600)" "$(lim 400)" py "$REPO/benchmarks/bench_train_step.py" --device "$DEVICE" \
+            --setups "$setups" --setup-budget-s "$budgets" ${QUICK:+--warmup 1} $quick
+        ;;
+esac
+
+[ "$PART" = where ] || collect  # `where` writes no results (and may run beside a rehearsal)
+log "== gpu_checks $PART: $([ $status = 0 ] && echo 'every step rc=0' || echo 'FAILED steps above') in $SECONDS s"
+rm -rf "$WORK"
 exit $status
+}
+
+main "$@"
