@@ -56,7 +56,8 @@ def train(config: str = "", **overrides):
         cfg = load_config(config or None, overrides)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
-    from simcot.train.distributed import dist_env, fail_loudly, is_distributed, shutdown
+    from simcot.parallel import is_distributed
+    from simcot.train.distributed import dist_env, fail_loudly, shutdown
     from simcot.train.formats import DataError
     from simcot.train.runner import run_training
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from simcot.models.presets import get_preset
+from simcot.parallel import any_partitioned, is_partitioned, rank
 from simcot.train.config import ModelConfig
 from simcot.train.tokenizer import load_tokenizer, record_texts, train_sentencepiece
 
@@ -71,7 +72,7 @@ def _gathered_for_write(params):
     """ZeRO-3 partitions weights to empty shards: gather them (rank 0 writes, then re-partition)."""
     import contextlib
 
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not any_partitioned(params):
         return contextlib.nullcontext()
     import deepspeed
 
@@ -152,9 +153,7 @@ def copy_weights(dst: torch.nn.Module, src: torch.nn.Module, rename) -> int:
             if s is None:
                 raise KeyError(f"no tensor '{key}' in the source module (for '{name}')")
             with _gathered_for_write([t for t in (p, s) if isinstance(t, torch.nn.Parameter)]):
-                import torch.distributed as dist
-
-                if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0 or not hasattr(p, "ds_id"):
+                if rank() == 0 or not is_partitioned(p):
                     if p.shape != s.shape:
                         raise ValueError(f"shape mismatch copying '{key}' {tuple(s.shape)} into '{name}' {tuple(p.shape)}")
                     p.copy_(s)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from simcot.train.checkpoint import save_checkpoint
+from simcot.parallel import mean_across_ranks
 from simcot.train.distributed import maybe_inject_fault
 from simcot.train.evaluate import EvalResult, evaluate
 
@@ -63,20 +64,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # process peak RSS on Linux, in KiB
     return kb / 1024
-
-
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
 
 
 class Trainer:
@@ -121,7 +108,7 @@ class Trainer:
             loss_sum += float(out.loss.detach())
             for k, v in out.parts.items():
                 parts[k] = parts.get(k, 0.0) + float(v) / len(mbs)
-        metrics = _mean_across_ranks({"loss": loss_sum / len(mbs), **parts})
+        metrics = mean_across_ranks({"loss": loss_sum / len(mbs), **parts})
         if not math.isfinite(metrics["loss"]):
             where = f"step {state.global_step + 1} (epoch {state.epoch}, batch {state.step_in_epoch})"
             detail = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -26,7 +26,8 @@ from simcot.train.checkpoint import (load_rng_state, load_state_strict, load_tra
                                     resolve_checkpoint)
 from simcot.train.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict,
                                  validate)
-from simcot.train.distributed import gather_objects, init_distributed, uses_deepspeed
+from simcot.parallel import gather_objects
+from simcot.train.distributed import init_distributed, uses_deepspeed
 from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
 from simcot.train.engine import TorchEngine
 from simcot.train.examples import tokenize
