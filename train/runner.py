@@ -21,7 +21,7 @@ import torch
 
 from simcot.models.checkpointing import enable_checkpointing
 from simcot.models.latent_lm import LatentLM
-from simcot.models.loading import apply_lora, build_lm, build_tokenizer
+from simcot.models.loading import apply_lora, build_lm
 from simcot.train.checkpoint import (load_rng_state, load_state_strict, load_trainer_state, load_weights,
                                     resolve_checkpoint)
 from simcot.train.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict,
@@ -34,7 +34,7 @@ from simcot.train.examples import tokenize
 from simcot.train.loop import Trainer, TrainState
 from simcot.train.methods import METHODS
 from simcot.train.sources import Splits, load_splits
-from simcot.train.tokenizer import SpecialIds, load_tokenizer
+from simcot.train.tokenizer import SpecialIds, build_tokenizer, load_tokenizer
 from simcot.train.tracking import make_tracker
 
 log = logging.getLogger("simcot")
