@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from simcot.models.decoding import unwrap
+from simcot.parallel import any_partitioned
 
 LATEST = "latest"
 
