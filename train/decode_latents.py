@@ -15,7 +15,9 @@ import torch
 
 from simcot.models.decoding import greedy_decode, left_pad, trim_at_eos
 from simcot.models.rollout import prefill_latents
+from simcot.train.assemble import load_checkpoint_model
 from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
+from simcot.train.methods.step_supervision import decode_texts
 from simcot.train.tokenizer import encode_record
 from simcot.train.tracking import make_tracker
 
@@ -25,8 +27,6 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tokens: int, device) -> list[dict]:
     """For each example: its latents decoded slot by slot beside the gold steps, and the answer."""
-    from simcot.train.methods.step_supervision import decode_texts
-
     prompts = [method.eval_prompt(ex, epoch) for ex in examples]
     ids, mask = left_pad([p.ids for p in prompts], method.special.pad)
     counts = torch.tensor([p.n_latents for p in prompts], device=device)
@@ -47,8 +47,6 @@ def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tok
 
 def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: int = 20,
                    overrides: dict | None = None, out: str = "", data: str = "") -> list[dict]:
-    from simcot.train.runner import load_checkpoint_model
-
     ckpt = resolve_checkpoint(checkpoint)
     cfg, built, dev = load_checkpoint_model(ckpt, overrides, inference=False)
     if not hasattr(built.method, "decode_slots"):

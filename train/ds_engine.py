@@ -26,26 +26,19 @@ from simcot.train.engine import group_lambdas, param_groups, refresh_lrs
 
 log = logging.getLogger(__name__)
 
+# by path, not through the launchers package (train does not import launchers): the same folder
+# in the source tree and in an installed wheel (simcot/launchers/ds_configs)
 TEMPLATES = Path(__file__).resolve().parents[1] / "launchers" / "ds_configs"
 TAG = "deepspeed"
-
-
-def _template_dir() -> Path:
-    try:
-        import simcot.launchers
-
-        return Path(simcot.launchers.__file__).parent / "ds_configs"
-    except ImportError:  # pragma: no cover
-        return TEMPLATES
 
 
 def load_ds_json(spec: str) -> dict:
     path = Path(spec)
     if not path.is_file():
-        path = _template_dir() / f"{spec}.json"
+        path = TEMPLATES / f"{spec}.json"
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: no file '{spec}' and no template of that name "
-                          f"(templates: {', '.join(p.stem for p in sorted(_template_dir().glob('*.json')))})")
+                          f"(templates: {', '.join(p.stem for p in sorted(TEMPLATES.glob('*.json')))})")
     return json.loads(path.read_text())
 
 

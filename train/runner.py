@@ -1,4 +1,4 @@
-"""Assembling a run: config -> data -> tokenizer -> model + method -> engine -> tracker -> loop.
+"""Running a run: the assembled model and method (``assemble.build``) -> engine -> tracker -> loop.
 
 ``run_training`` is what ``simcot train`` calls; ``run_evaluation`` is ``simcot eval``. Both mark
 the MLflow run FAILED when something raises (KILLED on Ctrl-C) and re-raise.
@@ -13,28 +13,21 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from simcot.models.checkpointing import enable_checkpointing
-from simcot.models.latent_lm import LatentLM
-from simcot.models.loading import apply_lora, build_lm
-from simcot.train.checkpoint import (load_rng_state, load_state_strict, load_trainer_state, load_weights,
-                                    resolve_checkpoint)
-from simcot.train.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict,
-                                 validate)
 from simcot.parallel import gather_objects
+from simcot.train.assemble import Built, build, load_checkpoint_config, load_checkpoint_model, resolve_device
+from simcot.train.checkpoint import load_rng_state, load_trainer_state, resolve_checkpoint
+from simcot.train.config import Config, ConfigError, dump_yaml, flatten, to_dict
+from simcot.train.decode_latents import decode_examples
 from simcot.train.distributed import init_distributed, uses_deepspeed
 from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
 from simcot.train.engine import TorchEngine
-from simcot.train.examples import tokenize
+from simcot.train.evaluate import evaluate
 from simcot.train.loop import Trainer, TrainState
-from simcot.train.methods import METHODS
-from simcot.train.sources import Splits, load_splits
-from simcot.train.tokenizer import SpecialIds, build_tokenizer, load_tokenizer
 from simcot.train.tracking import make_tracker
 
 log = logging.getLogger("simcot")
@@ -48,12 +41,6 @@ def setup_logging(rank: int = 0) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -88,66 +75,6 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[f"version.{pkg}"] = "absent"
     return out
-
-
-@dataclass
-class Built:
-    """Everything a run needs, assembled from a config."""
-
-    cfg: Config
-    splits: Splits
-    tok: object
-    special: SpecialIds
-    examples: dict[str, list[dict]]
-    model: LatentLM
-    method: object
-
-
-def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, init_from: Path | None = None,
-          tokenizer_from: Path | None = None, inference: bool = False) -> Built:
-    """Data, tokenizer, tokenized examples, model and method.
-
-    `checkpoint`: take the tokenizer and the architecture from a checkpoint (its weights are
-    loaded afterwards by the caller). `init_from` (train.init_from): the tokenizer and the main
-    LM's weights, loaded before the method adds its parts, so that parts copied from the LM (the
-    SIM-CoT decoder, SemCoT's encoder and generator) copy the trained weights.
-    `tokenizer_from`: only the tokenizer (an export). `inference`: build only what evaluation
-    needs (no SIM-CoT step decoder).
-    """
-    splits = load_splits(cfg.data)
-    tokenizer_from = checkpoint or init_from or tokenizer_from
-    if tokenizer_from:
-        tok = load_tokenizer(str(tokenizer_from))
-    else:
-        tok = build_tokenizer(cfg.model, splits.train, cfg.data.answer_prefix, run_dir / "tokenizer")
-    special = SpecialIds.of(tok)
-    examples = {s: tokenize(splits[s], tok, cfg.data.answer_prefix, cfg.data.max_tokens if s == "train" else 0)
-                for s in ("train", "val", "test")}
-    torch.manual_seed(cfg.train.seed)
-    lm = build_lm(cfg.model, tok, torch.float32, checkpoint=checkpoint)
-    init_state = load_lm_state(init_from) if init_from is not None and checkpoint is None else None
-    if init_state is not None and not _peft_keys(init_state):
-        load_state_strict(lm, init_state, f"init_from {init_from}")
-    if cfg.model.lora_r > 0:
-        lm = apply_lora(lm, cfg.model)
-    if init_state is not None and _peft_keys(init_state):  # the LM was saved with its LoRA adapter
-        load_state_strict(lm, init_state, f"init_from {init_from}")
-    model = LatentLM(lm)
-    method = METHODS[cfg.method](cfg, tok, special, inference=inference)
-    method.restoring = checkpoint is not None
-    method.setup_model(model)
-    if cfg.model.gradient_checkpointing and not inference:
-        enable_checkpointing(model.lm, latent=method.uses_latents)
-    return Built(cfg, splits, tok, special, examples, model, method)
-
-
-def load_lm_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The main LM's weights in a checkpoint (``train.init_from``); the method's extras start fresh."""
-    return {k[3:]: v for k, v in load_weights(ckpt).items() if k.startswith("lm.")}
-
-
-def _peft_keys(state: dict) -> bool:
-    return any(k.startswith("base_model.") for k in state)
 
 
 def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
@@ -221,8 +148,6 @@ def _log_decoded_latents(built: Built, engine, tracker, state: TrainState) -> No
     """SIM-CoT: what the step decoder reads out of the latents of 20 test questions."""
     if not hasattr(built.method, "decode_slots") or not built.examples["test"] or engine.world_size > 1:
         return
-    from simcot.train.decode_latents import decode_examples
-
     with engine.eval_context():
         rows = decode_examples(engine.module, built.method, built.tok, built.examples["test"][:20],
                                Trainer.trained_epoch(state), built.cfg.eval.max_new_tokens, engine.device)
@@ -316,41 +241,8 @@ def _resume_target(cfg: Config) -> str:
     return str(Path(cfg.train.out_dir) / cfg.train.run_name)
 
 
-def load_checkpoint_config(ckpt: Path, overrides: dict | None = None, name: str = "config.yaml") -> Config:
-    import yaml
-
-    cfg = config_from_dict(yaml.safe_load((ckpt / name).read_text()))
-    apply_overrides(cfg, overrides or {})
-    validate(cfg)
-    return cfg
-
-
-def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None, device: str = "auto",
-                          inference: bool = True):
-    """(cfg, built, device) with the checkpoint's weights loaded on `device`.
-
-    Loading is strict: every parameter of the model must be in the file and nothing else may be,
-    except the SIM-CoT step decoder's and SemCoT encoder's weights, which an inference model does
-    not build.
-    """
-    from simcot.train.export import is_export, load_exported
-
-    ckpt = resolve_checkpoint(checkpoint)
-    if is_export(ckpt):
-        return load_exported(ckpt, overrides, device)
-    cfg = load_checkpoint_config(ckpt, overrides)
-    dev = resolve_device(device if device != "auto" else cfg.train.device)
-    built = build(cfg, ckpt.parent.parent, checkpoint=ckpt, inference=inference)
-    load_state_strict(built.model, load_weights(ckpt), f"checkpoint {ckpt}",
-                      ("step_decoder.", "encoder.") if inference else ())
-    built.model.to(dev).eval()
-    return cfg, built, dev
-
-
 def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: str = "") -> dict:
     """Evaluate a checkpoint on one split; logs a new MLflow run tagged with the training run."""
-    from simcot.train.evaluate import evaluate
-
     setup_logging()
     ckpt = resolve_checkpoint(checkpoint)
     cfg, built, dev = load_checkpoint_model(ckpt, overrides)

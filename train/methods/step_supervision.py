@@ -16,7 +16,9 @@ from __future__ import annotations
 import torch
 
 from simcot.kernels import fused_linear_cross_entropy, gathered
+from simcot.models.loading import build_lm, is_random_init
 from simcot.models.step_decoder import StepDecoder
+from simcot.train.config import ConfigError
 from simcot.train.methods.base import IGNORE, right_pad
 
 
@@ -36,17 +38,12 @@ def build_decoder(model, cfg, tok, restoring: bool = False) -> StepDecoder:
     checkpoint is about to overwrite the weights (`restoring`), the pretrained base is not loaded."""
     scfg = cfg.simcot
     if scfg.decoder == "copy" and scfg.copy_from == "pretrained" and not restoring:
-        from simcot.models.loading import build_lm
-
         dtype = model.lm.get_input_embeddings().weight.dtype
         return StepDecoder("copy", model.lm, scfg, copy_of=build_lm(cfg.model, tok, dtype))
     return StepDecoder(scfg.decoder, model.lm, scfg)
 
 
 def validate_decoder(cfg) -> None:
-    from simcot.models.loading import is_random_init
-    from simcot.train.config import ConfigError
-
     if cfg.simcot.decoder == "copy" and cfg.simcot.copy_from == "pretrained" and is_random_init(cfg.model):
         raise ConfigError(f"simcot.copy_from=pretrained needs pretrained weights, but model '{cfg.model.name}' is "
                           f"randomly initialised (set model.pretrained, or use simcot.copy_from=init)")
