@@ -17,6 +17,7 @@ from simcot.models.decoding import greedy_decode, left_pad, trim_at_eos
 from simcot.models.rollout import prefill_latents
 from simcot.train.assemble import load_checkpoint_model
 from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
+from simcot.train.formats import read_file
 from simcot.train.methods.step_supervision import decode_texts
 from simcot.train.tokenizer import encode_record
 from simcot.train.tracking import make_tracker
@@ -56,8 +57,6 @@ def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: 
         examples = [dict(encode_record(built.tok, {"question": question, "steps": [], "answer": "?"},
                                        cfg.data.answer_prefix), idx=0)]
     elif data:  # any file simcot reads (format sniffed), its gold steps shown beside the decoded ones
-        from simcot.train.formats import read_file
-
         records = read_file(data, gsm8k_steps=cfg.data.gsm8k_steps)[:n]
         if not records:
             raise ValueError(f"{data}: no records")
