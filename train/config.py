@@ -351,6 +351,37 @@ _CHOICES = {
 }
 
 
+@dataclass(frozen=True)
+class RunShape:
+    """How a run's samples become optimizer steps, derived and checked in this one place (as
+    litgpt's TrainArgs): the runner sizes the engine and its schedule by it, the loop walks it."""
+
+    world: int  # data-parallel ranks
+    accum: int  # micro-batches per rank per optimizer step
+    steps_per_epoch: int  # optimizer steps per pass over the training split (a partial last batch is dropped)
+    total_steps: int  # epochs x steps_per_epoch, capped by train.max_steps when > 0
+
+    @staticmethod
+    def accumulation(t: TrainConfig, world: int = 1) -> int:
+        """batch_size / (micro_batch_size x world), which must be a whole number."""
+        if t.batch_size % (t.micro_batch_size * world):
+            ranks = f" x world size ({world})" if world > 1 else ""
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({t.micro_batch_size}){ranks}")
+        return t.batch_size // (t.micro_batch_size * world)
+
+    @classmethod
+    def of(cls, t: TrainConfig, world: int, n_train: int) -> RunShape:
+        """The shape of a run on `world` ranks over `n_train` training examples."""
+        accum = cls.accumulation(t, world)
+        steps_per_epoch = n_train // t.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"the training split has {n_train} examples, fewer than one global "
+                             f"batch (train.batch_size={t.batch_size})")
+        full = t.epochs * steps_per_epoch
+        return cls(world, accum, steps_per_epoch, min(full, t.max_steps) if t.max_steps > 0 else full)
+
+
 def validate(cfg: Config) -> None:
     """The checks every config gets; the method's name and its own rules are checked beside the
     method registry (``simcot.train.methods.validate_method``), which this module does not import."""
@@ -362,9 +393,7 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "micro_batch_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1")
-    if t.batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                          f"train.micro_batch_size ({t.micro_batch_size})")
+    RunShape.accumulation(t)  # on one rank; the runner checks again with the world size
     ds = cfg.deepspeed
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage': {ds.zero_stage} is not one of 0, 1, 2, 3")

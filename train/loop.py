@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
-from simcot.train.checkpoint import save_checkpoint
 from simcot.parallel import mean_across_ranks
+from simcot.train.checkpoint import save_checkpoint
+from simcot.train.config import RunShape
 from simcot.train.distributed import maybe_inject_fault
 from simcot.train.evaluate import EvalResult, evaluate
 
@@ -76,13 +77,8 @@ class Trainer:
         self.config_yaml = config_yaml
         t = cfg.train
         self.rank, self.world = engine.rank, engine.world_size
-        self.accum = t.batch_size // (t.micro_batch_size * self.world)
-        self.steps_per_epoch = len(examples["train"]) // t.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training split has {len(examples['train'])} examples, fewer than one global "
-                             f"batch (train.batch_size={t.batch_size})")
-        full = t.epochs * self.steps_per_epoch
-        self.total_steps = min(full, t.max_steps) if t.max_steps > 0 else full
+        shape = RunShape.of(t, self.world, len(examples["train"]))
+        self.accum, self.steps_per_epoch, self.total_steps = shape.accum, shape.steps_per_epoch, shape.total_steps
         self.history: list[dict] = []  # per-step records (tests and summaries read them)
 
     # --------------------------------------------------------------------------------- steps

@@ -21,7 +21,7 @@ import torch
 from simcot.parallel import gather_objects
 from simcot.train.assemble import Built, build, load_checkpoint_config, load_checkpoint_model, resolve_device
 from simcot.train.checkpoint import load_rng_state, load_trainer_state, resolve_checkpoint
-from simcot.train.config import Config, ConfigError, dump_yaml, flatten, to_dict
+from simcot.train.config import Config, RunShape, dump_yaml, flatten, to_dict
 from simcot.train.decode_latents import decode_examples
 from simcot.train.distributed import init_distributed, uses_deepspeed
 from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
@@ -80,7 +80,7 @@ def versions() -> dict[str, str]:
 def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
     params = {k: v for k, v in flatten(to_dict(cfg)).items()}
     params.update({"world_size": world, "global_batch_size": cfg.train.batch_size,
-                   "grad_accumulation": cfg.train.batch_size // (cfg.train.micro_batch_size * world)})
+                   "grad_accumulation": RunShape.accumulation(cfg.train, world)})
     for split, n in built.splits.sizes().items():
         params[f"data.{split}_rows"] = n
         params[f"data.{split}_examples"] = len(built.examples[split])
@@ -170,10 +170,7 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(t.seed)
     device = _device(cfg, info)
-    if t.batch_size % (t.micro_batch_size * info.world):
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-                          f"({t.micro_batch_size}) x world size ({info.world})")
-    accum = t.batch_size // (t.micro_batch_size * info.world)
+    accum = RunShape.accumulation(t, info.world)  # the DeepSpeed config needs it before the model is built
     ds_config, hf_ds_config = None, None
     if uses_deepspeed(cfg):
         ds_config = build_ds_config(cfg, info.world, accum, on_cpu=device.type == "cpu")
@@ -184,12 +181,12 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
 
     init_ckpt = resolve_checkpoint(t.init_from) if t.init_from else None
     built = build(cfg, run_dir, checkpoint=resume_ckpt, init_from=init_ckpt)
-    steps_per_epoch = max(1, len(built.examples["train"]) // t.batch_size)
-    total = min(t.epochs * steps_per_epoch, t.max_steps) if t.max_steps else t.epochs * steps_per_epoch
+    shape = RunShape.of(t, info.world, len(built.examples["train"]))
     if ds_config is not None:
-        engine = DeepSpeedEngine(built.model, cfg, total, device, accum, ds_config, built.method.param_groups)
+        engine = DeepSpeedEngine(built.model, cfg, shape.total_steps, device, shape.accum, ds_config,
+                                 built.method.param_groups)
     else:
-        engine = TorchEngine(built.model, t, total, device, accum, built.method.param_groups)
+        engine = TorchEngine(built.model, t, shape.total_steps, device, shape.accum, built.method.param_groups)
     if resume_ckpt is not None:
         engine.load(resume_ckpt)
         load_rng_state(resume_ckpt, engine.rank)
