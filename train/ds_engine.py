@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from simcot.train.config import ConfigError
-from simcot.train.engine import group_lambdas, param_groups, refresh_lrs
+from simcot.train.engine import Engine, group_lambdas, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ def zero3_enabled(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     def __init__(self, model: torch.nn.Module, cfg, total_steps: int, device: torch.device, accum: int,
                  ds_config: dict, groups_fn=param_groups):
         import deepspeed
@@ -138,11 +138,6 @@ class DeepSpeedEngine:
         """Fresh Adam moments and step counts; the schedule keeps its position."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         inner.state.clear()
-
-    def set_lr_scales(self, scales: dict[str, float]) -> None:
-        self.lr_scales.clear()
-        self.lr_scales.update(scales)
-        refresh_lrs(self.scheduler)
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=TAG)
