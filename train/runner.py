@@ -26,7 +26,6 @@ from simcot.train.decode_latents import decode_examples
 from simcot.train.distributed import init_distributed, uses_deepspeed
 from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
 from simcot.train.engine import TorchEngine
-from simcot.train.evaluate import evaluate
 from simcot.train.loop import Trainer, TrainState
 from simcot.train.tracking import make_tracker
 
@@ -240,6 +239,8 @@ def _resume_target(cfg: Config) -> str:
 
 def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: str = "") -> dict:
     """Evaluate a checkpoint on one split; logs a new MLflow run tagged with the training run."""
+    from simcot.train.evaluate import evaluate
+
     setup_logging()
     ckpt = resolve_checkpoint(checkpoint)
     cfg, built, dev = load_checkpoint_model(ckpt, overrides)

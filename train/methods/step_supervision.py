@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from simcot.kernels import fused_linear_cross_entropy, gathered
-from simcot.models.loading import build_lm, is_random_init
+from simcot.models.loading import is_random_init
 from simcot.models.step_decoder import StepDecoder
 from simcot.train.config import ConfigError
 from simcot.train.methods.base import IGNORE, right_pad
@@ -38,6 +38,8 @@ def build_decoder(model, cfg, tok, restoring: bool = False) -> StepDecoder:
     checkpoint is about to overwrite the weights (`restoring`), the pretrained base is not loaded."""
     scfg = cfg.simcot
     if scfg.decoder == "copy" and scfg.copy_from == "pretrained" and not restoring:
+        from simcot.models.loading import build_lm  # looked up per call: tests count the builds
+
         dtype = model.lm.get_input_embeddings().weight.dtype
         return StepDecoder("copy", model.lm, scfg, copy_of=build_lm(cfg.model, tok, dtype))
     return StepDecoder(scfg.decoder, model.lm, scfg)
