@@ -11,9 +11,7 @@ import contextlib
 
 import torch
 
-
-def is_partitioned(p: torch.Tensor | None) -> bool:
-    return p is not None and hasattr(p, "ds_id")  # set on every parameter ZeRO-3 manages
+from simcot.parallel import is_partitioned
 
 
 @contextlib.contextmanager

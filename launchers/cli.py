@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import sys
 
-from simcot.train.config import Config, ConfigError, help_text, load_config
+from simcot.train.config import Config, ConfigError, help_text
 
 USAGE = """usage: simcot COMMAND [options]
 
@@ -52,11 +52,14 @@ def train(config: str = "", **overrides):
     if _help_requested(overrides):
         print(_config_help("train", "Train, evaluate on val and test, log everything to MLflow."))
         return
+    from simcot.train.assemble import load_config  # here, not at the top: it imports torch and the models
+
     try:
         cfg = load_config(config or None, overrides)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
-    from simcot.train.distributed import dist_env, fail_loudly, is_distributed, shutdown
+    from simcot.parallel import is_distributed
+    from simcot.train.distributed import dist_env, fail_loudly, shutdown
     from simcot.train.formats import DataError
     from simcot.train.runner import run_training
 
@@ -310,6 +313,7 @@ def launch(config: str = "", launcher: str = "deepspeed", gpus: int = 1, nodes: 
         print(LAUNCH_HELP)
         return
     from simcot.launchers.launch import launch as run_launch
+    from simcot.train.assemble import load_config
 
     try:
         load_config(config or None, overrides)  # fail here, not on every node

@@ -14,8 +14,9 @@ import inspect
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import nn
+
+from simcot.parallel import decoding_done
 
 
 def unwrap(lm: nn.Module) -> nn.Module:
@@ -66,15 +67,6 @@ def left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Te
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids that skip padding: 0 at each row's first real token."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def any_rank(flag: torch.Tensor, group=None) -> bool:
-    """True if `flag` (a bool scalar tensor) is true on any rank of the group."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        t = flag.to(torch.int32).clone()
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
-        return bool(t.item())
-    return bool(flag.item())
 
 
 @dataclass
@@ -128,8 +120,7 @@ def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: in
         done = done | (tok == eos_id)
         if t == max_new_tokens - 1:
             break
-        stop = not any_rank(~done.all(), group) if synced else bool(done.all())
-        if stop:
+        if decoding_done(done, synced, group):
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         step = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,

@@ -1,4 +1,5 @@
-"""Build the tokenizer and the causal LM from a :class:`ModelConfig`.
+"""Build the causal LM from a :class:`ModelConfig` and the run's tokenizer (which the training
+side builds, ``simcot.train.tokenizer.build_tokenizer``, and passes in).
 
 - A preset without ``pretrained``: a random-init model from the preset's config, sized to the
   tokenizer (a SentencePiece tokenizer trained on the task text unless one is given).
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import torch
 
+from simcot.models.config import ModelConfig
 from simcot.models.presets import get_preset
-from simcot.train.config import ModelConfig
-from simcot.train.tokenizer import load_tokenizer, record_texts, train_sentencepiece
+from simcot.parallel import any_partitioned, is_partitioned, rank
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +33,6 @@ def weights_source(mcfg: ModelConfig) -> str:
             raise ValueError(f"preset '{mcfg.name}' has no pretrained weights; drop --model.pretrained")
         return preset.hub_id
     return mcfg.name
-
-
-def build_tokenizer(mcfg: ModelConfig, train_records, answer_prefix: str, cache_dir: str | Path):
-    """The run's tokenizer; a locally trained one is cached in `cache_dir` and reused."""
-    if mcfg.tokenizer:
-        return load_tokenizer(mcfg.tokenizer)
-    if not is_random_init(mcfg):
-        return load_tokenizer(weights_source(mcfg))
-    cache_dir = Path(cache_dir)
-    if (cache_dir / "tokenizer_config.json").is_file():
-        return load_tokenizer(str(cache_dir))
-    log.info("training a SentencePiece tokenizer (vocab %d) on %d records", mcfg.vocab_size, len(train_records))
-    return train_sentencepiece(record_texts(train_records, answer_prefix), mcfg.vocab_size, cache_dir)
 
 
 def _init_new_rows(model, tok, n_old: int, init_from: str) -> None:
@@ -71,7 +59,7 @@ def _gathered_for_write(params):
     """ZeRO-3 partitions weights to empty shards: gather them (rank 0 writes, then re-partition)."""
     import contextlib
 
-    if not any(hasattr(p, "ds_id") for p in params):
+    if not any_partitioned(params):
         return contextlib.nullcontext()
     import deepspeed
 
@@ -152,9 +140,7 @@ def copy_weights(dst: torch.nn.Module, src: torch.nn.Module, rename) -> int:
             if s is None:
                 raise KeyError(f"no tensor '{key}' in the source module (for '{name}')")
             with _gathered_for_write([t for t in (p, s) if isinstance(t, torch.nn.Parameter)]):
-                import torch.distributed as dist
-
-                if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0 or not hasattr(p, "ds_id"):
+                if rank() == 0 or not is_partitioned(p):
                     if p.shape != s.shape:
                         raise ValueError(f"shape mismatch copying '{key}' {tuple(s.shape)} into '{name}' {tuple(p.shape)}")
                     p.copy_(s)

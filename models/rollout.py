@@ -25,7 +25,7 @@ import torch
 
 from simcot.kernels import latent_feedback
 from simcot.models.decoding import Prefill, body, cache_of, head, positions, with_cache
-from simcot.train.distributed import rank_max
+from simcot.parallel import is_partitioned, rank_max
 
 
 @dataclass
@@ -45,11 +45,6 @@ class Rollout:
         return torch.stack(self.fed, 1)
 
 
-def partitioned(param: torch.nn.Parameter) -> bool:
-    """True when DeepSpeed ZeRO-3 keeps only a shard of `param` outside its module's forward."""
-    return hasattr(param, "ds_id")
-
-
 def feed_back(model, h: torch.Tensor, thinking: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     """Next input embeddings: the method's latent epilogue where `thinking`, a token embedding elsewhere.
 
@@ -57,7 +52,7 @@ def feed_back(model, h: torch.Tensor, thinking: torch.Tensor, token_ids: torch.T
     their backward), so the modules are called; otherwise the fused latent-feedback op runs.
     """
     emb = model.lm.get_input_embeddings()
-    if partitioned(emb.weight):
+    if is_partitioned(emb.weight):
         latent = model.projection(h) if getattr(model, "projection", None) is not None else h
         return torch.where(thinking[:, None], latent, emb(token_ids).to(latent.dtype))
     return latent_feedback(h, thinking, token_ids, emb.weight, **feedback_params(model))

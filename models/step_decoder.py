@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from simcot.models.checkpointing import register_switch
-from simcot.models.decoding import any_rank, body, cache_of, head, unwrap, with_cache
-from simcot.train.distributed import is_distributed
+from simcot.models.decoding import body, cache_of, head, unwrap, with_cache
+from simcot.parallel import any_partitioned, decoding_done, rank
 
 
 class LoRAPair(nn.Module):
@@ -173,7 +173,7 @@ class StepDecoder(nn.Module):
                 done = done | (nxt == eos_id)
                 if t == max_new_tokens - 1:
                     break
-                if (not any_rank(~done.all())) if is_distributed() else bool(done.all()):
+                if decoding_done(done):
                     break
                 e = self._embed_in(emb(nxt)[:, None].to(prefix.dtype))
                 out = stack(inputs_embeds=e, use_cache=True, position_ids=self._positions(rows, c + t, 1, prefix.device),
@@ -185,21 +185,20 @@ def _clone(main_lm: nn.Module) -> nn.Module:
     """A trainable copy of the main LM (LoRA merged in); under ZeRO-3 built partitioned and filled
     parameter by parameter, since a deepcopy of empty shards copies nothing."""
     base = unwrap(main_lm)
-    if not any(hasattr(p, "ds_id") for p in base.parameters()):
+    if not any_partitioned(base):
         src = copy.deepcopy(main_lm)
         return src.merge_and_unload() if hasattr(src, "merge_and_unload") else src
     if base is not main_lm:
         raise ValueError("simcot.decoder=copy of a LoRA model under ZeRO-3 is not supported; "
                          "use simcot.decoder=shared (the references' 8B setting is LoRA + decoder)")
     import deepspeed
-    import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
     clone = AutoModelForCausalLM.from_config(base.config)  # partitioned by zero.Init (HfDeepSpeedConfig is alive)
     src = dict(base.named_parameters())
     for name, p in clone.named_parameters():
         with deepspeed.zero.GatheredParameters([p, src[name]], modifier_rank=0):
-            if dist.get_rank() == 0:
+            if rank() == 0:
                 with torch.no_grad():
                     p.copy_(src[name])
     return clone

@@ -42,7 +42,7 @@ def tiny_overrides(tmp_path, **extra) -> dict:
 @pytest.fixture
 def tiny(tmp_path):
     def make(**extra):
-        from simcot.train.config import load_config
+        from simcot.train.assemble import load_config
 
         ov = tiny_overrides(tmp_path, **extra)
         return load_config(None, ov), ov

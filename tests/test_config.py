@@ -30,8 +30,10 @@ def test_unknown_key_is_rejected_by_name(tmp_path):
 def test_bad_types_and_choices_name_the_key():
     with pytest.raises(ConfigError, match=r"config key 'train.epochs': expected int, got 'many'"):
         load_config(None, {"train.epochs": "many"})
+    from simcot.train.assemble import load_config as load_and_check_method  # the method registry checks names
+
     with pytest.raises(ConfigError, match=r"config key 'method': unknown method 'magic'"):
-        load_config(None, {"method": "magic"})
+        load_and_check_method(None, {"method": "magic"})
     with pytest.raises(ConfigError, match=r"config key 'train.precision': 'fp8' is not one of fp32, bf16, fp16"):
         load_config(None, {"train.precision": "fp8"})
     with pytest.raises(ConfigError, match=r"train.batch_size \(10\) must be a multiple of train.micro_batch_size \(4\)"):

@@ -72,7 +72,8 @@ def test_copy_decoder_from_the_pretrained_base_or_from_the_init_from_run(tiny, t
     import pytest
     from safetensors.torch import load_file
 
-    from simcot.train.config import ConfigError, load_config
+    from simcot.train.assemble import load_config
+    from simcot.train.config import ConfigError
 
     src = _pretrained_dir(tmp_path)
     cot, _ = tiny(**{"model.name": str(src), "train.epochs": 1, "train.run_name": "cot-pre"})

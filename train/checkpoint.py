@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from simcot.models.decoding import unwrap
+from simcot.parallel import any_partitioned
 
 LATEST = "latest"
 
@@ -156,7 +157,7 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
         kept = next((n for n in names if n in state), None)
         for n in names if kept else []:
             state.setdefault(n, state[kept])
-    if any(hasattr(p, "ds_id") for p in module.parameters()):
+    if any_partitioned(module):
         missing, unexpected = _load_partitioned(module, state)
     else:
         missing, unexpected = module.load_state_dict(state, strict=False)

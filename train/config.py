@@ -1,7 +1,8 @@
 """Typed configuration: nested dataclasses, loaded from YAML with dotted command-line overrides.
 
 Every field carries a one-line doc (``opt(default, "doc")``) that becomes the ``--help`` text,
-so the dataclasses below *are* the reference for every option. Unknown keys are errors that
+so the dataclasses below (and ``simcot.models.config.ModelConfig``, the model section, kept with
+the models that read it) *are* the reference for every option. Unknown keys are errors that
 name the key (a typo must never silently fall back to a default).
 """
 
@@ -17,40 +18,12 @@ from typing import Any
 
 import yaml
 
+from simcot.models.config import ModelConfig
+from simcot.options import opt
+
 
 class ConfigError(ValueError):
     """A configuration problem, reported with the offending key."""
-
-
-def opt(default: Any, doc: str) -> Any:
-    """A dataclass field with a default and a help line."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"doc": doc})
-    return field(default=default, metadata={"doc": doc})
-
-
-@dataclass
-class ModelConfig:
-    name: str = opt("tiny-llama", "Preset (tiny-llama, tiny-gpt2, gpt2, llama-3.2-1b, llama-3.2-3b, llama-3.1-8b) "
-                    "or a Hugging Face model path/name")
-    pretrained: bool = opt(False, "Load weights with from_pretrained (always true for a path that is not a preset)")
-    tokenizer: str = opt("", "Tokenizer path/name; empty = the model's own, or a SentencePiece tokenizer trained "
-                         "on the task text for randomly initialised presets")
-    vocab_size: int = opt(384, "Vocabulary size of the locally trained SentencePiece tokenizer (a soft limit)")
-    pad_vocab_to: int = opt(0, "Random-init presets: give the embedding and head this many rows (e.g. 128256) "
-                            "although the local tokenizer is small, to time or plan a real vocabulary (0 = off)")
-    hidden_size: int = opt(0, "Override the preset's hidden size (0 = keep)")
-    num_layers: int = opt(0, "Override the preset's number of layers (0 = keep)")
-    num_heads: int = opt(0, "Override the preset's number of attention heads (0 = keep)")
-    attn_implementation: str = opt("sdpa", "Attention kernel: sdpa or eager")
-    init_special_from: str = opt("<<", "Initialise the embeddings of new special tokens from this token "
-                                 "(Coconut copies '<<'); falls back to the mean embedding when it is not one token")
-    lora_r: int = opt(0, "LoRA rank on the main model (0 = full fine-tuning); needs peft")
-    lora_alpha: int = opt(32, "LoRA alpha")
-    lora_dropout: float = opt(0.1, "LoRA dropout")
-    lora_targets: str = opt("auto", "Comma-separated module names for LoRA; auto = all linear layers of the family")
-    gradient_checkpointing: bool = opt(False, "Non-reentrant activation checkpointing of the main model (latent "
-                                       "methods: the MLP blocks, so the rollout keeps its KV cache)")
 
 
 @dataclass
@@ -386,11 +359,40 @@ _CHOICES = {
 }
 
 
-def validate(cfg: Config) -> None:
-    from simcot.train.methods import METHODS  # local: methods import heavy modules
+@dataclass(frozen=True)
+class RunShape:
+    """How a run's samples become optimizer steps, derived and checked in this one place (as
+    litgpt's TrainArgs): the runner sizes the engine and its schedule by it, the loop walks it."""
 
-    if cfg.method not in METHODS:
-        raise ConfigError(f"config key 'method': unknown method '{cfg.method}' (choose from {', '.join(METHODS)})")
+    world: int  # data-parallel ranks
+    accum: int  # micro-batches per rank per optimizer step
+    steps_per_epoch: int  # optimizer steps per pass over the training split (a partial last batch is dropped)
+    total_steps: int  # epochs x steps_per_epoch, capped by train.max_steps when > 0
+
+    @staticmethod
+    def accumulation(t: TrainConfig, world: int = 1) -> int:
+        """batch_size / (micro_batch_size x world), which must be a whole number."""
+        if t.batch_size % (t.micro_batch_size * world):
+            ranks = f" x world size ({world})" if world > 1 else ""
+            raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
+                              f"train.micro_batch_size ({t.micro_batch_size}){ranks}")
+        return t.batch_size // (t.micro_batch_size * world)
+
+    @classmethod
+    def of(cls, t: TrainConfig, world: int, n_train: int) -> RunShape:
+        """The shape of a run on `world` ranks over `n_train` training examples."""
+        accum = cls.accumulation(t, world)
+        steps_per_epoch = n_train // t.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"the training split has {n_train} examples, fewer than one global "
+                             f"batch (train.batch_size={t.batch_size})")
+        full = t.epochs * steps_per_epoch
+        return cls(world, accum, steps_per_epoch, min(full, t.max_steps) if t.max_steps > 0 else full)
+
+
+def validate(cfg: Config) -> None:
+    """The checks every config gets; the method's name and its own rules are checked beside the
+    method registry (``simcot.train.methods.validate_method``), which this module does not import."""
     flat = flatten(to_dict(cfg))
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
@@ -399,9 +401,7 @@ def validate(cfg: Config) -> None:
     for key in ("batch_size", "micro_batch_size"):
         if getattr(t, key) < 1:
             raise ConfigError(f"config key 'train.{key}' must be >= 1")
-    if t.batch_size % t.micro_batch_size:
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of "
-                          f"train.micro_batch_size ({t.micro_batch_size})")
+    RunShape.accumulation(t)  # on one rank; the runner checks again with the world size
     ds = cfg.deepspeed
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage': {ds.zero_stage} is not one of 0, 1, 2, 3")
@@ -419,7 +419,6 @@ def validate(cfg: Config) -> None:
     if any(not k.strip().isdigit() for k in cfg.eval.latent_sweep.split(",") if k.strip()):
         raise ConfigError(f"config key 'eval.latent_sweep': expected comma-separated counts like '1,2,4', "
                           f"got '{cfg.eval.latent_sweep}'")
-    METHODS[cfg.method].validate(cfg)
 
 
 # --------------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ import torch
 
 from simcot.models.decoding import greedy_decode, left_pad, trim_at_eos
 from simcot.models.rollout import prefill_latents
+from simcot.train.assemble import load_checkpoint_model
 from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
+from simcot.train.formats import read_file
+from simcot.train.methods.step_supervision import decode_texts
 from simcot.train.tokenizer import encode_record
 from simcot.train.tracking import make_tracker
 
@@ -27,8 +30,6 @@ def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tok
                     n_latents: int | None = None) -> list[dict]:
     """For each example: its latents decoded slot by slot beside the gold steps, and the answer
     (`n_latents` forces the latent count, else the method's count for each sample)."""
-    from simcot.train.methods.step_supervision import decode_texts
-
     prompts = [method.eval_prompt(ex, epoch, n_latents=n_latents) for ex in examples]
     ids, mask = left_pad([p.ids for p in prompts], method.special.pad)
     counts = torch.tensor([p.n_latents for p in prompts], device=device)
@@ -49,8 +50,6 @@ def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tok
 
 def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: int = 20,
                    overrides: dict | None = None, out: str = "", data: str = "") -> list[dict]:
-    from simcot.train.runner import load_checkpoint_model
-
     ckpt = resolve_checkpoint(checkpoint)
     cfg, built, dev = load_checkpoint_model(ckpt, overrides, inference=False)
     if not hasattr(built.method, "decode_slots"):
@@ -60,8 +59,6 @@ def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: 
         examples = [dict(encode_record(built.tok, {"question": question, "steps": [], "answer": "?"},
                                        cfg.data.answer_prefix), idx=0)]
     elif data:  # any file simcot reads (format sniffed), its gold steps shown beside the decoded ones
-        from simcot.train.formats import read_file
-
         records = read_file(data, gsm8k_steps=cfg.data.gsm8k_steps)[:n]
         if not records:
             raise ValueError(f"{data}: no records")

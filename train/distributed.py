@@ -1,4 +1,5 @@
-"""Process-group plumbing: who am I, start/stop the group, gather results, fail loudly.
+"""Process-group plumbing: who am I, start/stop the group, fail loudly (the collectives that run
+inside the group are in ``simcot.parallel``).
 
 Launchers (torchrun, the ``deepspeed`` launcher, SLURM's srun via ``launchers/slurm``) set RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT; a plain ``simcot train`` is one process.
@@ -65,30 +66,6 @@ def init_distributed(cfg) -> DistInfo:
                                    auto_mpi_discovery=False,
                                    timeout=timedelta(minutes=cfg.deepspeed.timeout_minutes))
     return dist_env()
-
-
-def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def rank_max(n: int) -> int:
-    """The largest `n` over the ranks: under ZeRO-3 every rank must run as many forward passes."""
-    if not is_distributed():
-        return n
-    t = torch.tensor([n], dtype=torch.long)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def gather_objects(obj) -> list:
-    """`obj` from every rank, in rank order (a one-element list without a process group)."""
-    if not is_distributed():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 def shutdown() -> None:

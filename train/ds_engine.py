@@ -22,30 +22,23 @@ import torch
 import torch.distributed as dist
 
 from simcot.train.config import ConfigError
-from simcot.train.engine import group_lambdas, param_groups, refresh_lrs
+from simcot.train.engine import Engine, group_lambdas, param_groups
 
 log = logging.getLogger(__name__)
 
+# by path, not through the launchers package (train does not import launchers): the same folder
+# in the source tree and in an installed wheel (simcot/launchers/ds_configs)
 TEMPLATES = Path(__file__).resolve().parents[1] / "launchers" / "ds_configs"
 TAG = "deepspeed"
-
-
-def _template_dir() -> Path:
-    try:
-        import simcot.launchers
-
-        return Path(simcot.launchers.__file__).parent / "ds_configs"
-    except ImportError:  # pragma: no cover
-        return TEMPLATES
 
 
 def load_ds_json(spec: str) -> dict:
     path = Path(spec)
     if not path.is_file():
-        path = _template_dir() / f"{spec}.json"
+        path = TEMPLATES / f"{spec}.json"
     if not path.is_file():
         raise ConfigError(f"deepspeed.config: no file '{spec}' and no template of that name "
-                          f"(templates: {', '.join(p.stem for p in sorted(_template_dir().glob('*.json')))})")
+                          f"(templates: {', '.join(p.stem for p in sorted(TEMPLATES.glob('*.json')))})")
     return json.loads(path.read_text())
 
 
@@ -99,7 +92,7 @@ def zero3_enabled(ds: dict) -> bool:
     return ds.get("zero_optimization", {}).get("stage", 0) == 3
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     def __init__(self, model: torch.nn.Module, cfg, total_steps: int, device: torch.device, accum: int,
                  ds_config: dict, groups_fn=param_groups):
         import deepspeed
@@ -145,11 +138,6 @@ class DeepSpeedEngine:
         """Fresh Adam moments and step counts; the schedule keeps its position."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)
         inner.state.clear()
-
-    def set_lr_scales(self, scales: dict[str, float]) -> None:
-        self.lr_scales.clear()
-        self.lr_scales.update(scales)
-        refresh_lrs(self.scheduler)
 
     def save(self, path: Path) -> None:
         self.engine.save_checkpoint(str(path), tag=TAG)

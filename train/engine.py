@@ -1,8 +1,8 @@
 """The engine owns the model's optimisation: optimizer, schedule, precision, accumulation, and
 the model/optimizer half of a checkpoint.
 
-``TorchEngine`` is plain PyTorch (one process, CPU or one GPU). The DeepSpeed engine offers the
-same five calls (forward, backward, step, save, load), so the loop never knows which it drives.
+``TorchEngine`` is plain PyTorch (one process, CPU or one GPU). The DeepSpeed engine keeps the
+same contract, written down once in :class:`Engine`, so the loop never knows which it drives.
 """
 
 from __future__ import annotations
@@ -62,7 +62,54 @@ def refresh_lrs(scheduler) -> None:
         group["lr"] = group["initial_lr"] * f(scheduler.last_epoch)
 
 
-class TorchEngine:
+class Engine:
+    """What the loop, the runner and evaluation use of an engine; ``TorchEngine`` and
+    ``DeepSpeedEngine`` (train/ds_engine.py) implement it."""
+
+    module: torch.nn.Module  # the model being trained (LatentLM), on `device`
+    device: torch.device
+    rank: int  # this process's rank and the number of ranks
+    world_size: int
+    accum: int  # micro-batches per optimizer step on this rank (RunShape.accum)
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # one lr multiplier per group: schedule x lr_scales
+    lr_scales: dict[str, float]  # per named parameter group, read by the scheduler's lambdas
+
+    def forward(self, fn, *args):
+        """``module(fn, *args)`` under the engine's precision (the method's loss as `fn`)."""
+        raise NotImplementedError
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate the gradient of one micro-batch's loss (scaled by 1/accum)."""
+        raise NotImplementedError
+
+    def step(self) -> dict[str, float]:
+        """The optimizer step after `accum` backwards: clip, update, schedule; {'grad_norm', 'lr'}."""
+        raise NotImplementedError
+
+    def reset_optimizer(self) -> None:
+        """Fresh optimizer moments (Coconut's stage changes); the schedule keeps its position."""
+        raise NotImplementedError
+
+    def set_lr_scales(self, scales: dict[str, float]) -> None:
+        """Scale named parameter groups' lr from now on (0 freezes a group exactly)."""
+        self.lr_scales.clear()
+        self.lr_scales.update(scales)
+        refresh_lrs(self.scheduler)
+
+    def eval_context(self):
+        """A context for no-grad evaluation passes (ZeRO-3 gathers the model once in it)."""
+        raise NotImplementedError
+
+    def save(self, path: Path) -> None:
+        """The model/optimizer half of a checkpoint, into folder `path`."""
+        raise NotImplementedError
+
+    def load(self, path: Path, weights_only: bool = False) -> None:
+        """What `save` wrote (only the weights with `weights_only`)."""
+        raise NotImplementedError
+
+
+class TorchEngine(Engine):
     rank = 0
     world_size = 1
 
@@ -94,11 +141,6 @@ class TorchEngine:
         sched_state = self.scheduler.state_dict()
         self._build_optimizer()
         self.scheduler.load_state_dict(sched_state)
-        refresh_lrs(self.scheduler)
-
-    def set_lr_scales(self, scales: dict[str, float]) -> None:
-        self.lr_scales.clear()
-        self.lr_scales.update(scales)
         refresh_lrs(self.scheduler)
 
     def eval_context(self):

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from simcot import parallel
 from simcot.models.decoding import greedy_decode, trim_at_eos
+from simcot.parallel import gather_objects, rank_max
 from simcot.train.answers import extract, is_correct
-from simcot.train.distributed import gather_objects, is_distributed, rank_max
 
 
 @dataclass
@@ -71,7 +71,7 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
     several ranks each evaluates a shard; all run the same number of batches and decode steps
     (ZeRO-3 gathers parameters in every forward), then the results are gathered.
     """
-    rank, world = (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)
+    rank, world = parallel.rank(), parallel.world_size()
     was_training = model.training
     model.eval()
     prompts = [method.eval_prompt(ex, epoch, n_latents=n_latents) for ex in examples]

@@ -17,25 +17,16 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from simcot.models.decoding import unwrap
+from simcot.models.loading import check_loading_info
+from simcot.train.assemble import DTYPES, EXPORT_META, EXTRAS, load_checkpoint_model
 from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
-
-EXPORT_META = "simcot_export.json"
-EXTRAS = "simcot_extras.safetensors"
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def is_export(path: Path) -> bool:
-    return (Path(path) / EXPORT_META).is_file()
+from simcot.train.config import dump_yaml
 
 
 def export(checkpoint: str | Path, out: str | Path, dtype: str = "bf16") -> Path:
-    from safetensors.torch import load_file, save_file
-
-    from simcot.models.decoding import unwrap
-    from simcot.train.config import dump_yaml
-    from simcot.train.runner import load_checkpoint_model
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}")
     ckpt = resolve_checkpoint(checkpoint)
@@ -72,8 +63,6 @@ def verify_reload(folder: Path, lm: torch.nn.Module, dtype: torch.dtype) -> None
     """Strict round trip: from_pretrained must find every tensor in `folder` and hold exactly `lm`'s values."""
     from transformers import AutoModelForCausalLM
 
-    from simcot.models.loading import check_loading_info
-
     again, info = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
     check_loading_info(info, f"export {folder}")
     want, got = lm.state_dict(), again.state_dict()
@@ -83,28 +72,3 @@ def verify_reload(folder: Path, lm: torch.nn.Module, dtype: torch.dtype) -> None
     differ = [k for k in want if not torch.equal(want[k].to(dtype), got[k])]
     if differ:
         raise ValueError(f"exported model reloads with other values in {', '.join(differ[:6])}")
-
-
-def load_exported(path: str | Path, overrides: dict | None = None, device: str = "auto"):
-    """(cfg, built, device) from an export folder: the HF model via from_pretrained, extras strictly."""
-    from safetensors.torch import load_file
-
-    from simcot.train.checkpoint import load_state_strict
-    from simcot.train.runner import build, load_checkpoint_config, resolve_device
-
-    path = Path(path)
-    cfg = load_checkpoint_config(path, overrides, name="simcot.yaml")
-    cfg.model.name, cfg.model.pretrained, cfg.model.lora_r = str(path), True, 0
-    meta = json.loads((path / EXPORT_META).read_text())
-    cfg.model.attn_implementation = cfg.model.attn_implementation
-    built = build(cfg, path, tokenizer_from=path, inference=True)
-    built.model.to(DTYPES[meta["dtype"]])
-    extras = load_file(str(path / EXTRAS)) if (path / EXTRAS).is_file() else {}
-    expected = set(built.model.extras_state_dict())
-    if set(extras) != expected:
-        raise ValueError(f"{path}: extras {sorted(extras)} do not match the model's {sorted(expected)}")
-    if extras:
-        load_state_strict(built.model, {**{f"lm.{k}": v for k, v in built.model.lm.state_dict().items()}, **extras},
-                          f"export {path}")
-    dev = resolve_device(device if device != "auto" else cfg.train.device)
-    return cfg, built, dev

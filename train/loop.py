@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from simcot.parallel import mean_across_ranks
 from simcot.train.checkpoint import save_checkpoint
+from simcot.train.config import RunShape
 from simcot.train.distributed import maybe_inject_fault
 from simcot.train.evaluate import EvalResult, evaluate
 
@@ -65,20 +67,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return kb / 1024
 
 
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return values
-    keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
-    dist.all_reduce(t)
-    t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist()))
-
-
 class Trainer:
     def __init__(self, cfg, method, engine, tok, examples: dict[str, list[dict]], tracker, run_dir: Path,
                  config_yaml: str):
@@ -89,13 +77,8 @@ class Trainer:
         self.config_yaml = config_yaml
         t = cfg.train
         self.rank, self.world = engine.rank, engine.world_size
-        self.accum = t.batch_size // (t.micro_batch_size * self.world)
-        self.steps_per_epoch = len(examples["train"]) // t.batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"the training split has {len(examples['train'])} examples, fewer than one global "
-                             f"batch (train.batch_size={t.batch_size})")
-        full = t.epochs * self.steps_per_epoch
-        self.total_steps = min(full, t.max_steps) if t.max_steps > 0 else full
+        shape = RunShape.of(t, self.world, len(examples["train"]))
+        self.accum, self.steps_per_epoch, self.total_steps = shape.accum, shape.steps_per_epoch, shape.total_steps
         self.history: list[dict] = []  # per-step records (tests and summaries read them)
 
     # --------------------------------------------------------------------------------- steps
@@ -121,7 +104,7 @@ class Trainer:
             loss_sum += float(out.loss.detach())
             for k, v in out.parts.items():
                 parts[k] = parts.get(k, 0.0) + float(v) / len(mbs)
-        metrics = _mean_across_ranks({"loss": loss_sum / len(mbs), **parts})
+        metrics = mean_across_ranks({"loss": loss_sum / len(mbs), **parts})
         if not math.isfinite(metrics["loss"]):
             where = f"step {state.global_step + 1} (epoch {state.epoch}, batch {state.step_in_epoch})"
             detail = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items())

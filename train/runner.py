@@ -1,4 +1,4 @@
-"""Assembling a run: config -> data -> tokenizer -> model + method -> engine -> tracker -> loop.
+"""Running a run: the assembled model and method (``assemble.build``) -> engine -> tracker -> loop.
 
 ``run_training`` is what ``simcot train`` calls; ``run_evaluation`` is ``simcot eval``. Both mark
 the MLflow run FAILED when something raises (KILLED on Ctrl-C) and re-raise.
@@ -13,27 +13,20 @@ import socket
 import subprocess
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from simcot.models.checkpointing import enable_checkpointing
-from simcot.models.latent_lm import LatentLM
-from simcot.models.loading import apply_lora, build_lm, build_tokenizer
-from simcot.train.checkpoint import (load_rng_state, load_state_strict, load_trainer_state, load_weights,
-                                    resolve_checkpoint)
-from simcot.train.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict,
-                                 validate)
-from simcot.train.distributed import gather_objects, init_distributed, uses_deepspeed
+from simcot.parallel import gather_objects
+from simcot.train.assemble import Built, build, load_checkpoint_config, load_checkpoint_model, resolve_device
+from simcot.train.checkpoint import load_rng_state, load_trainer_state, resolve_checkpoint
+from simcot.train.config import Config, RunShape, dump_yaml, flatten, to_dict
+from simcot.train.decode_latents import decode_examples
+from simcot.train.distributed import init_distributed, uses_deepspeed
 from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
 from simcot.train.engine import TorchEngine
-from simcot.train.examples import tokenize
 from simcot.train.loop import Trainer, TrainState
-from simcot.train.methods import METHODS
-from simcot.train.sources import Splits, load_splits
-from simcot.train.tokenizer import SpecialIds, load_tokenizer
 from simcot.train.tracking import make_tracker
 
 log = logging.getLogger("simcot")
@@ -47,12 +40,6 @@ def setup_logging(rank: int = 0) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("httpx", "urllib3", "alembic", "mlflow", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -89,70 +76,10 @@ def versions() -> dict[str, str]:
     return out
 
 
-@dataclass
-class Built:
-    """Everything a run needs, assembled from a config."""
-
-    cfg: Config
-    splits: Splits
-    tok: object
-    special: SpecialIds
-    examples: dict[str, list[dict]]
-    model: LatentLM
-    method: object
-
-
-def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, init_from: Path | None = None,
-          tokenizer_from: Path | None = None, inference: bool = False) -> Built:
-    """Data, tokenizer, tokenized examples, model and method.
-
-    `checkpoint`: take the tokenizer and the architecture from a checkpoint (its weights are
-    loaded afterwards by the caller). `init_from` (train.init_from): the tokenizer and the main
-    LM's weights, loaded before the method adds its parts, so that parts copied from the LM (the
-    SIM-CoT decoder, SemCoT's encoder and generator) copy the trained weights.
-    `tokenizer_from`: only the tokenizer (an export). `inference`: build only what evaluation
-    needs (no SIM-CoT step decoder).
-    """
-    splits = load_splits(cfg.data)
-    tokenizer_from = checkpoint or init_from or tokenizer_from
-    if tokenizer_from:
-        tok = load_tokenizer(str(tokenizer_from))
-    else:
-        tok = build_tokenizer(cfg.model, splits.train, cfg.data.answer_prefix, run_dir / "tokenizer")
-    special = SpecialIds.of(tok)
-    examples = {s: tokenize(splits[s], tok, cfg.data.answer_prefix, cfg.data.max_tokens if s == "train" else 0)
-                for s in ("train", "val", "test")}
-    torch.manual_seed(cfg.train.seed)
-    lm = build_lm(cfg.model, tok, torch.float32, checkpoint=checkpoint)
-    init_state = load_lm_state(init_from) if init_from is not None and checkpoint is None else None
-    if init_state is not None and not _peft_keys(init_state):
-        load_state_strict(lm, init_state, f"init_from {init_from}")
-    if cfg.model.lora_r > 0:
-        lm = apply_lora(lm, cfg.model)
-    if init_state is not None and _peft_keys(init_state):  # the LM was saved with its LoRA adapter
-        load_state_strict(lm, init_state, f"init_from {init_from}")
-    model = LatentLM(lm)
-    method = METHODS[cfg.method](cfg, tok, special, inference=inference)
-    method.restoring = checkpoint is not None
-    method.setup_model(model)
-    if cfg.model.gradient_checkpointing and not inference:
-        enable_checkpointing(model.lm, latent=method.uses_latents)
-    return Built(cfg, splits, tok, special, examples, model, method)
-
-
-def load_lm_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The main LM's weights in a checkpoint (``train.init_from``); the method's extras start fresh."""
-    return {k[3:]: v for k, v in load_weights(ckpt).items() if k.startswith("lm.")}
-
-
-def _peft_keys(state: dict) -> bool:
-    return any(k.startswith("base_model.") for k in state)
-
-
 def _run_params(cfg: Config, built: Built, world: int) -> dict[str, str]:
     params = {k: v for k, v in flatten(to_dict(cfg)).items()}
     params.update({"world_size": world, "global_batch_size": cfg.train.batch_size,
-                   "grad_accumulation": cfg.train.batch_size // (cfg.train.micro_batch_size * world)})
+                   "grad_accumulation": RunShape.accumulation(cfg.train, world)})
     for split, n in built.splits.sizes().items():
         params[f"data.{split}_rows"] = n
         params[f"data.{split}_examples"] = len(built.examples[split])
@@ -222,8 +149,6 @@ def _log_decoded_latents(built: Built, engine, tracker, state: TrainState) -> No
     """SIM-CoT: what the step decoder reads out of the latents of 20 test questions."""
     if not hasattr(built.method, "decode_slots") or not built.examples["test"] or engine.world_size > 1:
         return
-    from simcot.train.decode_latents import decode_examples
-
     with engine.eval_context():
         rows = decode_examples(engine.module, built.method, built.tok, built.examples["test"][:20],
                                Trainer.trained_epoch(state), built.cfg.eval.max_new_tokens, engine.device)
@@ -246,10 +171,7 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(t.seed)
     device = _device(cfg, info)
-    if t.batch_size % (t.micro_batch_size * info.world):
-        raise ConfigError(f"train.batch_size ({t.batch_size}) must be a multiple of train.micro_batch_size "
-                          f"({t.micro_batch_size}) x world size ({info.world})")
-    accum = t.batch_size // (t.micro_batch_size * info.world)
+    accum = RunShape.accumulation(t, info.world)  # the DeepSpeed config needs it before the model is built
     ds_config, hf_ds_config = None, None
     if uses_deepspeed(cfg):
         ds_config = build_ds_config(cfg, info.world, accum, on_cpu=device.type == "cpu")
@@ -260,12 +182,12 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
 
     init_ckpt = resolve_checkpoint(t.init_from) if t.init_from else None
     built = build(cfg, run_dir, checkpoint=resume_ckpt, init_from=init_ckpt)
-    steps_per_epoch = max(1, len(built.examples["train"]) // t.batch_size)
-    total = min(t.epochs * steps_per_epoch, t.max_steps) if t.max_steps else t.epochs * steps_per_epoch
+    shape = RunShape.of(t, info.world, len(built.examples["train"]))
     if ds_config is not None:
-        engine = DeepSpeedEngine(built.model, cfg, total, device, accum, ds_config, built.method.param_groups)
+        engine = DeepSpeedEngine(built.model, cfg, shape.total_steps, device, shape.accum, ds_config,
+                                 built.method.param_groups)
     else:
-        engine = TorchEngine(built.model, t, total, device, accum, built.method.param_groups)
+        engine = TorchEngine(built.model, t, shape.total_steps, device, shape.accum, built.method.param_groups)
     if resume_ckpt is not None:
         engine.load(resume_ckpt)
         load_rng_state(resume_ckpt, engine.rank)
@@ -315,37 +237,6 @@ def _resume_target(cfg: Config) -> str:
     if not cfg.train.run_name:
         raise ValueError("train.resume=auto needs train.run_name to find the run folder")
     return str(Path(cfg.train.out_dir) / cfg.train.run_name)
-
-
-def load_checkpoint_config(ckpt: Path, overrides: dict | None = None, name: str = "config.yaml") -> Config:
-    import yaml
-
-    cfg = config_from_dict(yaml.safe_load((ckpt / name).read_text()))
-    apply_overrides(cfg, overrides or {})
-    validate(cfg)
-    return cfg
-
-
-def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None, device: str = "auto",
-                          inference: bool = True):
-    """(cfg, built, device) with the checkpoint's weights loaded on `device`.
-
-    Loading is strict: every parameter of the model must be in the file and nothing else may be,
-    except the SIM-CoT step decoder's and SemCoT encoder's weights, which an inference model does
-    not build.
-    """
-    from simcot.train.export import is_export, load_exported
-
-    ckpt = resolve_checkpoint(checkpoint)
-    if is_export(ckpt):
-        return load_exported(ckpt, overrides, device)
-    cfg = load_checkpoint_config(ckpt, overrides)
-    dev = resolve_device(device if device != "auto" else cfg.train.device)
-    built = build(cfg, ckpt.parent.parent, checkpoint=ckpt, inference=inference)
-    load_state_strict(built.model, load_weights(ckpt), f"checkpoint {ckpt}",
-                      ("step_decoder.", "encoder.") if inference else ())
-    built.model.to(dev).eval()
-    return cfg, built, dev
 
 
 def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: str = "") -> dict:

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simcot.train.config import Config, ConfigError, apply_dict, apply_overrides, read_yaml_mapping, validate
+from simcot.train.methods import validate_method
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ class SweepConfig:
         apply_overrides(cfg, overrides)
         apply_overrides(cfg, cell or {})
         validate(cfg)
+        validate_method(cfg)
         return cfg
 
 

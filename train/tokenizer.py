@@ -1,6 +1,7 @@
 """Tokenizers and the token layout of a record.
 
-Two kinds of tokenizer, one interface (a ``transformers`` tokenizer):
+Two kinds of tokenizer, one interface (a ``transformers`` tokenizer); ``build_tokenizer`` picks
+the run's from its model config:
 - a real model's own tokenizer (``AutoTokenizer.from_pretrained``), with simcot's special tokens
   added once;
 - offline, a SentencePiece model trained in well under a second on the task's training text,
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
 
+from simcot.models.config import ModelConfig
+from simcot.models.loading import is_random_init, weights_source
 from simcot.train.formats import Record
 
 log = logging.getLogger(__name__)
@@ -119,3 +122,16 @@ def _answer_start(tok, a: list[int], answer_prefix: str) -> int:
         if tok.decode(a[:i])[n:].strip():
             return max(i - 1, 1) if n else i - 1
     return len(a)
+
+
+def build_tokenizer(mcfg: ModelConfig, train_records, answer_prefix: str, cache_dir: str | Path):
+    """The run's tokenizer; a locally trained one is cached in `cache_dir` and reused."""
+    if mcfg.tokenizer:
+        return load_tokenizer(mcfg.tokenizer)
+    if not is_random_init(mcfg):
+        return load_tokenizer(weights_source(mcfg))
+    cache_dir = Path(cache_dir)
+    if (cache_dir / "tokenizer_config.json").is_file():
+        return load_tokenizer(str(cache_dir))
+    log.info("training a SentencePiece tokenizer (vocab %d) on %d records", mcfg.vocab_size, len(train_records))
+    return train_sentencepiece(record_texts(train_records, answer_prefix), mcfg.vocab_size, cache_dir)

@@ -1,5 +1,6 @@
 """Training objectives, one per file, chosen by ``method`` in the config."""
 
+from simcot.train.config import ConfigError
 from simcot.train.methods.base import LossOutput, Method, Prompt
 from simcot.train.methods.coconut import Coconut
 from simcot.train.methods.codi import Codi
@@ -11,4 +12,13 @@ from simcot.train.methods.simcot_coconut import SimCoTCoconut
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (NoCoT, CoT, Coconut, Codi, SimCoTCoconut, SimCoTCodi, SemCoT)}
 
-__all__ = ["METHODS", "LossOutput", "Method", "Prompt"]
+
+def validate_method(cfg) -> None:
+    """The method's part of validating a config (``config.validate`` does the rest): its name, then
+    its own rules (``Method.validate``)."""
+    if cfg.method not in METHODS:
+        raise ConfigError(f"config key 'method': unknown method '{cfg.method}' (choose from {', '.join(METHODS)})")
+    METHODS[cfg.method].validate(cfg)
+
+
+__all__ = ["METHODS", "LossOutput", "Method", "Prompt", "validate_method"]

@@ -23,7 +23,9 @@ from functools import cached_property
 import torch
 
 from simcot.kernels import fused_linear_cross_entropy, gathered
+from simcot.models.loading import is_random_init
 from simcot.models.step_decoder import StepDecoder
+from simcot.train.config import ConfigError
 from simcot.train.methods.base import IGNORE, right_pad
 from simcot.train.tokenizer import STEP_SEP
 
@@ -76,7 +78,7 @@ def build_decoder(model, cfg, tok, restoring: bool = False, first_position: int 
     scfg = cfg.simcot
     kw = {"first_position": first_position, "dropout": dropout}
     if scfg.decoder == "copy" and scfg.copy_from == "pretrained" and not restoring:
-        from simcot.models.loading import build_lm
+        from simcot.models.loading import build_lm  # looked up per call: tests count the builds
 
         dtype = model.lm.get_input_embeddings().weight.dtype
         return StepDecoder("copy", model.lm, scfg, copy_of=build_lm(cfg.model, tok, dtype), **kw)
@@ -84,9 +86,6 @@ def build_decoder(model, cfg, tok, restoring: bool = False, first_position: int 
 
 
 def validate_decoder(cfg) -> None:
-    from simcot.models.loading import is_random_init
-    from simcot.train.config import ConfigError
-
     if cfg.simcot.decoder == "copy" and cfg.simcot.copy_from == "pretrained" and is_random_init(cfg.model):
         raise ConfigError(f"simcot.copy_from=pretrained needs pretrained weights, but model '{cfg.model.name}' is "
                           f"randomly initialised (set model.pretrained, or use simcot.copy_from=init)")
