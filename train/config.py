@@ -133,6 +133,15 @@ class TrackingConfig:
 
 
 @dataclass
+class CoTConfig:
+    direct_ratio: float = opt(0.0, "cot: fraction of training examples whose target is the answer alone (a CoT / "
+                              "direct mix, so the model can also answer without steps; keep it < 0.5 so that "
+                              "greedy decoding from the question still writes the steps)")
+    direct_eval: bool = opt(False, "cot, nocot: evaluate direct answers: the prompt is the question plus the answer "
+                            "prefix, so the model answers without writing steps")
+
+
+@dataclass
 class CoconutConfig:
     c_thought: int = opt(1, "Latents per replaced reasoning step (c)")
     epochs_per_stage: int = opt(1, "Epochs per curriculum stage; stage k replaces the first k steps by k*c latents")
@@ -220,6 +229,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cot: CoTConfig = field(default_factory=CoTConfig)
     coconut: CoconutConfig = field(default_factory=CoconutConfig)
     codi: CodiConfig = field(default_factory=CodiConfig)
     simcot: StepDecoderConfig = field(default_factory=StepDecoderConfig)
