@@ -68,7 +68,8 @@ class DataConfig:
     steps: int = opt(3, "arith: number of reasoning steps (operations) per problem")
     min_steps: int = opt(0, "arith: draw the step count uniformly from [min_steps, steps] (0 = always `steps`)")
     max_operand: int = opt(9, "arith: operands are drawn from 1..max_operand")
-    max_value: int = opt(99, "arith: every intermediate value stays within 0..max_value")
+    max_value: int = opt(9, "arith: every intermediate value stays within 0..max_value (9: every step is a "
+                         "single-digit table lookup, which the default CoT run learns on every seed)")
     digits: int = opt(4, "mult: digits of each factor (k x k multiplication, k = 2..6)")
     gsm8k_steps: str = opt("equations", "gsm8k: steps are the <<expr=value>> annotations (equations) or the "
                            "natural-language lines (text)")
@@ -80,7 +81,7 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = opt("runs", "Folder of run directories (checkpoints, predictions, tokenizer)")
     run_name: str = opt("", "Run directory and MLflow run name; empty = <method>-<model>-<source>-<time>")
-    epochs: int = opt(8, "Training epochs")
+    epochs: int = opt(4, "Training epochs")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = epochs decide)")
     batch_size: int = opt(64, "Global batch size in samples per optimizer step (fixed for any world size)")
     micro_batch_size: int = opt(32, "Samples per forward pass per process; accumulation = batch/(micro x world)")
