@@ -137,11 +137,11 @@ def default_markdown(runs: list[dict], threads: int) -> str:
 
 def measure_default(args, workdir: Path, extra: dict | None = None, name: str = "default_cpu",
                     results_dir: Path | None = None) -> dict:
+    meta = _meta(args.threads)  # the commit the runs start from, not the one at their end
     runs = [train_default(s, args.threads, workdir, extra) for s in args.seeds]
     rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB, the largest child so far
     data = {"runs": runs, "peak_rss_mib_largest_run": round(rss), "extra_overrides": extra or {}}
-    write_results(name, data, default_markdown(runs, args.threads), meta=_meta(args.threads),
-                  results_dir=results_dir)
+    write_results(name, data, default_markdown(runs, args.threads), meta=meta, results_dir=results_dir)
     return data
 
 
@@ -155,6 +155,7 @@ def _meta(threads: int) -> dict:
 
 
 def measure_suite(args, workdir: Path) -> None:
+    meta = _meta(args.threads)
     with tempfile.TemporaryDirectory(prefix="simcot-clone-") as tmp:
         clone = Path(tmp) / "simcot"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
@@ -165,7 +166,7 @@ def measure_suite(args, workdir: Path) -> None:
     md = ("| command | passed | skipped | wall (set-up of the venv included) |\n|---|---:|---:|---:|\n"
           f"| `git clone ... && bash .ci/run` | {counts.get('passed', 0)} | {counts.get('skipped', 0)} | "
           f"{wall / 60:.1f} min |")
-    write_results("suite_cpu", data, md, meta=_meta(args.threads))
+    write_results("suite_cpu", data, md, meta=meta)
 
 
 def measure_kernels(args, workdir: Path) -> None:
