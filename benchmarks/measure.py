@@ -94,9 +94,25 @@ def _flags(overrides: dict) -> list[str]:
 # ------------------------------------------------------------------------------------ default
 
 
-def train_default(seed: int, threads: int, workdir: Path, extra: dict | None = None) -> dict:
-    """One `simcot train` (defaults + seed) in a fresh process: the figures of one seed."""
+CODE = ("train", "models", "kernels", "launchers", "setup.cfg", "pyproject.toml")  # what a training run depends on
+
+
+def _same_code(commit: str) -> bool:
+    """The training code at `commit` equals the working tree's (docs and results may differ)."""
+    return bool(commit) and subprocess.run(["git", "diff", "--quiet", commit, "--", *CODE], cwd=REPO).returncode == 0
+
+
+def train_default(seed: int, threads: int, workdir: Path, extra: dict | None = None, resume: bool = False) -> dict:
+    """One `simcot train` (defaults + seed) in a fresh process: the figures of one seed (kept in
+    ``workdir/default-s<seed>.json``; with `resume`, a seed measured before at this commit is reused)."""
     name = f"default-s{seed}"
+    record = workdir / f"{name}.json"
+    commit = machine_meta("cpu", command="")["commit"]
+    if resume and record.is_file():
+        old = json.loads(record.read_text())
+        if _same_code(old.get("commit", "")) and old.get("extra") == (extra or {}) and old.get("threads") == threads:
+            print(f"reusing {record}", flush=True)
+            return old["run"]
     ov = {"train.seed": seed, "data.seed": seed, "train.threads": threads, "train.run_name": name,
           "train.out_dir": str(workdir / "runs"), "tracking.uri": f"sqlite:///{workdir / 'mlruns.db'}", **(extra or {})}
     load0 = os.getloadavg()[0]
@@ -104,7 +120,7 @@ def train_default(seed: int, threads: int, workdir: Path, extra: dict | None = N
     s = _summary(out)
     losses = [json.loads(line)["loss"] for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     tok_s = [float(x) for x in _TOK_S.findall(err)]
-    return {"seed": seed, "val_accuracy": s.get("val_accuracy"), "test_accuracy": s["test_accuracy"],
+    run = {"seed": seed, "val_accuracy": s.get("val_accuracy"), "test_accuracy": s["test_accuracy"],
             "test_n": s["metrics"].get("test/n"), "test_generated_tokens": s["metrics"].get("test/generated_tokens"),
             "test_samples_per_s": s.get("test_samples_per_s"), "steps": s["steps"], "final_loss": s["final_loss"],
             # every step's loss, hashed: equal digests = the same training, step for step
@@ -112,9 +128,11 @@ def train_default(seed: int, threads: int, workdir: Path, extra: dict | None = N
             "tokens_per_s_median": statistics.median(tok_s) if tok_s else None,
             "train_seconds": s["train_seconds"], "wall_seconds": wall,
             "load_avg_1m_start": round(load0, 2), "load_avg_1m_end": round(os.getloadavg()[0], 2)}
+    record.write_text(json.dumps({"commit": commit, "extra": extra or {}, "threads": threads, "run": run}, indent=1))
+    return run
 
 
-def default_markdown(runs: list[dict], threads: int) -> str:
+def default_markdown(runs: list[dict], threads: int, planned: list[int] | None = None) -> str:
     pct = lambda x: f"{100 * x:.1f}"  # noqa: E731
     lines = ["`simcot train` with no options (`--train.seed S --data.seed S`), one seed after the other, "
              f"{threads} torch thread(s):", "",
@@ -132,16 +150,23 @@ def default_markdown(runs: list[dict], threads: int) -> str:
     lines += ["", f"Test accuracy **{statistics.fmean(test):.1f} ± {sd(test):.1f} %** (mean ± std over "
               f"{len(runs)} seed(s), min {min(test):.1f} %); val {statistics.fmean(val):.1f} ± {sd(val):.1f} %. "
               "Tokens/s and wall time depend on the load (other processes on the same cores)."]
+    missing = [s for s in planned or [] if s not in {r["seed"] for r in runs}]
+    if missing:
+        lines.append(f"Seed(s) {', '.join(map(str, missing))} not measured yet (the run was cut short).")
     return "\n".join(lines)
 
 
 def measure_default(args, workdir: Path, extra: dict | None = None, name: str = "default_cpu",
                     results_dir: Path | None = None) -> dict:
     meta = _meta(args.threads)  # the commit the runs start from, not the one at their end
-    runs = [train_default(s, args.threads, workdir, extra) for s in args.seeds]
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB, the largest child so far
-    data = {"runs": runs, "peak_rss_mib_largest_run": round(rss), "extra_overrides": extra or {}}
-    write_results(name, data, default_markdown(runs, args.threads), meta=meta, results_dir=results_dir)
+    runs = []
+    for seed in args.seeds:  # the results file is rewritten after every seed: a cut-short run keeps its seeds
+        runs.append(train_default(seed, args.threads, workdir, extra, getattr(args, "resume", False)))
+        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MiB, the largest child so far
+        data = {"runs": runs, "seeds_planned": list(args.seeds), "peak_rss_mib_largest_run": round(rss),
+                "extra_overrides": extra or {}}
+        write_results(name, data, default_markdown(runs, args.threads, args.seeds), meta=meta,
+                      results_dir=results_dir)
     return data
 
 
@@ -199,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="torch threads of every run (OMP_NUM_THREADS too)")
     ap.add_argument("--workdir", default="runs/measure", help="runs, logs and the MLflow store")
     ap.add_argument("--no-render", action="store_true", help="do not re-render the README blocks")
+    ap.add_argument("--resume", action="store_true", help="default row: reuse the seeds already measured in "
+                    "--workdir at this commit with the same threads (a cut-short measurement continues)")
     args = ap.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
     rows = [r for r in (_names(args.only) or ROWS) if r not in _names(args.skip)]
