@@ -35,6 +35,7 @@ import os
 import re
 import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -115,6 +116,7 @@ def train_default(seed: int, threads: int, workdir: Path, extra: dict | None = N
             return old["run"]
     ov = {"train.seed": seed, "data.seed": seed, "train.threads": threads, "train.run_name": name,
           "train.out_dir": str(workdir / "runs"), "tracking.uri": f"sqlite:///{workdir / 'mlruns.db'}", **(extra or {})}
+    shutil.rmtree(workdir / "runs" / name, ignore_errors=True)  # a fresh run, not a continuation of a cut one
     load0 = os.getloadavg()[0]
     out, err, wall = _run(_simcot("train", *_flags(ov)), workdir / "logs" / f"{name}.log", threads)
     s = _summary(out)
