@@ -39,7 +39,18 @@ def measure(run: str, n: int, batch_size: int, device: str, **overrides):
     def once():
         return evaluate(built.model, built.method, examples, built.tok, cfg.eval, cfg.data.answer_prefix, "test", dev)
 
+    once.cfg = cfg
     return once
+
+
+def describe(cfg) -> dict:
+    """What a run was trained as: enough to read the table without its config."""
+    d = {"method": cfg.method, "epochs": cfg.train.epochs, "n_train": cfg.data.n_train, "seed": cfg.train.seed}
+    if cfg.method == "cot":
+        d["direct_ratio"] = cfg.cot.direct_ratio
+    if cfg.method == "semcot":
+        d.update(n_thoughts=cfg.semcot.n_thoughts, init_from=cfg.train.init_from)
+    return d
 
 
 def main() -> None:
@@ -55,11 +66,12 @@ def main() -> None:
     for run in (args.cot, args.semcot):
         if not Path(run).exists():
             raise SystemExit(f"{run} does not exist: train it first (see this script's --help)")
-    rows = []
+    rows, trained = [], {}
     for bs in (int(b) for b in args.batch_sizes.split(",")):
         fns = {"cot": measure(args.cot, args.n, bs, args.device),
                "direct": measure(args.cot, args.n, bs, args.device, **{"cot.direct_eval": True}),
                "semcot": measure(args.semcot, args.n, bs, args.device)}
+        trained = {"answerer": describe(fns["cot"].cfg), "semcot": describe(fns["semcot"].cfg)}
         for f in fns.values():  # warm-up
             f()
         res = {k: [] for k in fns}
@@ -76,11 +88,17 @@ def main() -> None:
             print(f"batch {bs:4d} {k:7s} acc {row['accuracy']:.3f}  {row['ms_per_sample']:8.3f} ms/sample  "
                   f"{row['generated_tokens']:5.1f} tokens  time vs cot {row['time_vs_cot']:.3f}x", flush=True)
     device = "cuda" if (args.device == "auto" and torch.cuda.is_available()) or args.device == "cuda" else "cpu"
-    lines = ["| batch | variant | accuracy | ms / sample | generated tokens | time vs CoT |",
+    a, g = trained["answerer"], trained["semcot"]
+    lines = [f"Answerer `{args.cot}`: {a['method']}, {a['epochs']} epochs, {100 * a.get('direct_ratio', 0):.0f} % direct "
+             f"examples; SemCoT `{args.semcot}`: {g['n_thoughts']} implicit tokens, {g['epochs']} epochs (all phases); "
+             f"{rows[0]['n']} test questions. `cot`: the answerer writes its steps; `direct`: it answers at once "
+             "(the prompt ends with the answer prefix); `semcot`: it answers from the generator's implicit tokens.", "",
+             "| batch | variant | accuracy | ms / sample | generated tokens | time vs CoT |",
              "|---:|---|---:|---:|---:|---:|"]
     lines += [f"| {r['batch_size']} | {r['variant']} | {r['accuracy']:.3f} | {r['ms_per_sample']:.3f} | "
               f"{r['generated_tokens']:.1f} | {r['time_vs_cot']:.3f}x |" for r in rows]
-    out = write_results(args.out or f"semcot_{device}", {"cot": args.cot, "semcot": args.semcot, "rows": rows},
+    out = write_results(args.out or f"semcot_{device}", {"cot": args.cot, "semcot": args.semcot, "trained": trained,
+                                                         "rows": rows},
                         "\n".join(lines), device=device, meta=machine_meta(device))
     print(f"-> {out}")
 
