@@ -122,7 +122,7 @@ def train_default(seed: int, threads: int, workdir: Path, extra: dict | None = N
     s = _summary(out)
     losses = [json.loads(line)["loss"] for line in (Path(s["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     tok_s = [float(x) for x in _TOK_S.findall(err)]
-    run = {"seed": seed, "val_accuracy": s.get("val_accuracy"), "test_accuracy": s["test_accuracy"],
+    run = {"seed": seed, "commit": commit, "val_accuracy": s.get("val_accuracy"), "test_accuracy": s["test_accuracy"],
             "test_n": s["metrics"].get("test/n"), "test_generated_tokens": s["metrics"].get("test/generated_tokens"),
             "test_samples_per_s": s.get("test_samples_per_s"), "steps": s["steps"], "final_loss": s["final_loss"],
             # every step's loss, hashed: equal digests = the same training, step for step
@@ -152,6 +152,9 @@ def default_markdown(runs: list[dict], threads: int, planned: list[int] | None =
     lines += ["", f"Test accuracy **{statistics.fmean(test):.1f} ± {sd(test):.1f} %** (mean ± std over "
               f"{len(runs)} seed(s), min {min(test):.1f} %); val {statistics.fmean(val):.1f} ± {sd(val):.1f} %. "
               "Tokens/s and wall time depend on the load (other processes on the same cores)."]
+    commits = sorted({r["commit"][:10] for r in runs if r.get("commit")})
+    if len(commits) > 1:  # --resume reused seeds measured before a change that left the training code alone
+        lines.append(f"The seeds ran at commits {', '.join(commits)}, whose training code is the same.")
     missing = [s for s in planned or [] if s not in {r["seed"] for r in runs}]
     if missing:
         lines.append(f"Seed(s) {', '.join(map(str, missing))} not measured yet (the run was cut short).")
