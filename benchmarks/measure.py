@@ -217,8 +217,10 @@ def measure_semcot(args, workdir: Path) -> None:
          workdir / "logs" / "cot-toy.log", args.threads)
     _run(_simcot("train", "--config", "launchers/recipes/semcot-toy.yaml", *_flags(
         {**common, "train.init_from": str(runs / "cot-toy")})), workdir / "logs" / "semcot-toy.log", args.threads)
+    # batch 16 (latency-bound: CoT pays one step per generated token) and the whole test set at once
     _run([sys.executable, str(HERE / "bench_semcot.py"), "--cot", str(runs / "cot-toy"), "--semcot",
-          str(runs / "semcot-toy"), "--device", "cpu"], workdir / "logs" / "bench_semcot.log", args.threads)
+          str(runs / "semcot-toy"), "--device", "cpu", "--n", "250", "--batch-sizes", "250,16"],
+         workdir / "logs" / "bench_semcot.log", args.threads)
 
 
 def main(argv: list[str] | None = None) -> int:
