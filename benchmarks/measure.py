@@ -213,6 +213,8 @@ def measure_semcot(args, workdir: Path) -> None:
     common = {"train.out_dir": str(workdir / "runs"), "train.threads": args.threads,
               "tracking.uri": f"sqlite:///{workdir / 'mlruns.db'}"}
     runs = workdir / "runs"
+    for name in ("cot-toy", "semcot-toy"):  # fresh runs, not continuations of earlier ones
+        shutil.rmtree(runs / name, ignore_errors=True)
     _run(_simcot("train", "--config", "launchers/recipes/cot-toy.yaml", *_flags(common)),
          workdir / "logs" / "cot-toy.log", args.threads)
     _run(_simcot("train", "--config", "launchers/recipes/semcot-toy.yaml", *_flags(
