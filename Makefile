@@ -1,6 +1,8 @@
 # simcot: set-up, the embedded default run, and the tests.
 #   make run      set up .venv and train + evaluate the default (tiny-llama, CoT-SFT, CPU, ~3 min)
 #   make test     set up .venv and run the test suite
+#   make measure  re-measure every figure of README's "Measured" section and re-render it
+#                 (MEASURE_ARGS="--only default,semcot" or "--skip suite" for a subset)
 # A GPU machine picks its own torch build:  make setup TORCH_SPEC="torch==2.13.0" ALLOW_NVIDIA=1
 PYTHON ?= python3
 VENV ?= .venv
@@ -8,8 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 ALLOW_NVIDIA ?= 0
 BIN := $(VENV)/bin
 PYTEST_ARGS ?= -q
+MEASURE_ARGS ?=
 
-.PHONY: setup run test bench clean
+.PHONY: setup run test measure bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +30,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS) tests
+
+measure: setup
+	$(BIN)/python benchmarks/measure.py $(MEASURE_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

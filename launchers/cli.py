@@ -332,7 +332,7 @@ Train and evaluate a grid of methods x latent budgets x seeds as nested MLflow r
 parent, then write results.csv, results.md (test accuracy mean +- std) and plots to --out.
 Finished cells are skipped when the same command runs again.
 
-options (default):
+options (default: the config's `grid:` when it has one, else the values below):
   --methods='nocot,cot,coconut,simcot-coconut,codi,simcot-codi'
   --latents='1,2,4,8,16'   latent budgets L (Coconut: ceil(L/S) latents per step over S stages)
   --seeds='0,1,2'
@@ -345,18 +345,19 @@ The CPU grid of the README: simcot sweep --config launchers/recipes/sweep-toy.ya
 """
 
 
-def sweep(config: str = "", methods="", latents="1,2,4,8,16", seeds="0,1,2", out: str = "sweep",
+def sweep(config: str = "", methods="", latents="", seeds="", out: str = "sweep",
           quick: bool = False, stages: int = 0, **overrides):
     """Run a methods x latents x seeds grid (see --help)."""
     if _help_requested(overrides):
         print(SWEEP_HELP)
         return
-    from simcot.train.sweep import METHODS, run_sweep
+    from simcot.train.sweep import run_sweep
 
     try:
         ints = lambda v: [int(x) for x in _names(v)]  # noqa: E731
-        lat, sd = ([1, 4], [0]) if quick else (ints(latents), ints(seeds))
-        summary = run_sweep(config, _names(methods) or list(METHODS), lat, sd, str(out), overrides, int(stages))
+        # empty: the config's grid, else run_sweep's defaults
+        lat, sd = ([1, 4], [0]) if quick else (ints(latents) or None, ints(seeds) or None)
+        summary = run_sweep(config, _names(methods) or None, lat, sd, str(out), overrides, int(stages))
     except (ConfigError, ValueError) as e:
         _fail(e)
     print(open(summary["table"]).read())

@@ -286,3 +286,32 @@ def test_latent_health_on_collapsed_and_orthogonal_latents():
     assert h["latent_cos_across"] == pytest.approx(1)  # the same slot is identical across samples
     valid[1, 2] = False  # masked slots do not count
     assert latent_health(eye, valid)["latent_effective_rank"] == pytest.approx(2.5)
+
+
+# ---------------------------------------------------------------------------------- CoT / direct mix
+
+
+def test_cot_direct_mix_drops_the_steps_of_a_seeded_share_of_examples():
+    exs = [ex([10 + i], [[20, 21], [22]], [30, 31], idx=i) for i in range(200)]
+    full = [10, 20, 21, 22, 30, 31, SP.eos]
+
+    def rows(ratio, seed=0):
+        b = method("cot", **{"cot.direct_ratio": ratio}).collate(exs, 0, random.Random(seed))
+        return [unpadded(b, i, "input_ids", "attention_mask") for i in range(len(exs))], b
+
+    plain, b = rows(0.0)
+    assert plain[0] == full and all(len(r) == 7 for r in plain)
+    direct, b = rows(1.0)
+    assert direct[0] == [10, 30, 31, SP.eos]
+    assert b["labels"][0][:4].tolist() == [IGNORE, 30, 31, SP.eos]  # the answer alone is supervised
+    mixed, _ = rows(0.3)
+    n_direct = sum(len(r) == 4 for r in mixed)
+    assert 40 <= n_direct <= 80 and rows(0.3)[0] == mixed and rows(0.3, seed=1)[0] != mixed
+    with pytest.raises(Exception, match=r"cot.direct_ratio': 1.5 is not in \[0, 1\]"):
+        method("cot", **{"cot.direct_ratio": 1.5})
+
+
+def test_cot_direct_eval_prompts_with_the_answer_prefix():
+    e = ex([10, 11], [[20]], [30, 31])
+    assert method("cot").eval_prompt(e).ids == [10, 11]
+    assert method("cot", **{"cot.direct_eval": True}).eval_prompt(e).ids == [10, 11, 30]  # a_marker = 1

@@ -94,3 +94,26 @@ def test_per_method_settings_reach_only_their_method(tmp_path):
     f.write_text("per_method:\n  icot: {train.lr: 0.003}\n")
     with pytest.raises(ConfigError, match="unknown method\\(s\\) in per_method: icot"):
         SweepConfig.load(str(f))
+
+
+def test_the_yaml_grid_is_the_default_and_flags_win(tmp_path, monkeypatch):
+    import simcot.train.runner as runner
+    from simcot.train.sweep import run_sweep
+
+    ran = []
+
+    def fake_training(cfg):
+        ran.append((cfg.method, cfg.codi.n_latents if cfg.method == "codi" else 0, cfg.train.seed))
+        return {"train_seconds": 0.0, "run_id": "", "metrics": {"test/accuracy": 0.5}}
+
+    monkeypatch.setattr(runner, "run_training", fake_training)
+    f = tmp_path / "sw.yaml"
+    f.write_text("tracking: {enabled: false}\ngrid: {methods: [codi], latents: [2, 8], seeds: [0, 1, 2, 3, 4]}\n")
+    run_sweep(str(f), out=str(tmp_path / "a"))
+    assert sorted(ran) == sorted(("codi", L, s) for L in (2, 8) for s in range(5))
+    ran.clear()
+    run_sweep(str(f), latents=[4], seeds=[7], out=str(tmp_path / "b"))
+    assert ran == [("codi", 4, 7)]
+    f.write_text("grid: {latents: 4}\n")
+    with pytest.raises(ConfigError, match="'grid' must map methods / latents / seeds to lists"):
+        SweepConfig.load(str(f))

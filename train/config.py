@@ -46,7 +46,8 @@ class DataConfig:
     steps: int = opt(3, "arith: number of reasoning steps (operations) per problem")
     min_steps: int = opt(0, "arith: draw the step count uniformly from [min_steps, steps] (0 = always `steps`)")
     max_operand: int = opt(9, "arith: operands are drawn from 1..max_operand")
-    max_value: int = opt(99, "arith: every intermediate value stays within 0..max_value")
+    max_value: int = opt(9, "arith: every intermediate value stays within 0..max_value (9: every step is a "
+                         "single-digit table lookup, which the default CoT run learns on every seed)")
     digits: int = opt(4, "mult: digits of each factor (k x k multiplication, k = 2..6)")
     gsm8k_steps: str = opt("equations", "gsm8k: steps are the <<expr=value>> annotations (equations) or the "
                            "natural-language lines (text)")
@@ -58,7 +59,7 @@ class DataConfig:
 class TrainConfig:
     out_dir: str = opt("runs", "Folder of run directories (checkpoints, predictions, tokenizer)")
     run_name: str = opt("", "Run directory and MLflow run name; empty = <method>-<model>-<source>-<time>")
-    epochs: int = opt(8, "Training epochs")
+    epochs: int = opt(4, "Training epochs")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = epochs decide)")
     batch_size: int = opt(64, "Global batch size in samples per optimizer step (fixed for any world size)")
     micro_batch_size: int = opt(32, "Samples per forward pass per process; accumulation = batch/(micro x world)")
@@ -109,6 +110,15 @@ class TrackingConfig:
     uri: str = opt("", "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db")
     experiment: str = opt("simcot", "MLflow experiment name")
     parent_run_id: str = opt("", "Nest this run under a parent MLflow run (sweeps)")
+
+
+@dataclass
+class CoTConfig:
+    direct_ratio: float = opt(0.0, "cot: fraction of training examples whose target is the answer alone (a CoT / "
+                              "direct mix, so the model can also answer without steps; keep it < 0.5 so that "
+                              "greedy decoding from the question still writes the steps)")
+    direct_eval: bool = opt(False, "cot, nocot: evaluate direct answers: the prompt is the question plus the answer "
+                            "prefix, so the model answers without writing steps")
 
 
 @dataclass
@@ -201,6 +211,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    cot: CoTConfig = field(default_factory=CoTConfig)
     coconut: CoconutConfig = field(default_factory=CoconutConfig)
     codi: CodiConfig = field(default_factory=CodiConfig)
     simcot: StepDecoderConfig = field(default_factory=StepDecoderConfig)

@@ -12,6 +12,8 @@ otherwise ``coconut.max_latent_stage``, e.g. 3 for GSM8K as in Coconut's recipe)
 The references tune each method apart, so the sweep's YAML may hold, beside the shared config, a
 ``per_method`` mapping (method -> settings, nested or dotted) applied to that method's cells only;
 command-line overrides apply to every cell and win over both.
+The YAML may also fix its grid, ``grid: {methods: [...], latents: [...], seeds: [...]}`` (a
+recipe's table then means one thing); ``--methods/--latents/--seeds`` on the command line win.
 A finished cell (its summary in ``<out>/cells``) is not run again, so a killed sweep continues.
 The sweep writes ``results.csv``, ``results.md`` (accuracy mean +- std per method and L) and
 ``accuracy_vs_latents.png`` / ``latent_cos_vs_latents.png`` to ``<out>``, and logs them on the
@@ -21,6 +23,7 @@ parent run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import math
@@ -31,11 +34,13 @@ from pathlib import Path
 
 from simcot.train.config import Config, ConfigError, apply_dict, apply_overrides, read_yaml_mapping, validate
 from simcot.train.methods import validate_method
+from simcot.train.sweep_stats import bootstrap_interval, paired_gain
 
 log = logging.getLogger(__name__)
 
 METHODS = ("nocot", "cot", "coconut", "simcot-coconut", "codi", "simcot-codi")
 LATENT_FREE = ("nocot", "cot")
+BASE_OF = {"simcot-coconut": "coconut", "simcot-codi": "codi"}  # a SIM-CoT gain is measured against its base
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,7 @@ class SweepConfig:
 
     shared: dict
     per_method: dict
+    grid: dict = dataclasses.field(default_factory=dict)  # methods / latents / seeds lists, when the file fixes them
 
     @classmethod
     def load(cls, path: str) -> "SweepConfig":
@@ -76,6 +82,10 @@ class SweepConfig:
             return cls({}, {})
         p = Path(path)
         data = read_yaml_mapping(p)
+        grid = data.pop("grid", None) or {}
+        if not isinstance(grid, dict) or set(grid) - {"methods", "latents", "seeds"} or not all(
+                isinstance(v, list) for v in grid.values()):
+            raise ConfigError(f"{p}: 'grid' must map methods / latents / seeds to lists")
         per_method = data.pop("per_method", None) or {}
         if not isinstance(per_method, dict):
             raise ConfigError(f"{p}: 'per_method' must map method names to settings")
@@ -83,7 +93,7 @@ class SweepConfig:
         if unknown:
             raise ConfigError(f"{p}: unknown method(s) in per_method: {', '.join(map(str, unknown))} "
                               f"(choose from {', '.join(METHODS)})")
-        return cls(data, per_method)
+        return cls(data, per_method, grid)
 
     def build(self, overrides: dict, method: str | None = None, cell: dict | None = None) -> Config:
         """File <- per_method[method] <- command-line overrides <- the cell's own settings, validated."""
@@ -130,21 +140,38 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _cell_results(results: list[dict], method: str, L: int) -> list[dict]:
+    return [r for r in results if r["method"] == method and (r["latents"] == L or method in LATENT_FREE)]
+
+
 def summarize(results: list[dict], latents: list[int], split: str = "test") -> list[dict]:
-    """Rows (method, L, n seeds, accuracy mean/std, latent cosine mean) in a stable order."""
+    """Rows (method, L, n seeds, accuracy mean/std and its 95 % bootstrap interval over seeds, latent
+    cosine mean; SIM-CoT rows add the paired per-seed gain over their base with its t interval)."""
     rows = []
     for m in METHODS:
         for L in latents:
-            got = [r for r in results if r["method"] == m and (r["latents"] == L or m in LATENT_FREE)]
+            got = _cell_results(results, m, L)
             if not got:
                 continue
             acc = [r["metrics"][f"{split}/accuracy"] for r in got]
             cos = [r["metrics"][f"{split}/latent_cos_within"] for r in got
                    if f"{split}/latent_cos_within" in r["metrics"]]
             mean, std = _mean_std(acc)
-            rows.append({"method": m, "latents": L, "seeds": len(got), "accuracy_mean": mean, "accuracy_std": std,
-                         "latent_cos_within": statistics.fmean(cos) if cos else float("nan"),
-                         "train_seconds": statistics.fmean(r["train_seconds"] for r in got)})
+            lo, hi = bootstrap_interval(acc)
+            row = {"method": m, "latents": L, "seeds": len(got), "accuracy_mean": mean, "accuracy_std": std,
+                   "accuracy_ci_lo": lo, "accuracy_ci_hi": hi,
+                   "latent_cos_within": statistics.fmean(cos) if cos else float("nan"),
+                   "train_seconds": statistics.fmean(r["train_seconds"] for r in got),
+                   "gain_over": "", "gain": float("nan"), "gain_ci_lo": float("nan"), "gain_ci_hi": float("nan"),
+                   "gain_seeds": 0, "gain_significant": ""}
+            if m in BASE_OF:
+                seed_acc = lambda cell: {r["seed"]: r["metrics"][f"{split}/accuracy"] for r in cell}  # noqa: E731
+                g = paired_gain(seed_acc(got), seed_acc(_cell_results(results, BASE_OF[m], L)))
+                if g is not None:
+                    row.update({"gain_over": BASE_OF[m], "gain": g["gain"], "gain_ci_lo": g["lo"],
+                                "gain_ci_hi": g["hi"], "gain_seeds": g["seeds"],
+                                "gain_significant": "yes" if g["significant"] else "no"})
+            rows.append(row)
     return rows
 
 
@@ -157,13 +184,25 @@ def write_table(rows: list[dict], latents: list[int], out: Path) -> tuple[Path, 
     by = {(r["method"], r["latents"]): r for r in rows}
     methods = [m for m in METHODS if any(k[0] == m for k in by)]
     head = ["| method | " + " | ".join(f"L={L}" for L in latents) + " |", "|---|" + "---|" * len(latents)]
-    lines = ["Test accuracy (%), mean ± std over seeds:", ""] + head
+    seeds = sorted({r["seeds"] for r in rows})
+    lines = [f"Test accuracy (%), mean over {'/'.join(map(str, seeds))} seeds [95 % bootstrap interval of the mean]:",
+             ""] + head
     for m in methods:
         cells = []
         for L in latents:
             r = by.get((m, L))
-            cells.append(f"{100 * r['accuracy_mean']:.1f} ± {100 * r['accuracy_std']:.1f}" if r else "")
+            cells.append(f"{100 * r['accuracy_mean']:.1f} [{100 * r['accuracy_ci_lo']:.1f}, "
+                         f"{100 * r['accuracy_ci_hi']:.1f}]" if r else "")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    gains = [r for r in rows if r["gain_over"]]
+    if gains:
+        lines += ["", "SIM-CoT's gain over its base (points), paired by seed, with a 95 % t interval; significant "
+                  "when the interval excludes 0:", "",
+                  "| method | over | L | seeds | gain | 95 % interval | significant |", "|---|---|---:|---:|---:|---|---|"]
+        for r in gains:
+            lines.append(f"| {r['method']} | {r['gain_over']} | {r['latents']} | {r['gain_seeds']} | "
+                         f"{100 * r['gain']:+.1f} | [{100 * r['gain_ci_lo']:+.1f}, {100 * r['gain_ci_hi']:+.1f}] | "
+                         f"{r['gain_significant']} |")
     lines += ["", "Mean pairwise cosine similarity of a sample's latents (collapse -> 1; undefined for one latent):",
               ""] + head
     for m in methods:
@@ -244,9 +283,9 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
     setup_logging()
     spec = SweepConfig.load(config)
     base = spec.build(overrides or {})
-    methods = list(methods or METHODS)
-    latents = sorted(latents or [1, 2, 4, 8, 16])
-    seeds = list(seeds if seeds is not None else [0, 1, 2])
+    methods = list(methods or spec.grid.get("methods") or METHODS)
+    latents = sorted(latents or spec.grid.get("latents") or [1, 2, 4, 8, 16])
+    seeds = list(seeds if seeds is not None else spec.grid.get("seeds", [0, 1, 2]))
     out_dir = Path(out)
     (out_dir / "cells").mkdir(parents=True, exist_ok=True)
     cells = plan_cells(methods, latents, seeds)
