@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from simcot.models.latent_health import latent_health
-from simcot.train.config import load_config
+from simcot.train.assemble import load_config  # with the method registry's checks
 from simcot.train.methods import METHODS
 from simcot.train.methods.base import IGNORE
 from simcot.train.methods.codi import distillation
