@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import platform
 import random
+import secrets
+import shutil
 import socket
 import subprocess
 import threading
@@ -62,7 +64,38 @@ def seed_everything(seed: int) -> None:
 
 
 def default_run_name(cfg: Config) -> str:
-    return f"{cfg.method}-{Path(cfg.model.name).name}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # the second alone does not tell two runs apart (a sweep, two shells): a random suffix does
+    return (f"{cfg.method}-{Path(cfg.model.name).name}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+            f"-{secrets.token_hex(3)}")
+
+
+def claim_run_dir(cfg: Config) -> str:
+    """Create a new run's folder, exclusively: a run folder belongs to one run. Returns its name.
+
+    A default name that another run took in the meantime is drawn again; a named folder that
+    exists is refused (resume it, name another, or replace it with train.overwrite)."""
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.train.run_name:
+        for _ in range(100):
+            name = default_run_name(cfg)
+            try:
+                (out / name).mkdir()
+                return name
+            except FileExistsError:
+                continue
+        raise ConfigError(f"could not create a new run folder in {out}")
+    run_dir = out / cfg.train.run_name
+    if cfg.train.overwrite and run_dir.exists():
+        log.warning("train.overwrite: deleting the existing run folder %s", run_dir)
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        raise ConfigError(f"run folder {run_dir} already exists (another run's): resume it with --train.resume "
+                          f"{run_dir}, choose another --train.run_name, or replace it with --train.overwrite true"
+                          ) from None
+    return cfg.train.run_name
 
 
 def git_info() -> dict[str, str]:
@@ -179,12 +212,23 @@ def _on_sigterm(signum, frame):  # launchers stop surviving ranks with SIGTERM: 
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _resolve_run(cfg: Config, overrides: dict | None) -> tuple[Config, TrainState, Path | None, Path]:
-    """(config, state, checkpoint to resume or None, run folder). A resumed run keeps its saved
-    config; only the overrides given now are applied on top."""
-    if not cfg.train.resume:  # every rank must agree on the run folder: rank 0 names it
-        cfg.train.run_name = cfg.train.run_name or gather_objects(default_run_name(cfg))[0]
-        return cfg, TrainState(), None, Path(cfg.train.out_dir) / cfg.train.run_name
+def _resolve_run(cfg: Config, overrides: dict | None, is_main: bool = True
+                 ) -> tuple[Config, TrainState, Path | None, Path]:
+    """(config, state, checkpoint to resume or None, run folder). A new run's folder is created
+    here (by rank 0, which names it for every rank); a resumed run keeps its saved config, only
+    the overrides given now are applied on top."""
+    if not cfg.train.resume:
+        claimed: tuple[str, str] = ("", "")
+        if is_main:
+            try:
+                claimed = (claim_run_dir(cfg), "")
+            except ConfigError as e:
+                claimed = ("", str(e))
+        name, error = gather_objects(claimed)[0]
+        if error:  # every rank stops with rank 0's reason
+            raise ConfigError(error)
+        cfg.train.run_name = name
+        return cfg, TrainState(), None, Path(cfg.train.out_dir) / name
     ckpt = resolve_checkpoint(_resume_target(cfg))
     saved = load_checkpoint_config(ckpt, {k: v for k, v in (overrides or {}).items() if k != "train.resume"})
     saved.train.resume = cfg.train.resume
@@ -236,12 +280,10 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     setup_logging(info.rank)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    cfg, state, resume_ckpt, run_dir = _resolve_run(cfg, overrides)
+    cfg, state, resume_ckpt, run_dir = _resolve_run(cfg, overrides, info.is_main)
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    apply_threads(t.threads)
+    _rank_failure(run_dir, info.rank).unlink(missing_ok=True)  # left by an earlier attempt of this run
     seed_everything(t.seed)
     device = _device(cfg, info)
     if t.batch_size % (t.micro_batch_size * info.world):
@@ -291,13 +333,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         tracker.log_run_plots()
         tracker.finish("FINISHED")
         del hf_ds_config  # kept alive until here: transformers reads it while models are built and saved
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
     except BaseException as e:
-        tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
-        tracker.log_run_plots()  # the curves up to the crash help to diagnose it
-        tracker.finish("FAILED")
+        _record_failure(run_dir, info, tracker, e)
         raise
     return {"run_dir": str(run_dir), "run_id": tracker.run_id, "tracking_uri": getattr(tracker, "uri", ""),
             "steps": state.global_step, "train_seconds": train_seconds, "checkpoint": state.last_checkpoint,
@@ -305,6 +342,42 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
             **{f"{s}_accuracy": r.accuracy for s, r in results.items()},
             **{f"{s}_samples_per_s": r.samples_per_s for s, r in results.items()},
             "metrics": final_metrics}
+
+
+def apply_threads(threads: int) -> None:
+    """train.threads for every command that computes (train, eval, decode, export): the one place."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _rank_failure(run_dir: Path, rank: int) -> Path:
+    return run_dir / f".rank{rank}.failed"
+
+
+def _record_failure(run_dir: Path, info, tracker, err: BaseException) -> None:
+    """Mark the MLflow run FAILED (KILLED on Ctrl-C / SIGTERM) with the cause.
+
+    A rank other than 0 leaves its error in the run folder before it exits; rank 0, stopped by
+    the launcher (SIGTERM) or by a broken collective, finds it there (one host, or a shared
+    filesystem) and marks the run FAILED naming that rank instead of KILLED."""
+    if not info.is_main:
+        try:
+            _rank_failure(run_dir, info.rank).write_text(f"{type(err).__name__}: {err}"[:5000])
+        except OSError:
+            pass
+        return
+    failed = sorted(run_dir.glob(".rank*.failed"))
+    if failed:
+        rank = failed[0].name.split(".")[1][4:]
+        tracker.set_tags({"simcot.error": f"rank {rank} failed: {failed[0].read_text()}"[:5000],
+                          "simcot.failed_rank": rank})
+        tracker.finish("FAILED")
+    elif isinstance(err, KeyboardInterrupt):
+        tracker.finish("KILLED")
+    else:
+        tracker.set_tags({"simcot.error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.log_run_plots()  # the curves up to the crash help to diagnose it
+        tracker.finish("FAILED")
 
 
 def _resume_target(cfg: Config) -> str:
@@ -316,11 +389,14 @@ def _resume_target(cfg: Config) -> str:
 
 
 def load_checkpoint_config(ckpt: Path, overrides: dict | None = None, name: str = "config.yaml") -> Config:
+    """A checkpoint's config with `overrides` on top. Its train.threads (the flag given now, else
+    the one it was trained with) applies here: eval, decode, export and resume all come through."""
     import yaml
 
     cfg = config_from_dict(yaml.safe_load((ckpt / name).read_text()))
     apply_overrides(cfg, overrides or {})
     validate(cfg)
+    apply_threads(cfg.train.threads)
     return cfg
 
 
