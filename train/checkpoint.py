@@ -21,6 +21,7 @@ import os
 import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,8 @@ def safe_load(path: str | Path, map_location="cpu", allow: list | tuple = ()):
     SIMCOT_TRUST_CHECKPOINTS=1 (then it is unpickled in full, with a warning); a damaged file is
     one too."""
     weights_only = not trusted()
+    if isinstance(path, (str, Path)) and Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable PyTorch file (damaged or truncated: no zip directory)")
     try:
         with torch.serialization.safe_globals(list(allow)):
             return _TORCH_LOAD(path, map_location=map_location, weights_only=weights_only)
@@ -75,8 +78,8 @@ _TORCH_LOAD = torch.load
 
 @contextlib.contextmanager
 def weights_only_loads(allow: list | tuple = ()):
-    """Every ``torch.load`` inside (DeepSpeed's checkpoint and zero-to-fp32 loaders pass
-    weights_only=False) goes through :func:`safe_load`."""
+    """Every ``torch.load`` inside goes through :func:`safe_load`: DeepSpeed's checkpoint engine and
+    zero-to-fp32 ask torch for full unpickling, which would run code from the file."""
     def load(f, map_location=None, *args, **kwargs):
         return safe_load(f, map_location, allow)
 
@@ -210,15 +213,21 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def deepspeed_globals() -> list:
-    """Plain-data classes DeepSpeed pickles into its checkpoint files (enums, named tuples)."""
+    """Plain-data classes DeepSpeed pickles into its checkpoint files (an enum, the loss scaler, a
+    dataclass); `torch.serialization.get_unsafe_globals_in_checkpoint` lists a file's."""
     out = []
     with contextlib.suppress(ImportError):
         from deepspeed.runtime.zero.config import ZeroStageEnum
 
         out.append(ZeroStageEnum)
-    with contextlib.suppress(ImportError):
-        from deepspeed.runtime.fp16.loss_scaler import LossScaler, DynamicLossScaler  # noqa: F401
+    with contextlib.suppress(ImportError):  # plain attributes (scale, counters), no custom unpickling
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
 
+        out += [LossScaler, DynamicLossScaler]
+    with contextlib.suppress(ImportError):  # a dataclass of two ints
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out.append(fragment_address)
     return out
 
 
