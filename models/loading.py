@@ -14,11 +14,98 @@ from pathlib import Path
 
 import torch
 
-from simcot.models.presets import get_preset
-from simcot.train.config import ModelConfig
+from simcot.models.presets import PRESETS, get_preset
+from simcot.train.config import ConfigError, ModelConfig
 from simcot.train.tokenizer import load_tokenizer, record_texts, train_sentencepiece
 
 log = logging.getLogger(__name__)
+
+HUB_TIMEOUT_S = 10  # one metadata request, not the minute of retries from_pretrained spends offline
+
+
+def check_model_source(mcfg: ModelConfig) -> None:
+    """Fail fast, before any data is generated, when `model.name` (or `model.tokenizer`) is neither
+    a preset, nor a local model folder, nor a hub id that is cached or reachable."""
+    if is_random_init(mcfg):
+        if mcfg.tokenizer:
+            _check_source(mcfg.tokenizer, "model.tokenizer")
+        return
+    _check_source(weights_source(mcfg), "model.name")
+    if mcfg.tokenizer:
+        _check_source(mcfg.tokenizer, "model.tokenizer")
+
+
+def _check_source(name: str, key: str) -> None:
+    import difflib
+
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if key == "model.name" and not (path / "config.json").is_file():
+            raise ConfigError(f"{key} '{name}': the folder has no config.json (not a Hugging Face model folder)")
+        if key == "model.name":
+            check_safetensors(path)
+        return
+    if _hub_has(name):
+        return
+    close = difflib.get_close_matches(name, sorted(PRESETS), n=1, cutoff=0.6)
+    hint = f" (did you mean '{close[0]}'?)" if close else f" (presets: {', '.join(PRESETS)})"
+    raise ConfigError(f"{key} '{name}' is not a preset, a local folder or a reachable hub id{hint}")
+
+
+def _hub_has(repo_id: str) -> bool:
+    """True when `repo_id` is in the local hub cache, or (online) the hub answers for it."""
+    import os
+
+    from huggingface_hub import try_to_load_from_cache
+
+    if name_is_path_like(repo_id):
+        return False
+    try:
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return True
+        if isinstance(try_to_load_from_cache(repo_id, "tokenizer_config.json"), str):
+            return True
+    except ValueError:  # not a valid repo id
+        return False
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or os.environ.get("TRANSFORMERS_OFFLINE", "") not in ("", "0"):
+        return False
+    from huggingface_hub import HfApi
+
+    try:
+        HfApi().model_info(repo_id, timeout=HUB_TIMEOUT_S)
+        return True
+    except Exception as e:  # noqa: BLE001 - not found, gated, offline, timeout: all "not reachable"
+        from huggingface_hub.errors import GatedRepoError
+
+        return isinstance(e, GatedRepoError)  # it exists; from_pretrained names the missing access token
+
+
+def name_is_path_like(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_safetensors(folder: Path) -> None:
+    """Every ``*.safetensors`` file of a model folder has a whole header and all its data: a
+    truncated download is an error naming the file, not a library traceback."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the message says which
+            raise ValueError(f"{f}: damaged safetensors file ({e})") from None
+
+
+def load_tokenizer_from(source: str | Path):
+    """load_tokenizer naming the folder or hub id (and its tokenizer files) when it fails."""
+    try:
+        return load_tokenizer(str(source))
+    except Exception as e:  # noqa: BLE001 - tokenizers/sentencepiece/json errors name no file
+        files = sorted(p.name for p in Path(source).glob("*token*")) if Path(source).is_dir() else []
+        where = f"{source} ({', '.join(files)})" if files else str(source)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{where}: cannot load the tokenizer: {type(e).__name__}: {first}") from None
 
 
 def is_random_init(mcfg: ModelConfig) -> bool:
@@ -37,12 +124,12 @@ def weights_source(mcfg: ModelConfig) -> str:
 def build_tokenizer(mcfg: ModelConfig, train_records, answer_prefix: str, cache_dir: str | Path):
     """The run's tokenizer; a locally trained one is cached in `cache_dir` and reused."""
     if mcfg.tokenizer:
-        return load_tokenizer(mcfg.tokenizer)
+        return load_tokenizer_from(mcfg.tokenizer)
     if not is_random_init(mcfg):
-        return load_tokenizer(weights_source(mcfg))
+        return load_tokenizer_from(weights_source(mcfg))
     cache_dir = Path(cache_dir)
     if (cache_dir / "tokenizer_config.json").is_file():
-        return load_tokenizer(str(cache_dir))
+        return load_tokenizer_from(cache_dir)
     log.info("training a SentencePiece tokenizer (vocab %d) on %d records", mcfg.vocab_size, len(train_records))
     return train_sentencepiece(record_texts(train_records, answer_prefix), mcfg.vocab_size, cache_dir)
 
@@ -108,10 +195,17 @@ def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpo
         cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
-        model, info = AutoModelForCausalLM.from_pretrained(weights_source(mcfg), dtype=dtype,
-                                                           attn_implementation=mcfg.attn_implementation,
-                                                           output_loading_info=True)
-        check_loading_info(info, weights_source(mcfg))
+        source = weights_source(mcfg)
+        if Path(source).is_dir():
+            check_safetensors(Path(source))
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                               attn_implementation=mcfg.attn_implementation,
+                                                               output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as e:  # names no file: say which model failed
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{source}: cannot load the model: {type(e).__name__}: {first}") from None
+        check_loading_info(info, source)
     n_old = model.get_input_embeddings().num_embeddings  # not weight.shape: a ZeRO-3 shard reports [0]
     if len(tok) > n_old:
         model.resize_token_embeddings(len(tok), mean_resizing=False)

@@ -23,7 +23,7 @@ import torch
 
 from simcot.models.checkpointing import enable_checkpointing
 from simcot.models.latent_lm import LatentLM
-from simcot.models.loading import apply_lora, build_lm, build_tokenizer
+from simcot.models.loading import apply_lora, build_lm, build_tokenizer, check_model_source, load_tokenizer_from
 from simcot.train.checkpoint import (load_rng_state, load_state_strict, load_trainer_state, load_weights,
                                     resolve_checkpoint)
 from simcot.train.config import (Config, ConfigError, apply_overrides, config_from_dict, dump_yaml, flatten, to_dict,
@@ -35,7 +35,7 @@ from simcot.train.examples import tokenize
 from simcot.train.loop import Trainer, TrainState
 from simcot.train.methods import METHODS
 from simcot.train.sources import Splits, load_splits
-from simcot.train.tokenizer import SpecialIds, load_tokenizer
+from simcot.train.tokenizer import SpecialIds
 from simcot.train.tracking import make_tracker
 
 log = logging.getLogger("simcot")
@@ -149,7 +149,7 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, init_from:
     splits = load_splits(cfg.data)
     tokenizer_from = checkpoint or init_from or tokenizer_from
     if tokenizer_from:
-        tok = load_tokenizer(str(tokenizer_from))
+        tok = load_tokenizer_from(tokenizer_from)
     else:
         tok = build_tokenizer(cfg.model, splits.train, cfg.data.answer_prefix, run_dir / "tokenizer")
     special = SpecialIds.of(tok)
@@ -280,7 +280,18 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     setup_logging(info.rank)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
+    if not cfg.train.resume:  # before any data is generated or folder made
+        check_model_source(cfg.model)
     cfg, state, resume_ckpt, run_dir = _resolve_run(cfg, overrides, info.is_main)
+    try:
+        return _train(cfg, info, state, resume_ckpt, run_dir)
+    except BaseException:
+        if info.is_main and resume_ckpt is None and not (run_dir / "metrics.jsonl").exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: the name stays free
+        raise
+
+
+def _train(cfg: Config, info, state: TrainState, resume_ckpt: Path | None, run_dir: Path) -> dict:
     t = cfg.train
     apply_threads(t.threads)
     _rank_failure(run_dir, info.rank).unlink(missing_ok=True)  # left by an earlier attempt of this run
