@@ -166,6 +166,49 @@ def test_ctrl_c_ends_the_run_killed(store, tmp_path, monkeypatch):
     assert run.info.status == "KILLED" and "simcot.error" not in run.data.tags
 
 
+def test_a_resumed_run_logs_each_metric_point_once(store, tmp_path, monkeypatch):
+    """Steps 4-5 ran before the crash and again after resuming from the step-3 checkpoint: MLflow
+    keeps one point per step (the replay is exact, so the first one stands)."""
+    cfg, ov = _tracked(store, tmp_path, "resumed", **{"train.save_every": 3, "train.run_name": "r"})
+    _crash_at(monkeypatch, 5, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, ov)
+    monkeypatch.undo()
+    client, run = _only_run(store, "resumed")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5]
+    cfg, ov = _tracked(store, tmp_path, "resumed", **{"train.save_every": 3, "train.run_name": "r",
+                                                       "train.resume": str(tmp_path / "runs" / "r")})
+    summary = run_training(cfg, ov)
+    assert summary["run_id"] == run.info.run_id and summary["steps"] == 8
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_run_whose_other_rank_died_is_failed_naming_the_rank(store, tmp_path, monkeypatch):
+    """Rank 1 leaves its error in the run folder before it exits; rank 0, stopped by the launcher's
+    SIGTERM (a KeyboardInterrupt here), marks the run FAILED naming rank 1 instead of KILLED."""
+    from simcot.train.runner import _record_failure
+
+    cfg, ov = _tracked(store, tmp_path, "rank-died", **{"train.run_name": "rd"})
+    real_step = loop_mod.Trainer.train_step
+
+    def rank1_dies(self, state, order):
+        if state.global_step == 2:
+            _record_failure(self.run_dir, SimpleNamespace(is_main=False, rank=1), NullTracker(),
+                            RuntimeError("injected failure"))
+            raise KeyboardInterrupt
+        return real_step(self, state, order)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", rank1_dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, ov)
+    _, run = _only_run(store, "rank-died")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["simcot.error"] == "rank 1 failed: RuntimeError: injected failure"
+    assert run.data.tags["simcot.failed_rank"] == "1"
+
+
 def test_eval_runs_end_failed_or_killed(tracked, monkeypatch):
     import simcot.train.evaluate as evaluate_mod
 

@@ -79,3 +79,38 @@ def test_a_run_with_saving_off_writes_no_checkpoint(tiny):
     summary = run_training(cfg)
     assert summary["steps"] == 8 and summary["checkpoint"] == ""
     assert not (Path(summary["run_dir"]) / "checkpoints").exists() and summary["test_accuracy"] >= 0
+
+
+def test_a_run_folder_belongs_to_one_run(tiny):
+    """Issue 15 (2): reusing a run name wrote into the old folder (metrics appended, `latest` moved,
+    pruning deleted the new run's checkpoints). Now refused unless resume or overwrite."""
+    from simcot.train.config import ConfigError
+
+    cfg, _ = tiny(**{"train.run_name": "mine", "train.epochs": 1})
+    first = run_training(cfg)
+    run_dir = Path(first["run_dir"])
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()}
+    cfg, _ = tiny(**{"train.run_name": "mine", "train.epochs": 2, "train.seed": 1})
+    with pytest.raises(ConfigError, match=rf"^run folder {run_dir} already exists \(another run's\): resume it with "
+                                          rf"--train.resume {run_dir}, choose another --train.run_name, or replace "
+                                          rf"it with --train.overwrite true$"):
+        run_training(cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in (run_dir / "checkpoints").iterdir()} == before
+    assert len(run_losses(run_dir)) == 4
+    cfg, _ = tiny(**{"train.run_name": "mine", "train.epochs": 2, "train.seed": 1, "train.overwrite": True})
+    second = run_training(cfg)
+    assert second["steps"] == 8 and len((run_dir / "metrics.jsonl").read_text().splitlines()) == 8  # only its own
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000008"
+
+
+def test_default_run_names_differ_within_one_second(tiny, monkeypatch):
+    import time
+
+    from simcot.train.runner import claim_run_dir, default_run_name
+
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
+    cfg, _ = tiny(**{"train.run_name": ""})
+    names = {claim_run_dir(cfg) for _ in range(20)}
+    assert len(names) == 20 and all(n.startswith("cot-tiny-llama-arith-20260101-000000-") for n in names)
+    assert all((Path(cfg.train.out_dir) / n).is_dir() for n in names)
+    assert default_run_name(cfg) != default_run_name(cfg)
