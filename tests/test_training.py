@@ -114,3 +114,27 @@ def test_default_run_names_differ_within_one_second(tiny, monkeypatch):
     assert len(names) == 20 and all(n.startswith("cot-tiny-llama-arith-20260101-000000-") for n in names)
     assert all((Path(cfg.train.out_dir) / n).is_dir() for n in names)
     assert default_run_name(cfg) != default_run_name(cfg)
+
+
+def test_eval_honours_train_threads_and_shows_progress(tiny, monkeypatch, capsys):
+    """Issue 15 (9): `simcot eval` ignored train.threads (only training set it); long splits were
+    silent. The flag wins over the checkpoint's config, which wins over torch's default."""
+    import simcot.train.evaluate as evaluate_mod
+    from simcot.train.runner import run_evaluation
+
+    cfg, _ = tiny(**{"train.run_name": "threads", "train.epochs": 1, "train.threads": 1})
+    run_dir = run_training(cfg)["run_dir"]
+    before = torch.get_num_threads()
+    monkeypatch.setattr(evaluate_mod, "PROGRESS_EVERY_S", 0.0)
+    try:
+        torch.set_num_threads(2)
+        capsys.readouterr()
+        run_evaluation(run_dir, {"eval.batch_size": 4})  # logs to stderr (setup_logging)
+        err = capsys.readouterr().err
+        assert torch.get_num_threads() == 1  # the checkpoint's train.threads
+        run_evaluation(run_dir, {"train.threads": 2})
+        assert torch.get_num_threads() == 2  # the flag
+    finally:
+        torch.set_num_threads(before)
+    lines = [l.split("simcot.train.evaluate: ")[1] for l in err.splitlines() if "simcot.train.evaluate: eval" in l]
+    assert [l.split(",")[0] for l in lines] == ["eval test: 4/8 samples (50%)", "eval test: 8/8 samples (100%)"]
