@@ -205,6 +205,8 @@ between the runs, final and best values of the headline metrics, wall time and t
 options (default):
   --experiment=''    experiment name (default 'simcot' unless --filter is given)
   --runs=''          comma-separated run ids (instead of --experiment/--filter)
+  --kind='train'     train | eval | decode | all: training runs, or the runs of `simcot eval` (shown
+                     with the training run they evaluated) / `simcot decode` on their checkpoints
   --filter=''        MLflow search filter, e.g. "params.train.lr = '0.001'" or "tags.method = 'cot'"
                      (a sweep's children: "tags.mlflow.parentRunId = 'ID'")
   --tracking_uri=''  store; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db
@@ -226,7 +228,7 @@ def _names(value) -> list[str]:
 
 def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str = "", metric="",  # noqa: A002
             params="", sort: str = "", format: str = "table", plot: str = "", split: str = "test",  # noqa: A002
-            **extra):
+            kind: str = "train", **extra):
     """Compare tracked runs (see --help)."""
     if _help_requested(extra):
         print(COMPARE_HELP)
@@ -240,7 +242,7 @@ def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str =
 
     try:
         out = run_compare(str(experiment), _names(runs), str(filter), str(tracking_uri), _names(metric),
-                          _names(params), str(sort), str(format), str(plot), str(split))
+                          _names(params), str(sort), str(format), str(plot), str(split), str(kind))
     except CompareError as e:
         _fail(e)
     sys.stdout.write(out)

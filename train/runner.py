@@ -333,7 +333,8 @@ def _train(cfg: Config, info, state: TrainState, resume_ckpt: Path | None, run_d
             tracker.set_tags(_tags(cfg, built.method, ds_config, hosts))
             tracker.log_text(config_yaml, "config.yaml")
         # where the checkpoints live (simcot.checkpoint, set at every save, names the newest)
-        tracker.set_tags({"simcot.run_dir": str(run_dir.resolve()), "simcot.host": socket.gethostname()})
+        tracker.set_tags({"simcot.run_dir": str(run_dir.resolve()), "simcot.host": socket.gethostname(),
+                          "simcot.role": "train"})
         trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, tracker, run_dir, config_yaml)
         t0 = time.perf_counter()
         state = trainer.fit(state)
@@ -448,7 +449,8 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
     trained = load_trainer_state(ckpt)
     tracker = make_tracker(cfg.tracking, f"eval-{cfg.train.run_name}-{split}")
     try:
-        tracker.set_tags({**_tags(cfg, built.method), "simcot.eval_of": trained.get("mlflow_run_id", ""),
+        tracker.set_tags({**_tags(cfg, built.method), "simcot.role": "eval",
+                          "simcot.eval_of": trained.get("mlflow_run_id", ""),
                           "simcot.checkpoint": str(ckpt.resolve())})
         tracker.log_params({k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(("eval.", "data."))})
         res = evaluate(built.model, built.method, examples, built.tok, cfg.eval, cfg.data.answer_prefix, split, dev,
