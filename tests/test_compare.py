@@ -280,11 +280,10 @@ def test_training_runs_by_default_and_differing_among_runs_that_have_the_param(s
               {"method": "cot", "simcot.eval_of": a, "simcot.checkpoint": "/runs/a/checkpoints/step_4"},
               {"val/accuracy": [(4, 0.7)]})
     dec = _run(client, exp, "decode-cot-a", 3, 1, {}, {"method": "cot", "simcot.checkpoint": "/runs/a/c"}, {})
-    assert [cmp.run_kind(client.get_run(r)) for r in (a, b, ev, dec)] == ["train", "train", "eval", "decode"]
-
     table = cmp.build_table(client, cmp.select_runs(client, "mixed"))
     assert [r["run_id"] for r in table.rows] == [a, b]
     assert [c for c in table.columns if c.startswith(("model.", "train.", "eval.", "data."))] == ["train.lr"]
+    assert [cmp.run_kind(client.get_run(r)) for r in (a, b, ev, dec)] == ["train", "train", "eval", "decode"]
 
     evals = cmp.build_table(client, cmp.select_runs(client, "mixed", kind="eval"))
     assert [(r["run"], r["eval_of"]) for r in evals.rows] == [("eval-cot-a-val", a[:8])]

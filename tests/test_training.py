@@ -125,7 +125,7 @@ def test_eval_honours_train_threads_and_shows_progress(tiny, monkeypatch, capsys
     cfg, _ = tiny(**{"train.run_name": "threads", "train.epochs": 1, "train.threads": 1})
     run_dir = run_training(cfg)["run_dir"]
     before = torch.get_num_threads()
-    monkeypatch.setattr(evaluate_mod, "PROGRESS_EVERY_S", 0.0)
+    monkeypatch.setattr(evaluate_mod, "PROGRESS_EVERY_S", 0.0, raising=False)
     try:
         torch.set_num_threads(2)
         capsys.readouterr()
@@ -138,3 +138,22 @@ def test_eval_honours_train_threads_and_shows_progress(tiny, monkeypatch, capsys
         torch.set_num_threads(before)
     lines = [l.split("simcot.train.evaluate: ")[1] for l in err.splitlines() if "simcot.train.evaluate: eval" in l]
     assert [l.split(",")[0] for l in lines] == ["eval test: 4/8 samples (50%)", "eval test: 8/8 samples (100%)"]
+
+
+def test_overwrite_deletes_only_what_looks_like_a_run_folder(tiny, tmp_path):
+    from simcot.train.config import ConfigError
+    from simcot.train.runner import claim_run_dir
+
+    precious = tmp_path / "runs" / "notes"
+    precious.mkdir(parents=True)
+    (precious / "thesis.tex").write_text("years of work")
+    cfg, _ = tiny(**{"train.run_name": "notes", "train.overwrite": True})
+    with pytest.raises(ConfigError, match=r"does not look like a run folder .*; not deleting it$"):
+        claim_run_dir(cfg)
+    assert (precious / "thesis.tex").is_file()
+    cfg, _ = tiny(**{"train.run_name": "..", "train.overwrite": True})
+    with pytest.raises(ConfigError, match="does not look like a run folder"):
+        claim_run_dir(cfg)
+    (precious / "metrics.jsonl").write_text("")
+    cfg, _ = tiny(**{"train.run_name": "notes", "train.overwrite": True})
+    assert claim_run_dir(cfg) == "notes" and list(precious.iterdir()) == []

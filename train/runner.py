@@ -87,6 +87,9 @@ def claim_run_dir(cfg: Config) -> str:
         raise ConfigError(f"could not create a new run folder in {out}")
     run_dir = out / cfg.train.run_name
     if cfg.train.overwrite and run_dir.exists():
+        if not _looks_like_a_run(run_dir):
+            raise ConfigError(f"train.overwrite: {run_dir} does not look like a run folder (no checkpoints/, "
+                              f"metrics.jsonl or tokenizer/); not deleting it")
         log.warning("train.overwrite: deleting the existing run folder %s", run_dir)
         shutil.rmtree(run_dir)
     try:
@@ -210,6 +213,14 @@ def latent_sweep(cfg: Config) -> list[int]:
 
 def _on_sigterm(signum, frame):  # launchers stop surviving ranks with SIGTERM: record the run as KILLED
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _looks_like_a_run(path: Path) -> bool:
+    """What train.overwrite may delete: a folder a run wrote (or an empty one), never another folder
+    that a mistyped run name (``..``, a path) happens to reach."""
+    if not path.is_dir() or path.resolve() in (Path.cwd().resolve(), Path.home().resolve()):
+        return False
+    return not any(path.iterdir()) or any((path / n).exists() for n in ("checkpoints", "metrics.jsonl", "tokenizer"))
 
 
 def _resolve_run(cfg: Config, overrides: dict | None, is_main: bool = True
@@ -379,6 +390,9 @@ def _record_failure(run_dir: Path, info, tracker, err: BaseException) -> None:
             pass
         return
     failed = sorted(run_dir.glob(".rank*.failed"))
+    for _ in range(20 if info.world > 1 and not failed else 0):  # a peer may still be writing its cause
+        time.sleep(0.1)
+        failed = sorted(run_dir.glob(".rank*.failed"))
     if failed:
         rank = failed[0].name.split(".")[1][4:]
         tracker.set_tags({"simcot.error": f"rank {rank} failed: {failed[0].read_text()}"[:5000],
