@@ -297,7 +297,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     try:
         return _train(cfg, info, state, resume_ckpt, run_dir)
     except BaseException:
-        if info.is_main and resume_ckpt is None and not (run_dir / "metrics.jsonl").exists():
+        if info.is_main and resume_ckpt is None and not any((run_dir / n).exists()
+                                                              for n in ("metrics.jsonl", "checkpoints")):
             shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: the name stays free
         raise
 
