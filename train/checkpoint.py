@@ -57,6 +57,8 @@ def safe_load(path: str | Path, map_location="cpu", allow: list | tuple = ()):
     SIMCOT_TRUST_CHECKPOINTS=1 (then it is unpickled in full, with a warning); a damaged file is
     one too."""
     weights_only = not trusted()
+    if not weights_only:
+        log.warning("%s=1: unpickling %s in full (this runs any code the file holds)", TRUST_ENV, path)
     if isinstance(path, (str, Path)) and Path(path).is_file() and not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path}: not a readable PyTorch file (damaged or truncated: no zip directory)")
     try:
