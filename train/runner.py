@@ -390,6 +390,31 @@ def _record_failure(run_dir: Path, info, tracker, err: BaseException) -> None:
         except OSError:
             pass
         return
+    with _sigterm_held():
+        _record_on_main(run_dir, info, tracker, err)
+
+
+def _sigterm_held():
+    """The launcher's SIGTERM (sent when a peer dies) must not cut the run's record short: it is
+    ignored while rank 0 writes it (the launcher still SIGKILLs after its grace period)."""
+    import contextlib
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return held()
+
+
+def _record_on_main(run_dir: Path, info, tracker, err: BaseException) -> None:
     failed = sorted(run_dir.glob(".rank*.failed"))
     for _ in range(20 if info.world > 1 and not failed else 0):  # a peer may still be writing its cause
         time.sleep(0.1)
