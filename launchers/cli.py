@@ -7,11 +7,16 @@
 
 Options are the fields of the config dataclasses (``simcot train --help`` lists them all with
 their defaults); a YAML file sets many at once and command-line flags override it.
+
+Every expected failure (bad config or data, a missing or damaged checkpoint, an unknown model, a
+non-finite loss) is one line on stderr, ``simcot: error: ...``, and a non-zero exit; ``--debug``
+(any command) or ``SIMCOT_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from simcot.train.config import Config, ConfigError, help_text
@@ -30,7 +35,13 @@ commands:
   compare   tracked runs side by side (differing params, metrics, speed), optionally as a plot
 
 `simcot COMMAND --help` lists the options of a command with their defaults.
+--debug (or SIMCOT_DEBUG=1): show the traceback of an error instead of its one line.
 """
+
+# Failures a user can cause and fix (ConfigError, DataError, CheckpointError, CompareError are
+# ValueErrors; a non-finite loss; a missing file): one line. Anything else is a bug: traceback.
+EXPECTED_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
+EXIT_ERROR = 2
 
 
 def _help_requested(overrides: dict) -> bool:
@@ -42,9 +53,16 @@ def _config_help(command: str, extra: str = "") -> str:
     return "\n".join([head, *help_text(Config)])
 
 
+def _debug() -> bool:
+    return os.environ.get("SIMCOT_DEBUG", "") not in ("", "0", "false", "False")
+
+
 def _fail(e: Exception) -> None:
+    """One line on stderr and exit 2 (called inside an except block: with --debug, re-raise)."""
+    if _debug() and sys.exc_info()[1] is e:
+        raise
     print(f"simcot: error: {e}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(EXIT_ERROR)
 
 
 def train(config: str = "", **overrides):
@@ -63,9 +81,11 @@ def train(config: str = "", **overrides):
     from simcot.train.formats import DataError
     from simcot.train.runner import run_training
 
+    from simcot.train.loop import NonFiniteLossError
+
     try:
         summary = run_training(cfg, overrides)
-    except (DataError, ConfigError) as e:
+    except (*EXPECTED_ERRORS, DataError, NonFiniteLossError) as e:
         if is_distributed():
             fail_loudly(dist_env().rank, e)
         _fail(e)
@@ -93,7 +113,7 @@ def eval(checkpoint: str = "", out: str = "", **overrides):  # noqa: A001 - the 
 
     try:
         print(json.dumps(run_evaluation(checkpoint, overrides, out), indent=2))
-    except (ConfigError, FileNotFoundError) as e:
+    except EXPECTED_ERRORS as e:
         _fail(e)
 
 
@@ -174,7 +194,7 @@ def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int
 
     try:
         results = decode_latents(checkpoint, str(question), str(split), int(n), overrides, out, str(data))
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except EXPECTED_ERRORS as e:
         _fail(e)
     print(format_results(results))
 
@@ -189,6 +209,8 @@ between the runs, final and best values of the headline metrics, wall time and t
 options (default):
   --experiment=''    experiment name (default 'simcot' unless --filter is given)
   --runs=''          comma-separated run ids (instead of --experiment/--filter)
+  --kind='train'     train | eval | decode | all: training runs, or the runs of `simcot eval` (shown
+                     with the training run they evaluated) / `simcot decode` on their checkpoints
   --filter=''        MLflow search filter, e.g. "params.train.lr = '0.001'" or "tags.method = 'cot'"
                      (a sweep's children: "tags.mlflow.parentRunId = 'ID'")
   --tracking_uri=''  store; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db
@@ -210,7 +232,7 @@ def _names(value) -> list[str]:
 
 def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str = "", metric="",  # noqa: A002
             params="", sort: str = "", format: str = "table", plot: str = "", split: str = "test",  # noqa: A002
-            **extra):
+            kind: str = "train", **extra):
     """Compare tracked runs (see --help)."""
     if _help_requested(extra):
         print(COMPARE_HELP)
@@ -224,7 +246,7 @@ def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str =
 
     try:
         out = run_compare(str(experiment), _names(runs), str(filter), str(tracking_uri), _names(metric),
-                          _names(params), str(sort), str(format), str(plot), str(split))
+                          _names(params), str(sort), str(format), str(plot), str(split), str(kind))
     except CompareError as e:
         _fail(e)
     sys.stdout.write(out)
@@ -248,7 +270,7 @@ def export(checkpoint: str = "", out: str = "", dtype: str = "bf16", **extra):
 
     try:
         path = run_export(checkpoint, out, str(dtype))
-    except (FileNotFoundError, ValueError) as e:
+    except EXPECTED_ERRORS as e:
         _fail(e)
     print(f"exported {checkpoint} -> {path}")
 
@@ -384,6 +406,9 @@ def _strip_local_rank(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     argv = _strip_local_rank(sys.argv[1:] if argv is None else argv)
+    if any(a in ("--debug", "--debug=true", "--debug=True") for a in argv):
+        os.environ["SIMCOT_DEBUG"] = "1"  # ranks started by `simcot launch` inherit it
+        argv = [a for a in argv if a not in ("--debug", "--debug=true", "--debug=True")]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
@@ -392,7 +417,15 @@ def main(argv: list[str] | None = None) -> None:
         _fail(ValueError(f"unknown command '{argv[0]}'"))
     import fire
 
-    fire.Fire(COMMANDS, command=argv, name="simcot")
+    try:
+        fire.Fire(COMMANDS, command=argv, name="simcot")
+    except EXPECTED_ERRORS as e:  # raised where a command has no handler of its own
+        _fail(e)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print("simcot: interrupted", file=sys.stderr)
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

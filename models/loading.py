@@ -21,6 +21,18 @@ from simcot.parallel import any_partitioned, is_partitioned, rank
 
 log = logging.getLogger(__name__)
 
+def check_safetensors(folder: Path) -> None:
+    """Every ``*.safetensors`` file of a model folder has a whole header and all its data: a
+    truncated download is an error naming the file, not a library traceback."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+        except Exception as e:  # noqa: BLE001 - SafetensorError, OSError: the message says which
+            raise ValueError(f"{f}: damaged safetensors file ({e})") from None
+
 
 def is_random_init(mcfg: ModelConfig) -> bool:
     return get_preset(mcfg.name) is not None and not mcfg.pretrained
@@ -96,10 +108,17 @@ def build_lm(mcfg: ModelConfig, tok, dtype: torch.dtype = torch.float32, checkpo
         cfg.pad_token_id, cfg.eos_token_id, cfg.bos_token_id = tok.pad_token_id, tok.eos_token_id, tok.bos_token_id
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     else:
-        model, info = AutoModelForCausalLM.from_pretrained(weights_source(mcfg), dtype=dtype,
-                                                           attn_implementation=mcfg.attn_implementation,
-                                                           output_loading_info=True)
-        check_loading_info(info, weights_source(mcfg))
+        source = weights_source(mcfg)
+        if Path(source).is_dir():
+            check_safetensors(Path(source))
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(source, dtype=dtype,
+                                                               attn_implementation=mcfg.attn_implementation,
+                                                               output_loading_info=True)
+        except (OSError, ValueError, RuntimeError) as e:  # names no file: say which model failed
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"{source}: cannot load the model: {type(e).__name__}: {first}") from None
+        check_loading_info(info, source)
     n_old = model.get_input_embeddings().num_embeddings  # not weight.shape: a ZeRO-3 shard reports [0]
     if len(tok) > n_old:
         model.resize_token_embeddings(len(tok), mean_resizing=False)

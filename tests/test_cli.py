@@ -67,3 +67,41 @@ def test_train_with_yaml_then_eval_the_checkpoint(tmp_path):
     assert ev["split"] == "val" and ev["n"] == 8
     preds = [json.loads(l) for l in Path(ev["predictions"]).read_text().splitlines()]
     assert len(preds) == 8 and {"gold", "prediction", "correct", "generated"} <= set(preds[0])
+
+
+def _one_error_line(p, message: str) -> None:
+    """Issue 15 (8): exit 2, the error as one line on stderr, no traceback."""
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr, p.stderr[-3000:]
+    errors = [l for l in p.stderr.splitlines() if l.startswith("simcot: error: ")]
+    assert len(errors) == 1 and message in errors[0], p.stderr[-3000:]
+
+
+def test_expected_failures_are_one_line_and_the_traceback_needs_debug(tmp_path):
+    tiny = [f"--{k}={v}" for k, v in tiny_overrides(tmp_path, **{"train.epochs": 1}).items()]
+    p = run(["train", *tiny, "--model.name", "tiny-llamaa"], tmp_path, check=False)
+    _one_error_line(p, "model.name 'tiny-llamaa' is not a preset, a local folder or a reachable hub id "
+                       "(did you mean 'tiny-llama'?)")
+    p = run(["train", *tiny, "--model.name", "tiny-llamaa", "--debug"], tmp_path, check=False)
+    assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError: model.name 'tiny-llamaa'" in p.stderr
+
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"1+1||<<1+1=2>> #### 2\ncaf\xe9||<<1=1>> #### 1\n")
+    p = run(["train", *tiny, "--data.source", "aug", "--data.train_file", str(bad)], tmp_path, check=False)
+    _one_error_line(p, f"{bad}:2: not UTF-8 text (byte 0xe9 at column 4)")
+
+    nan = [f"--{k}={v}" for k, v in tiny_overrides(tmp_path, **{"train.epochs": 1, "train.run_name": "nan",
+                                                                 "train.lr": 1e30, "train.warmup_steps": 0,
+                                                                 "train.grad_clip": 0}).items()]
+    p = run(["train", *nan], tmp_path, check=False)
+    _one_error_line(p, "non-finite loss at step")
+
+    summary = json.loads(run(["train", *tiny], tmp_path).stdout)
+    p = run(["train", *tiny], tmp_path, check=False)  # the same run name again
+    _one_error_line(p, f"run folder {tmp_path / 'runs' / 't'} already exists")
+    weights = Path(summary["checkpoint"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    p = run(["eval", "--checkpoint", summary["run_dir"]], tmp_path, check=False)
+    _one_error_line(p, f"{weights}: damaged safetensors file")
+    p = run(["eval", "--checkpoint", str(tmp_path / "nowhere")], tmp_path, check=False)
+    _one_error_line(p, "no checkpoint found at")

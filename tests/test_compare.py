@@ -263,3 +263,39 @@ def test_two_runs_through_a_tracking_server_compared_from_the_command_line(tmp_p
         assert len(children) == 2
         arts = {a.path for a in client.list_artifacts(children[0].info.run_id)}
         assert {"config.yaml", "plots", "predictions"} <= arts  # uploaded through the server
+
+
+def test_training_runs_by_default_and_differing_among_runs_that_have_the_param(store):
+    """Issue 15 (10): eval/decode runs (a few eval./data. params each) made every training param a
+    "differing" column. Compare training runs by default, eval runs on their own joined to their
+    training run, and decide "differing" among the runs that have the param."""
+    client = store.client
+    exp = client.create_experiment("mixed")
+    full = {f"model.p{i}": i for i in range(30)}  # what a training run logs, the same in both
+    a = _run(client, exp, "cot-a", 0, 10, {**full, "train.lr": 0.001, "eval.split": "test"},
+             {"method": "cot", "simcot.run_dir": "/runs/a", "simcot.role": "train"}, {"test/accuracy": [(4, 0.5)]})
+    b = _run(client, exp, "cot-b", 1, 10, {**full, "train.lr": 0.003, "eval.split": "test"},
+             {"method": "cot", "simcot.run_dir": "/runs/b"}, {"test/accuracy": [(4, 0.6)]})  # before simcot.role
+    ev = _run(client, exp, "eval-cot-a-val", 2, 1, {"eval.split": "val", "data.source": "arith"},
+              {"method": "cot", "simcot.eval_of": a, "simcot.checkpoint": "/runs/a/checkpoints/step_4"},
+              {"val/accuracy": [(4, 0.7)]})
+    dec = _run(client, exp, "decode-cot-a", 3, 1, {}, {"method": "cot", "simcot.checkpoint": "/runs/a/c"}, {})
+    table = cmp.build_table(client, cmp.select_runs(client, "mixed"))
+    assert [r["run_id"] for r in table.rows] == [a, b]
+    assert [c for c in table.columns if c.startswith(("model.", "train.", "eval.", "data."))] == ["train.lr"]
+    assert [cmp.run_kind(client.get_run(r)) for r in (a, b, ev, dec)] == ["train", "train", "eval", "decode"]
+
+    evals = cmp.build_table(client, cmp.select_runs(client, "mixed", kind="eval"))
+    assert [(r["run"], r["eval_of"]) for r in evals.rows] == [("eval-cot-a-val", a[:8])]
+    everything = cmp.build_table(client, cmp.select_runs(client, "mixed", kind="all"))
+    assert [r["run_id"] for r in everything.rows] == [a, b, ev, dec]
+    assert everything.rows[2]["eval_of"] == "cot-a"  # joined by name when its training run is in the table
+    assert [c for c in everything.columns if c.startswith(("model.", "train.", "eval.", "data."))] == \
+        ["eval.split", "train.lr"]  # eval.split differs (test vs val); data.source is in one run only
+    with pytest.raises(cmp.CompareError, match=r"^unknown kind 'evals' \(choose from train, eval, decode, all\)$"):
+        cmp.select_runs(client, "mixed", kind="evals")
+    only_eval = client.create_experiment("only-eval")
+    _run(client, only_eval, "eval-x", 0, 1, {}, {"simcot.eval_of": a}, {})
+    with pytest.raises(cmp.CompareError, match=r"no train runs in experiment 'only-eval' \(there are eval runs: "
+                                               r"--kind eval\)"):
+        cmp.select_runs(client, "only-eval")

@@ -47,7 +47,9 @@ def _args(tmp_path, name, **extra) -> list[str]:
 
 
 def torchrun(tmp_path, name, nproc, timeout=400, check=True, env=None, **extra):
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(_port()),
+    # `python -m torch.distributed.run`, not bin/torchrun: a worktree's venv scripts may point at another checkout's python
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(_port()),
            "-m", "simcot.launchers.cli", *_args(tmp_path, name, **extra)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env or _env(), cwd=tmp_path)
     if check and p.returncode:
@@ -96,7 +98,7 @@ def test_killed_two_process_run_resumes_with_the_same_losses(tmp_path):
     extra = {"deepspeed.zero_stage": 3, "train.epochs": 6, "train.save_every": 4, "data.n_test": 0, "data.n_val": 0}
     torchrun(tmp_path, "full", 2, **extra)
     full = losses(tmp_path, "full")
-    cmd = [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
            "-m", "simcot.launchers.cli", *_args(tmp_path, "killed", **extra)]
     # the ranks SIGKILL themselves at step 10, after the step-8 checkpoint (a crash at a known step)
     proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env(SIMCOT_KILL_AT="10"),
@@ -114,11 +116,19 @@ def test_killed_two_process_run_resumes_with_the_same_losses(tmp_path):
 
 
 def test_a_failing_rank_ends_the_job_quickly_and_loudly(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
     t0 = time.time()
-    p = torchrun(tmp_path, "fail", 2, check=False, env=_env(SIMCOT_FAIL_AT="1:3"), **{"deepspeed.zero_stage": 3})
+    p = torchrun(tmp_path, "fail", 2, check=False, env=_env(SIMCOT_FAIL_AT="1:3"),
+                 **{"deepspeed.zero_stage": 3, "tracking.enabled": True, "tracking.uri": uri})
     assert p.returncode != 0
     assert time.time() - t0 < 180
     assert "simcot: rank 1 failed: RuntimeError: injected failure (SIMCOT_FAIL_AT=1:3)" in p.stderr
+    client = MlflowClient(uri)  # rank 0 knew which rank died: FAILED naming it, not KILLED
+    (run,) = client.search_runs([client.get_experiment_by_name("simcot").experiment_id])
+    assert run.info.status == "FAILED", p.stderr[-3000:]
+    assert run.data.tags["simcot.error"] == "rank 1 failed: RuntimeError: injected failure (SIMCOT_FAIL_AT=1:3)"
 
 
 def test_zero3_checkpoint_exports_to_a_model_that_evaluates_the_same(tmp_path):

@@ -78,6 +78,36 @@ def test_malformed_rows_name_file_line_and_problem(tmp_path, content, fmt, messa
     assert str(e.value).startswith(str(tmp_path / message.split(":")[0]) + ":" + message.split(":", 1)[1])
 
 
+LATIN1 = "caf\u00e9".encode("latin-1")  # b"caf\xe9": not UTF-8
+
+
+@pytest.mark.parametrize("name, content, fmt, where", [
+    ("a.txt", b"1+1||<<1+1=2>> #### 2\n" + LATIN1 + b"||<<1=1>> #### 1\n", "aug", "a.txt:2: not UTF-8 text "
+     "(byte 0xe9 at column 4)"),
+    ("i.txt", b"5 6 * 7 4||5 9 3 #### 5 9 5 2\r\n5 " + LATIN1 + b"||1 #### 1\r\n", "icot", "i.txt:2: not UTF-8 text "
+     "(byte 0xe9 at column 6)"),
+    ("j.jsonl", b'{"question": "q", "steps": [], "answer": "1"}\n{"question": "' + LATIN1 + b'"}\n', "jsonl",
+     "j.jsonl:2: not UTF-8 text (byte 0xe9 at column 18)"),
+    ("g.jsonl", b'{"question": "' + LATIN1 + b'", "answer": "#### 1"}\n', "gsm8k-jsonl", "g.jsonl:1: not UTF-8"),
+    ("c.json", b'[\n {"question": "q",\n  "steps": ["' + LATIN1 + b'"], "answer": "1"}]\n', "coconut",
+     "c.json:3: not UTF-8 text (byte 0xe9 at column 17)"),
+    ("s.jsonl", LATIN1 + b"\n", "auto", "s.jsonl:1: not UTF-8 text (byte 0xe9 at column 4)"),  # sniffing
+])
+def test_bytes_that_are_not_utf8_name_file_and_line(tmp_path, name, content, fmt, where):
+    """Issue 15 (5): a raw UnicodeDecodeError with a buffer offset before; now file:line."""
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError) as e:
+        read_file(p, fmt)
+    assert str(e.value).startswith(f"{tmp_path / where.split(':')[0]}:{where.split(':', 1)[1]}")
+
+
+def test_crlf_lines_read_as_before(tmp_path):
+    p = tmp_path / "crlf.txt"
+    p.write_bytes(b"1+1||<<1+1=2>> #### 2\r\n")
+    assert read_file(p, "aug") == [{"question": "1+1", "steps": ["<<1+1=2>>"], "answer": "2"}]
+
+
 def test_coconut_json_must_be_a_list(tmp_path):
     p = tmp_path / "c.json"
     p.write_text(json.dumps({"question": "q"}))

@@ -107,3 +107,47 @@ def test_copy_decoder_from_the_pretrained_base_or_from_the_init_from_run(tiny, t
     with pytest.raises(ConfigError, match="simcot.copy_from=pretrained needs pretrained weights, but model "
                                           "'tiny-llama' is randomly initialised"):
         load_config(None, {"method": "simcot-codi", "simcot.copy_from": "pretrained"})
+
+
+def test_an_unknown_model_name_fails_fast_before_any_data_with_a_suggestion(tiny, tmp_path, monkeypatch):
+    """Issue 15 (6): 'tiny-llamaa' went to the hub (a minute of retries offline), then an OSError."""
+    import pytest
+
+    import simcot.train.runner as runner
+    from simcot.train.config import ConfigError
+
+    monkeypatch.setattr(runner, "load_splits", lambda *a, **k: pytest.fail("data generated before the check"))
+    cfg, _ = tiny(**{"model.name": "tiny-llamaa"})
+    with pytest.raises(ConfigError, match=r"^model.name 'tiny-llamaa' is not a preset, a local folder or a reachable "
+                                          r"hub id \(did you mean 'tiny-llama'\?\)$"):
+        run_training(cfg)
+    assert not (tmp_path / "runs" / "t").exists()
+    cfg, _ = tiny(**{"model.name": "no-such-org/no-such-model"})  # offline in tests: not in the cache either
+    with pytest.raises(ConfigError, match="'no-such-org/no-such-model' is not a preset, a local folder or a "
+                                          "reachable hub id"):
+        run_training(cfg)
+    (tmp_path / "empty").mkdir()
+    cfg, _ = tiny(**{"model.name": str(tmp_path / "empty")})
+    with pytest.raises(ConfigError, match="the folder has no config.json"):
+        run_training(cfg)
+
+
+def test_a_truncated_safetensors_file_or_a_damaged_tokenizer_is_named(tiny, tmp_path):
+    """Issue 15 (7): both were raw library tracebacks that named no file."""
+    import pytest
+
+    src = _pretrained_dir(tmp_path)
+    weights = src / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) - 100])
+    cfg, _ = tiny(**{"model.name": str(src)})
+    with pytest.raises(ValueError, match=rf"^{weights}: damaged safetensors file"):
+        build(cfg, tmp_path / "probe")
+    with pytest.raises(ValueError, match=rf"^{weights}: damaged safetensors file"):
+        run_training(cfg)  # checked with the name, before any data
+    weights.write_bytes(good)
+    tok_file = src / "tokenizer.json"
+    assert tok_file.is_file()
+    tok_file.write_text('{"version": "1.0", "model": {"type": "BPE", "vocab": ')  # cut short
+    with pytest.raises(ValueError, match=rf"^{src} \(.*tokenizer.json.*\): cannot load the tokenizer: "):
+        build(cfg, tmp_path / "probe")

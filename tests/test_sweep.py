@@ -27,6 +27,7 @@ def test_cells_put_baselines_first_and_scale_coconut_to_the_budget(tmp_path):
     ov = cell_overrides(Cell("coconut", 8, 1), base, tmp_path)
     assert (ov["coconut.c_thought"], ov["coconut.max_latent_stage"]) == (2, 4)  # 2 latents per step, 4 steps
     assert ov["train.init_from"].endswith("cot-L0-s1")
+    assert ov["train.overwrite"] is True  # an interrupted cell reruns in its own folder (run folders are exclusive)
     assert cell_overrides(Cell("simcot-codi", 16, 0), base, tmp_path)["codi.n_latents"] == 16
 
 

@@ -166,6 +166,49 @@ def test_ctrl_c_ends_the_run_killed(store, tmp_path, monkeypatch):
     assert run.info.status == "KILLED" and "simcot.error" not in run.data.tags
 
 
+def test_a_resumed_run_logs_each_metric_point_once(store, tmp_path, monkeypatch):
+    """Steps 4-5 ran before the crash and again after resuming from the step-3 checkpoint: MLflow
+    keeps one point per step (the replay is exact, so the first one stands)."""
+    cfg, ov = _tracked(store, tmp_path, "resumed", **{"train.save_every": 3, "train.run_name": "r"})
+    _crash_at(monkeypatch, 5, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, ov)
+    monkeypatch.undo()
+    client, run = _only_run(store, "resumed")
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [1, 2, 3, 4, 5]
+    cfg, ov = _tracked(store, tmp_path, "resumed", **{"train.save_every": 3, "train.run_name": "r",
+                                                       "train.resume": str(tmp_path / "runs" / "r")})
+    summary = run_training(cfg, ov)
+    assert summary["run_id"] == run.info.run_id and summary["steps"] == 8
+    history = client.get_metric_history(run.info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 9))
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+
+
+def test_a_run_whose_other_rank_died_is_failed_naming_the_rank(store, tmp_path, monkeypatch):
+    """Rank 1 leaves its error in the run folder before it exits; rank 0, stopped by the launcher's
+    SIGTERM (a KeyboardInterrupt here), marks the run FAILED naming rank 1 instead of KILLED."""
+    from simcot.train.runner import _record_failure
+
+    cfg, ov = _tracked(store, tmp_path, "rank-died", **{"train.run_name": "rd"})
+    real_step = loop_mod.Trainer.train_step
+
+    def rank1_dies(self, state, order):
+        if state.global_step == 2:
+            _record_failure(self.run_dir, SimpleNamespace(is_main=False, rank=1), NullTracker(),
+                            RuntimeError("injected failure"))
+            raise KeyboardInterrupt
+        return real_step(self, state, order)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", rank1_dies)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg, ov)
+    _, run = _only_run(store, "rank-died")
+    assert run.info.status == "FAILED"
+    assert run.data.tags["simcot.error"] == "rank 1 failed: RuntimeError: injected failure"
+    assert run.data.tags["simcot.failed_rank"] == "1"
+
+
 def test_eval_runs_end_failed_or_killed(tracked, monkeypatch):
     import simcot.train.evaluate as evaluate_mod
 
@@ -252,3 +295,47 @@ def test_a_plotting_problem_does_not_fail_the_run(store, monkeypatch, caplog):
     tracker.finish()
     assert "could not log the run's plots: RuntimeError: no fonts" in caplog.text
     assert tracker.client.get_run(tracker.run_id).info.status == "FINISHED"
+
+
+SAME_SECOND = '''import time
+_strftime = time.strftime
+def _fixed(fmt, *args):  # every run name is stamped with the same second
+    return "20260101-000000" if fmt == "%Y%m%d-%H%M%S" else _strftime(fmt, *args)
+time.strftime = _fixed
+'''
+
+
+def test_two_trainings_started_in_the_same_second_keep_their_own_folders_and_runs(tmp_path):
+    """Issue 15 (1, 3): default run names stamped to the same second, a fresh SQLite store that both
+    processes create at once; both finish, each with its own folder, checkpoint and FINISHED run."""
+    import os
+    import sys
+
+    from conftest import SHARED_DATA
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SAME_SECOND)
+    uri = _store(tmp_path / "fresh")
+    ov = tiny_overrides(tmp_path, **{"tracking.enabled": True, "tracking.uri": uri, "train.run_name": "",
+                                     "data.n_train": 32, "train.epochs": 1, "data.n_val": 0, "data.n_test": 8})
+    args = ["train"] + [f"--{k}={v}" for k, v in ov.items()]
+    env = dict(os.environ, OMP_NUM_THREADS="1", SIMCOT_DATA_DIR=str(SHARED_DATA),
+               PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, "-m", "simcot.launchers.cli", *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-4000:]
+    summaries = [json.loads(out) for out, _ in outs]
+    dirs = {Path(s["run_dir"]) for s in summaries}
+    assert len(dirs) == 2 and all("20260101-000000-" in d.name for d in dirs)
+    for s in summaries:
+        ckpt = Path(s["checkpoint"])
+        assert ckpt.parent.parent == Path(s["run_dir"]) and (ckpt / "model.safetensors").is_file()
+        assert len(Path(s["run_dir"], "metrics.jsonl").read_text().splitlines()) == 2  # 2 steps, not 4
+    client = MlflowClient(uri)
+    runs = {r.info.run_id: r for r in client.search_runs([client.get_experiment_by_name("simcot").experiment_id])}
+    assert set(runs) == {s["run_id"] for s in summaries}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    assert {r.data.tags["simcot.checkpoint"] for r in runs.values()} == {str(Path(s["checkpoint"]).resolve())
+                                                                         for s in summaries}

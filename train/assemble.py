@@ -26,7 +26,7 @@ from simcot.train.config import Config, apply_overrides, config_from_dict, valid
 from simcot.train.examples import tokenize
 from simcot.train.methods import METHODS, validate_method
 from simcot.train.sources import Splits, load_splits
-from simcot.train.tokenizer import SpecialIds, build_tokenizer, load_tokenizer
+from simcot.train.tokenizer import SpecialIds, build_tokenizer, load_tokenizer_from
 
 # An export folder (written by ``simcot export``, read back here): its metadata, the parameters
 # outside the HF model, and the dtypes it may be written in.
@@ -77,7 +77,7 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, init_from:
     splits = load_splits(cfg.data)
     tokenizer_from = checkpoint or init_from or tokenizer_from
     if tokenizer_from:
-        tok = load_tokenizer(str(tokenizer_from))
+        tok = load_tokenizer_from(tokenizer_from)
     else:
         tok = build_tokenizer(cfg.model, splits.train, cfg.data.answer_prefix, run_dir / "tokenizer")
     special = SpecialIds.of(tok)
@@ -114,11 +114,20 @@ def is_export(path: Path) -> bool:
     return (Path(path) / EXPORT_META).is_file()
 
 
+def apply_threads(threads: int) -> None:
+    """train.threads for every command that computes (train, eval, decode, export): the one place."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def load_checkpoint_config(ckpt: Path, overrides: dict | None = None, name: str = "config.yaml") -> Config:
+    """A checkpoint's config with `overrides` on top. Its train.threads (the flag given now, else
+    the one it was trained with) applies here: eval, decode, export and resume all come through."""
     cfg = config_from_dict(yaml.safe_load((ckpt / name).read_text()))
     apply_overrides(cfg, overrides or {})
     validate(cfg)
     validate_method(cfg)
+    apply_threads(cfg.train.threads)
     return cfg
 
 

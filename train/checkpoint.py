@@ -6,14 +6,22 @@ HF ``config.json``, the simcot config, the trainer state (step, epoch, data posi
 and the RNG states. It is assembled under a temporary name and renamed into place, and the
 ``latest`` pointer is replaced atomically, so a crash mid-save never leaves a half checkpoint
 behind the pointer.
+
+Loading never runs code from a file: every ``torch.load`` (ours and DeepSpeed's) is weights-only,
+and the RNG states are stored as tensors and numbers. A file that weights-only loading refuses
+is an error naming it, unless the user trusts the checkpoint explicitly (``SIMCOT_TRUST_CHECKPOINTS=1``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pickle
 import random
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +31,74 @@ from simcot.models.decoding import unwrap
 from simcot.parallel import any_partitioned
 
 LATEST = "latest"
+TRUST_ENV = "SIMCOT_TRUST_CHECKPOINTS"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be loaded (damaged, or refused by weights-only loading): the
+    message names the file."""
+
+
+def trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "") not in ("", "0", "false", "False")
+
+
+# Old checkpoints pickled numpy's RNG state as an ndarray: these numpy globals rebuild an array and
+# nothing else, so allowing them keeps those checkpoints loadable without trusting them.
+_NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, np.dtypes.UInt32DType,
+                        getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct]
+
+
+def safe_load(path: str | Path, map_location="cpu", allow: list | tuple = ()):
+    """``torch.load`` that runs no code from the file (weights-only, plus the `allow`ed globals).
+
+    A file weights-only loading refuses is a :class:`CheckpointError` naming it, unless
+    SIMCOT_TRUST_CHECKPOINTS=1 (then it is unpickled in full, with a warning); a damaged file is
+    one too."""
+    weights_only = not trusted()
+    if not weights_only:
+        log.warning("%s=1: unpickling %s in full (this runs any code the file holds)", TRUST_ENV, path)
+    if isinstance(path, (str, Path)) and Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise CheckpointError(f"{path}: not a readable PyTorch file (damaged or truncated: no zip directory)")
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return _TORCH_LOAD(path, map_location=map_location, weights_only=weights_only)
+    except pickle.UnpicklingError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "Unsupported" in ln or "WeightsUnpickler error" in ln),
+                     lines[0] if lines else type(e).__name__).split(" was not an allowed")[0]
+        raise CheckpointError(f"{path}: weights-only loading refused it ({first}); load it only if you trust "
+                              f"where it came from, with {TRUST_ENV}=1") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable PyTorch file (damaged or truncated?): {first}") from None
+
+
+_TORCH_LOAD = torch.load
+
+
+@contextlib.contextmanager
+def weights_only_loads(allow: list | tuple = ()):
+    """Every ``torch.load`` inside goes through :func:`safe_load`: DeepSpeed's checkpoint engine and
+    zero-to-fp32 ask torch for full unpickling, which would run code from the file."""
+    def load(f, map_location=None, *args, **kwargs):
+        return safe_load(f, map_location, allow)
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = _TORCH_LOAD
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The RNG states as tensors and numbers (loadable weights-only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(),
+             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "gauss": float(gauss)}}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -34,7 +106,10 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    npst = state["numpy"]
+    if isinstance(npst, dict):
+        npst = (npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"], npst["has_gauss"], npst["gauss"])
+    np.random.set_state(npst)  # a tuple with an ndarray: a checkpoint from before the weights-only form
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -110,7 +185,7 @@ def load_rng_state(ckpt: Path, rank: int) -> None:
         logging.getLogger(__name__).warning("%s has no RNG state for rank %d (saved by fewer processes): "
                                             "dropout streams will differ from the original run", ckpt, rank)
         return
-    set_rng_state(torch.load(path, weights_only=False))
+    set_rng_state(safe_load(path, allow=_NUMPY_ARRAY_GLOBALS))
 
 
 def load_trainer_state(ckpt: Path) -> dict:
@@ -128,17 +203,46 @@ def load_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """
     ckpt = Path(ckpt)
     if (ckpt / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        return load_file(str(ckpt / "model.safetensors"))
+        return load_safetensors(ckpt / "model.safetensors")
     ds = ckpt / "deepspeed"
     if not ds.is_dir():
         raise FileNotFoundError(f"{ckpt} holds neither model.safetensors nor a deepspeed/ checkpoint")
     if any(ds.glob("*optim_states.pt")) and any(ds.glob("zero_pp_rank_*")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed"))
-    return torch.load(ds / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)["module"]
+        with weights_only_loads(deepspeed_globals()):
+            return dict(get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="deepspeed"))
+    return safe_load(ds / "mp_rank_00_model_states.pt", allow=deepspeed_globals())["module"]
+
+
+def deepspeed_globals() -> list:
+    """Plain-data classes DeepSpeed pickles into its checkpoint files (an enum, the loss scaler, a
+    dataclass); `torch.serialization.get_unsafe_globals_in_checkpoint` lists a file's."""
+    out = []
+    with contextlib.suppress(ImportError):
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+
+        out.append(ZeroStageEnum)
+    with contextlib.suppress(ImportError):  # plain attributes (scale, counters), no custom unpickling
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+
+        out += [LossScaler, DynamicLossScaler]
+    with contextlib.suppress(ImportError):  # a dataclass of two ints
+        from deepspeed.utils.tensor_fragment import fragment_address
+
+        out.append(fragment_address)
+    return out
+
+
+def load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a damaged file is an error naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: damaged safetensors file ({e})") from None
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str,

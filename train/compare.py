@@ -1,9 +1,14 @@
 """`simcot compare`: tracked runs side by side, from any MLflow store.
 
 A table with one row per run: its identity (name, id, status, method, number of latents), the
-params whose values differ between the chosen runs, the final value of the headline metrics,
+params whose values differ between the chosen runs that have them, the final value of the headline metrics,
 the best value of each over the run's history (and its step), wall time and training
 throughput. ``--plot`` draws accuracy vs number of latents per method and the loss curves.
+
+An experiment holds training runs and the runs of ``simcot eval`` / ``simcot decode`` on their
+checkpoints; ``kind`` picks which are compared (training runs by default: an eval run's few params
+would otherwise make every training param look "differing"). Eval runs show the training run they
+evaluated (``eval_of``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ FORMATS = ("table", "markdown", "csv")
 IDENTITY_TAGS = ("method", "n_latents")
 # Params never listed as "differing": shown elsewhere (run name) or redundant with a tag column.
 SKIP_PARAMS = {"train.run_name", "method"}
+KINDS = ("train", "eval", "decode", "all")
 
 
 class CompareError(ValueError):
@@ -46,9 +52,26 @@ def _close(name: str, known) -> str:
 
 # ---------------------------------------------------------------------------------- selecting
 
-def select_runs(client, experiment: str = "", run_ids: list[str] | None = None, filter_string: str = "") -> list:
-    """The runs to compare, oldest first. Sweep parents (containers without metrics) are left out
-    unless named by id."""
+def run_kind(run) -> str:
+    """train | eval | decode | sweep. Runs without simcot's tags (logged by hand) count as training runs."""
+    tags = run.data.tags
+    role = tags.get("simcot.role")
+    if role:
+        return role
+    if "simcot.eval_of" in tags:
+        return "eval"
+    if "simcot.checkpoint" in tags and "simcot.run_dir" not in tags:  # decode runs read a checkpoint
+        return "decode"
+    return "train"
+
+
+def select_runs(client, experiment: str = "", run_ids: list[str] | None = None, filter_string: str = "",
+                kind: str = "train") -> list:
+    """The runs to compare, oldest first: those of `kind` (train, eval, decode or all). Sweep
+    parents (containers without metrics) are left out unless named by id; runs named by id are
+    taken whatever their kind."""
+    if kind not in KINDS:
+        raise CompareError(f"unknown kind '{kind}' (choose from {', '.join(KINDS)})")
     from mlflow.exceptions import MlflowException
 
     uri = client.tracking_uri
@@ -80,7 +103,12 @@ def select_runs(client, experiment: str = "", run_ids: list[str] | None = None, 
     if not runs:
         matching = f' match filter "{filter_string}"' if filter_string else ""
         raise CompareError(f"no runs {where}{matching}")
-    return runs
+    chosen = [r for r in runs if kind == "all" or run_kind(r) == kind]
+    if not chosen:
+        kinds = sorted({run_kind(r) for r in runs})
+        raise CompareError(f"no {kind} runs {where} (there are {', '.join(kinds)} runs: --kind "
+                           f"{kinds[0] if len(kinds) == 1 else 'all'})")
+    return chosen
 
 
 # ------------------------------------------------------------------------------------ the table
@@ -126,11 +154,14 @@ def build_table(client, runs: list, metrics: list[str] | None = None, params: li
             raise CompareError(f"no run has param '{p}'{_close(p, all_params)}")
     tags = [t for t in IDENTITY_TAGS if any(t in r.data.tags for r in runs)]
     params = [p for p in params if p not in tags]  # `method` is a param and a tag: one column
+    # among the runs that have the param: a param one run lacks (another kind of run) is no difference
     differing = sorted(k for k in all_params - SKIP_PARAMS - set(params)
-                       if len({r.data.params.get(k) for r in runs}) > 1)
+                       if len({r.data.params[k] for r in runs if k in r.data.params}) > 1)
+    names = {r.info.run_id: r.data.tags.get("mlflow.runName", r.info.run_name) for r in runs}
+    joined = ["eval_of"] if any("simcot.eval_of" in r.data.tags for r in runs) else []
 
     finals = ["train/loss"] if "train/loss" in present and "train/loss" not in metrics else []
-    columns = ["run", "run_id", "status", *tags, *params, *differing, *finals]
+    columns = ["run", "run_id", "status", *joined, *tags, *params, *differing, *finals]
     for m in metrics:
         columns += [m, f"best {m}", f"best {m} step"]
     if "test/accuracy" in present and "test/accuracy" not in metrics:
@@ -141,6 +172,9 @@ def build_table(client, runs: list, metrics: list[str] | None = None, params: li
     for r in runs:
         row = {"run": r.data.tags.get("mlflow.runName", r.info.run_name), "run_id": r.info.run_id,
                "status": r.info.status}
+        if joined:  # the training run an eval run evaluated: its name when it is in the table, else its id
+            of = r.data.tags.get("simcot.eval_of")
+            row["eval_of"] = names.get(of, of[:8] if of else None)
         row.update({t: r.data.tags.get(t) for t in tags})
         row.update({p: r.data.params.get(p) for p in params + differing})
         row.update({k: r.data.metrics.get(k) for k in finals + ["test/accuracy"] if k in columns})
@@ -251,7 +285,7 @@ def figure(client, runs: list, split: str = "test", histories: Histories | None 
 
 def compare(experiment: str = "", runs: list[str] | None = None, filter_string: str = "", tracking_uri: str = "",
             metrics: list[str] | None = None, params: list[str] | None = None, sort: str = "", fmt: str = "table",
-            plot: str = "", split: str = "test") -> str:
+            plot: str = "", split: str = "test", kind: str = "train") -> str:
     """What `simcot compare` prints; writes the plot to `plot` when given."""
     from mlflow.tracking import MlflowClient
 
@@ -262,7 +296,7 @@ def compare(experiment: str = "", runs: list[str] | None = None, filter_string: 
         raise CompareError(f"no MLflow store at {uri} (train a run here first, or give --tracking_uri or "
                            f"MLFLOW_TRACKING_URI)")
     client = MlflowClient(uri)
-    chosen = select_runs(client, experiment, runs, filter_string)
+    chosen = select_runs(client, experiment, runs, filter_string, kind)
     histories = Histories(client)
     table = build_table(client, chosen, metrics, params, histories)
     if sort:

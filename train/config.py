@@ -58,7 +58,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     out_dir: str = opt("runs", "Folder of run directories (checkpoints, predictions, tokenizer)")
-    run_name: str = opt("", "Run directory and MLflow run name; empty = <method>-<model>-<source>-<time>")
+    run_name: str = opt("", "Run directory and MLflow run name; empty = <method>-<model>-<source>-<time>-<random>")
     epochs: int = opt(4, "Training epochs")
     max_steps: int = opt(0, "Stop after this many optimizer steps (0 = epochs decide)")
     batch_size: int = opt(64, "Global batch size in samples per optimizer step (fixed for any world size)")
@@ -81,6 +81,8 @@ class TrainConfig:
     keep_checkpoints: int = opt(2, "Keep only the newest N checkpoints")
     save: bool = opt(True, "Write checkpoints (false: none at all, for benchmarks and smoke runs; nothing to resume)")
     resume: str = opt("", "Resume from a checkpoint folder, a run folder (its latest checkpoint) or 'auto'")
+    overwrite: bool = opt(False, "Replace an existing run folder of the same name (its checkpoints and metrics are "
+                          "deleted); without it a new run refuses a folder that exists (resume it instead)")
     init_from: str = opt("", "Start from the weights of a checkpoint (e.g. a CoT-SFT run for Coconut)")
     threads: int = opt(0, "torch CPU threads (0 = torch's default)")
 

@@ -143,8 +143,11 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(path), tag=TAG)
 
     def load(self, path: Path, weights_only: bool = False) -> None:
-        self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=not weights_only,
-                                    load_lr_scheduler_states=not weights_only)
+        from simcot.train.checkpoint import deepspeed_globals, weights_only_loads
+
+        with weights_only_loads(deepspeed_globals()):  # DeepSpeed's own loader unpickles in full
+            self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=not weights_only,
+                                        load_lr_scheduler_states=not weights_only)
 
     def eval_context(self):
         """ZeRO-3: gather the whole model once for a no-grad evaluation (cfg.deepspeed.gather_for_eval)."""

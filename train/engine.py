@@ -12,8 +12,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 
+from simcot.train.checkpoint import load_safetensors, load_state_strict, safe_load
 from simcot.train.config import TrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -178,11 +179,10 @@ class TorchEngine(Engine):
         torch.save(state, path / "optimizer.pt")
 
     def load(self, path: Path, weights_only: bool = False) -> None:
-        missing, unexpected = load_model(self.module, str(path / "model.safetensors"), strict=True,
-                                         device=str(self.device))
+        load_state_strict(self.module, load_safetensors(path / "model.safetensors"), f"checkpoint {path}")
         if weights_only:
             return
-        state = torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False)
+        state = safe_load(path / "optimizer.pt", map_location=self.device)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and "scaler" in state:

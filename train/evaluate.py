@@ -1,10 +1,13 @@
 """Batched evaluation: the method's prompt, its prefill (plain or latent rollout), then batched
 greedy decoding with a KV cache; exact match of the final answer; predictions as JSONL.
+Progress: a tqdm bar on a terminal, else a log line every PROGRESS_EVERY_S seconds (rank 0).
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +18,38 @@ from simcot import parallel
 from simcot.models.decoding import greedy_decode, trim_at_eos
 from simcot.parallel import gather_objects, rank_max
 from simcot.train.answers import extract, is_correct
+
+log = logging.getLogger(__name__)
+
+PROGRESS_EVERY_S = 30.0  # without a terminal: one log line per interval on long splits
+
+
+class Progress:
+    """Samples decoded so far: tqdm on a terminal, else periodic log lines (batch jobs, CI logs)."""
+
+    def __init__(self, total: int, split: str, enabled: bool = True):
+        self.total, self.split, self.enabled, self.done = total, split, enabled, 0
+        self.t0 = self.last = time.perf_counter()
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=f"eval {split}", unit="sample", leave=False)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            log.info("eval %s: %d/%d samples (%.0f%%), %.1f samples/s", self.split, self.done, self.total,
+                     100 * self.done / max(self.total, 1), self.done / max(now - self.t0, 1e-9))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @dataclass
@@ -85,6 +120,7 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
     local = {"preds": [], "metric_sums": {}, "metric_rows": {}, "correct": 0, "gen_tokens": 0}
     _sync(device)
     t0 = time.perf_counter()
+    progress = Progress(len(shard), split, enabled=rank == 0)  # rank 0's shard stands for all
     for b in range(n_batches):
         idx = batches[min(b, len(batches) - 1)] if batches else order[:1]  # extra batches: re-run, discard
         state = method.prefill(model, [prompts[i] for i in idx], device)
@@ -104,6 +140,8 @@ def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str,
             local["preds"].append((i, {"idx": examples[i]["idx"], "gold": examples[i]["answer"],
                                        "prediction": extract(text, marker), "correct": bool(ok),
                                        "generated": text, "n_latents": prompts[i].n_latents}))
+        progress.update(len(idx))
+    progress.close()
     _sync(device)
     seconds = time.perf_counter() - t0
     if was_training:

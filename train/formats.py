@@ -73,15 +73,39 @@ def _check_record(rec: object, where: str) -> Record:
 check_record = _check_record  # for readers outside this module (rows of named data sets)
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+def _not_utf8(path: Path, line: int, err: UnicodeDecodeError, column: int) -> DataError:
+    return DataError(f"{_where(path, line)}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at column "
+                     f"{column + 1}); re-encode the file as UTF-8")
+
+
+def utf8_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 text file; bytes that are not UTF-8 are a DataError at file:line."""
+    with path.open("rb") as f:
+        for i, raw in enumerate(f, 1):
             try:
-                yield i, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{_where(path, i)}: invalid JSON ({e.msg})") from None
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _not_utf8(path, i, e, e.start) from None
+            yield i, text[:-2] + "\n" if text.endswith("\r\n") else text  # as text mode reads CRLF files
+
+
+def read_utf8(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = raw.rfind(b"\n", 0, e.start) + 1
+        raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, e, e.start - line_start) from None
+
+
+def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+    for i, line in utf8_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield i, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{_where(path, i)}: invalid JSON ({e.msg})") from None
 
 
 # ------------------------------------------------------------------------------------- GSM8K
@@ -245,11 +269,10 @@ def _parse_text_line(line: str, where: str, split_steps: Callable[[str], list[st
 
 
 def _read_text(path: Path, split_steps: Callable[[str], list[str]]) -> Iterator[Record]:
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if line.strip():
-                yield _parse_text_line(line, _where(path, i), split_steps)
+    for i, line in utf8_lines(path):
+        line = line.rstrip("\n")
+        if line.strip():
+            yield _parse_text_line(line, _where(path, i), split_steps)
 
 
 def split_aug_steps(cot: str) -> list[str]:
@@ -273,7 +296,7 @@ def read_icot(path: Path) -> Iterator[Record]:
 
 def read_coconut_json(path: Path) -> Iterator[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{_where(path, e.lineno)}: invalid JSON ({e.msg})") from None
     if not isinstance(data, list):
@@ -296,7 +319,7 @@ def semcot_row(obj: object, where: str) -> Record:
 
 def read_semcot_json(path: Path) -> Iterator[Record]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
         raise DataError(f"{_where(path, e.lineno)}: invalid JSON ({e.msg})") from None
     if not isinstance(data, list):
@@ -336,11 +359,9 @@ def read_file(path: str | Path, fmt: str = "auto", gsm8k_steps: str = "equations
 def sniff_format(path: Path) -> str:
     """Guess a format from the extension and the first row."""
     if path.suffix == ".json":
-        with path.open(encoding="utf-8") as f:
-            head = f.read(4096)  # the first record's keys: SemCoT's 'query' or Coconut's 'steps'
+        head = read_utf8(path)[:4096]  # the first record's keys: SemCoT's 'query' or Coconut's 'steps'
         return "semcot" if '"query"' in head and '"steps"' not in head else "coconut"
-    with path.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "")
+    first = next((line for _, line in utf8_lines(path) if line.strip()), "")
     if path.suffix == ".jsonl" or first.lstrip().startswith("{"):
         try:
             obj = json.loads(first)

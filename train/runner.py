@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import platform
 import random
+import secrets
+import shutil
 import socket
 import subprocess
 import threading
@@ -19,14 +21,16 @@ import numpy as np
 import torch
 
 from simcot.parallel import gather_objects
-from simcot.train.assemble import Built, build, load_checkpoint_config, load_checkpoint_model, resolve_device
+from simcot.train.assemble import (Built, apply_threads, build, load_checkpoint_config, load_checkpoint_model,
+                                   resolve_device)
 from simcot.train.checkpoint import load_rng_state, load_trainer_state, resolve_checkpoint
-from simcot.train.config import Config, RunShape, dump_yaml, flatten, to_dict
+from simcot.train.config import Config, ConfigError, RunShape, dump_yaml, flatten, to_dict
 from simcot.train.decode_latents import decode_examples
 from simcot.train.distributed import init_distributed, uses_deepspeed
 from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
 from simcot.train.engine import TorchEngine
 from simcot.train.loop import Trainer, TrainState
+from simcot.train.model_source import check_model_source
 from simcot.train.tracking import make_tracker
 
 log = logging.getLogger("simcot")
@@ -49,7 +53,41 @@ def seed_everything(seed: int) -> None:
 
 
 def default_run_name(cfg: Config) -> str:
-    return f"{cfg.method}-{Path(cfg.model.name).name}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # the second alone does not tell two runs apart (a sweep, two shells): a random suffix does
+    return (f"{cfg.method}-{Path(cfg.model.name).name}-{cfg.data.source}-{time.strftime('%Y%m%d-%H%M%S')}"
+            f"-{secrets.token_hex(3)}")
+
+
+def claim_run_dir(cfg: Config) -> str:
+    """Create a new run's folder, exclusively: a run folder belongs to one run. Returns its name.
+
+    A default name that another run took in the meantime is drawn again; a named folder that
+    exists is refused (resume it, name another, or replace it with train.overwrite)."""
+    out = Path(cfg.train.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not cfg.train.run_name:
+        for _ in range(100):
+            name = default_run_name(cfg)
+            try:
+                (out / name).mkdir()
+                return name
+            except FileExistsError:
+                continue
+        raise ConfigError(f"could not create a new run folder in {out}")
+    run_dir = out / cfg.train.run_name
+    if cfg.train.overwrite and run_dir.exists():
+        if not _looks_like_a_run(run_dir):
+            raise ConfigError(f"train.overwrite: {run_dir} does not look like a run folder (no checkpoints/, "
+                              f"metrics.jsonl or tokenizer/); not deleting it")
+        log.warning("train.overwrite: deleting the existing run folder %s", run_dir)
+        shutil.rmtree(run_dir)
+    try:
+        run_dir.mkdir()
+    except FileExistsError:
+        raise ConfigError(f"run folder {run_dir} already exists (another run's): resume it with --train.resume "
+                          f"{run_dir}, choose another --train.run_name, or replace it with --train.overwrite true"
+                          ) from None
+    return cfg.train.run_name
 
 
 def git_info() -> dict[str, str]:
@@ -108,12 +146,31 @@ def _on_sigterm(signum, frame):  # launchers stop surviving ranks with SIGTERM: 
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-def _resolve_run(cfg: Config, overrides: dict | None) -> tuple[Config, TrainState, Path | None, Path]:
-    """(config, state, checkpoint to resume or None, run folder). A resumed run keeps its saved
-    config; only the overrides given now are applied on top."""
-    if not cfg.train.resume:  # every rank must agree on the run folder: rank 0 names it
-        cfg.train.run_name = cfg.train.run_name or gather_objects(default_run_name(cfg))[0]
-        return cfg, TrainState(), None, Path(cfg.train.out_dir) / cfg.train.run_name
+def _looks_like_a_run(path: Path) -> bool:
+    """What train.overwrite may delete: a folder a run wrote (or an empty one), never another folder
+    that a mistyped run name (``..``, a path) happens to reach."""
+    if not path.is_dir() or path.resolve() in (Path.cwd().resolve(), Path.home().resolve()):
+        return False
+    return not any(path.iterdir()) or any((path / n).exists() for n in ("checkpoints", "metrics.jsonl", "tokenizer"))
+
+
+def _resolve_run(cfg: Config, overrides: dict | None, is_main: bool = True
+                 ) -> tuple[Config, TrainState, Path | None, Path]:
+    """(config, state, checkpoint to resume or None, run folder). A new run's folder is created
+    here (by rank 0, which names it for every rank); a resumed run keeps its saved config, only
+    the overrides given now are applied on top."""
+    if not cfg.train.resume:
+        claimed: tuple[str, str] = ("", "")
+        if is_main:
+            try:
+                claimed = (claim_run_dir(cfg), "")
+            except ConfigError as e:
+                claimed = ("", str(e))
+        name, error = gather_objects(claimed)[0]
+        if error:  # every rank stops with rank 0's reason
+            raise ConfigError(error)
+        cfg.train.run_name = name
+        return cfg, TrainState(), None, Path(cfg.train.out_dir) / name
     ckpt = resolve_checkpoint(_resume_target(cfg))
     saved = load_checkpoint_config(ckpt, {k: v for k, v in (overrides or {}).items() if k != "train.resume"})
     saved.train.resume = cfg.train.resume
@@ -163,12 +220,22 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
     setup_logging(info.rank)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _on_sigterm)
-    cfg, state, resume_ckpt, run_dir = _resolve_run(cfg, overrides)
+    if not cfg.train.resume:  # before any data is generated or folder made
+        check_model_source(cfg.model)
+    cfg, state, resume_ckpt, run_dir = _resolve_run(cfg, overrides, info.is_main)
+    try:
+        return _train(cfg, info, state, resume_ckpt, run_dir)
+    except BaseException:
+        if info.is_main and resume_ckpt is None and not any((run_dir / n).exists()
+                                                              for n in ("metrics.jsonl", "checkpoints")):
+            shutil.rmtree(run_dir, ignore_errors=True)  # failed before its first step: the name stays free
+        raise
+
+
+def _train(cfg: Config, info, state: TrainState, resume_ckpt: Path | None, run_dir: Path) -> dict:
     t = cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    apply_threads(t.threads)
+    _rank_failure(run_dir, info.rank).unlink(missing_ok=True)  # left by an earlier attempt of this run
     seed_everything(t.seed)
     device = _device(cfg, info)
     accum = RunShape.accumulation(t, info.world)  # the DeepSpeed config needs it before the model is built
@@ -204,7 +271,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
             tracker.set_tags(_tags(cfg, built.method, ds_config, hosts))
             tracker.log_text(config_yaml, "config.yaml")
         # where the checkpoints live (simcot.checkpoint, set at every save, names the newest)
-        tracker.set_tags({"simcot.run_dir": str(run_dir.resolve()), "simcot.host": socket.gethostname()})
+        tracker.set_tags({"simcot.run_dir": str(run_dir.resolve()), "simcot.host": socket.gethostname(),
+                          "simcot.role": "train"})
         trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, tracker, run_dir, config_yaml)
         t0 = time.perf_counter()
         state = trainer.fit(state)
@@ -215,13 +283,8 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
         tracker.log_run_plots()
         tracker.finish("FINISHED")
         del hf_ds_config  # kept alive until here: transformers reads it while models are built and saved
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
     except BaseException as e:
-        tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
-        tracker.log_run_plots()  # the curves up to the crash help to diagnose it
-        tracker.finish("FAILED")
+        _record_failure(run_dir, info, tracker, e)
         raise
     return {"run_dir": str(run_dir), "run_id": tracker.run_id, "tracking_uri": getattr(tracker, "uri", ""),
             "steps": state.global_step, "train_seconds": train_seconds, "checkpoint": state.last_checkpoint,
@@ -229,6 +292,64 @@ def run_training(cfg: Config, overrides: dict | None = None) -> dict:
             **{f"{s}_accuracy": r.accuracy for s, r in results.items()},
             **{f"{s}_samples_per_s": r.samples_per_s for s, r in results.items()},
             "metrics": final_metrics}
+
+
+def _rank_failure(run_dir: Path, rank: int) -> Path:
+    return run_dir / f".rank{rank}.failed"
+
+
+def _record_failure(run_dir: Path, info, tracker, err: BaseException) -> None:
+    """Mark the MLflow run FAILED (KILLED on Ctrl-C / SIGTERM) with the cause.
+
+    A rank other than 0 leaves its error in the run folder before it exits; rank 0, stopped by
+    the launcher (SIGTERM) or by a broken collective, finds it there (one host, or a shared
+    filesystem) and marks the run FAILED naming that rank instead of KILLED."""
+    if not info.is_main:
+        try:
+            _rank_failure(run_dir, info.rank).write_text(f"{type(err).__name__}: {err}"[:5000])
+        except OSError:
+            pass
+        return
+    with _sigterm_held():
+        _record_on_main(run_dir, info, tracker, err)
+
+
+def _sigterm_held():
+    """The launcher's SIGTERM (sent when a peer dies) must not cut the run's record short: it is
+    ignored while rank 0 writes it (the launcher still SIGKILLs after its grace period)."""
+    import contextlib
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def held():
+        previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return held()
+
+
+def _record_on_main(run_dir: Path, info, tracker, err: BaseException) -> None:
+    failed = sorted(run_dir.glob(".rank*.failed"))
+    for _ in range(20 if info.world > 1 and not failed else 0):  # a peer may still be writing its cause
+        time.sleep(0.1)
+        failed = sorted(run_dir.glob(".rank*.failed"))
+    if failed:
+        rank = failed[0].name.split(".")[1][4:]
+        tracker.set_tags({"simcot.error": f"rank {rank} failed: {failed[0].read_text()}"[:5000],
+                          "simcot.failed_rank": rank})
+        tracker.finish("FAILED")
+    elif isinstance(err, KeyboardInterrupt):
+        tracker.finish("KILLED")
+    else:
+        tracker.set_tags({"simcot.error": f"{type(err).__name__}: {err}"[:5000]})
+        tracker.log_run_plots()  # the curves up to the crash help to diagnose it
+        tracker.finish("FAILED")
 
 
 def _resume_target(cfg: Config) -> str:
@@ -254,7 +375,8 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
     trained = load_trainer_state(ckpt)
     tracker = make_tracker(cfg.tracking, f"eval-{cfg.train.run_name}-{split}")
     try:
-        tracker.set_tags({**_tags(cfg, built.method), "simcot.eval_of": trained.get("mlflow_run_id", ""),
+        tracker.set_tags({**_tags(cfg, built.method), "simcot.role": "eval",
+                          "simcot.eval_of": trained.get("mlflow_run_id", ""),
                           "simcot.checkpoint": str(ckpt.resolve())})
         tracker.log_params({k: v for k, v in flatten(to_dict(cfg)).items() if k.startswith(("eval.", "data."))})
         res = evaluate(built.model, built.method, examples, built.tok, cfg.eval, cfg.data.answer_prefix, split, dev,

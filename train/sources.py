@@ -197,7 +197,7 @@ def _split_file(folder: Path, split: str) -> Path | None:
 
 def _rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a .json list or a .jsonl file, for the release's own row parser."""
-    text = path.read_text(encoding="utf-8")
+    text = formats.read_utf8(path)
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             data = json.loads(text)
@@ -219,8 +219,7 @@ def _read_release_file(path: Path, named: Named, cfg: DataConfig) -> list[Record
     {question, steps, answer} rows, the SemCoT release's rows, or a text format (aug/icot lines)."""
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with path.open(encoding="utf-8") as f:
-        first = next((line for line in f if line.strip()), "").lstrip()
+    first = next((line for _, line in formats.utf8_lines(path) if line.strip()), "").lstrip()
     if not first.startswith(("{", "[")):
         return read_file(path, "auto")
 

@@ -125,7 +125,8 @@ def curriculum_stages(base: Config, stages: int = 0) -> int:
 def cell_overrides(cell: Cell, base: Config, out: Path, stages: int = 0) -> dict:
     steps = curriculum_stages(base, stages)
     ov = {"method": cell.method, "train.seed": cell.seed, "data.seed": base.data.seed,
-          "train.out_dir": str(out / "runs"), "train.run_name": cell.name}
+          "train.out_dir": str(out / "runs"), "train.run_name": cell.name,
+          "train.overwrite": True}  # a cell without its result file is rerun from scratch: its folder is the sweep's
     if cell.method in ("coconut", "simcot-coconut"):
         c = math.ceil(cell.latents / steps)
         ov.update({"coconut.c_thought": c, "coconut.max_latent_stage": min(cell.latents, steps),

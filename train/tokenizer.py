@@ -124,14 +124,25 @@ def _answer_start(tok, a: list[int], answer_prefix: str) -> int:
     return len(a)
 
 
+def load_tokenizer_from(source: str | Path):
+    """load_tokenizer naming the folder or hub id (and its tokenizer files) when it fails."""
+    try:
+        return load_tokenizer(str(source))
+    except Exception as e:  # noqa: BLE001 - tokenizers/sentencepiece/json errors name no file
+        files = sorted(p.name for p in Path(source).glob("*token*")) if Path(source).is_dir() else []
+        where = f"{source} ({', '.join(files)})" if files else str(source)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"{where}: cannot load the tokenizer: {type(e).__name__}: {first}") from None
+
+
 def build_tokenizer(mcfg: ModelConfig, train_records, answer_prefix: str, cache_dir: str | Path):
     """The run's tokenizer; a locally trained one is cached in `cache_dir` and reused."""
     if mcfg.tokenizer:
-        return load_tokenizer(mcfg.tokenizer)
+        return load_tokenizer_from(mcfg.tokenizer)
     if not is_random_init(mcfg):
-        return load_tokenizer(weights_source(mcfg))
+        return load_tokenizer_from(weights_source(mcfg))
     cache_dir = Path(cache_dir)
     if (cache_dir / "tokenizer_config.json").is_file():
-        return load_tokenizer(str(cache_dir))
+        return load_tokenizer_from(cache_dir)
     log.info("training a SentencePiece tokenizer (vocab %d) on %d records", mcfg.vocab_size, len(train_records))
     return train_sentencepiece(record_texts(train_records, answer_prefix), mcfg.vocab_size, cache_dir)

@@ -4,6 +4,11 @@ The default store is SQLite in the working directory (``sqlite:///<cwd>/mlruns.d
 in ``./mlartifacts``), so nothing has to be started; ``tracking.uri`` or ``MLFLOW_TRACKING_URI``
 selects any other store, including a remote ``mlflow server``.
 
+Two runs may start at once on one store: a local SQLite store is created (MLflow's schema
+migrations) under a file lock beside it, and a lost race to create the experiment is retried.
+A resumed run does not log a metric point twice: steps it had logged before the crash are skipped
+(the resumed run replays them bit-exactly, so the values are the same).
+
 A sweep is a parent run (``start_parent``) whose ``run_id`` every child gets as
 ``tracking.parent_run_id``; MLflow nests the children under it.
 """
@@ -38,15 +43,36 @@ def _experiment_of(client, run_id: str) -> str | None:
 
 def run_exists(uri: str, run_id: str, experiment: str) -> bool:
     """True when `run_id` is a run of `experiment` in the store at `uri`."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(uri or default_uri())
+    client = open_client(uri or default_uri())
     exp = client.get_experiment_by_name(experiment)
     return exp is not None and _experiment_of(client, run_id) == exp.experiment_id
 
 
 def default_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns.db'}"
+
+
+def store_lock(uri: str):
+    """A lock held while a local SQLite store is opened: MLflow creates and migrates the schema on
+    first use, and two processes doing that at once fail ("Online migration expected to match one
+    row"). Other stores: no lock."""
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    db = Path(uri[len("sqlite:///"):])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(db) + ".lock", timeout=600)
+
+
+def open_client(uri: str):
+    """An MlflowClient on `uri` whose store exists (created under :func:`store_lock`)."""
+    from mlflow.tracking import MlflowClient
+
+    with store_lock(uri):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # the store is created (and migrated) on first access
+    return client
 
 
 class NullTracker:
@@ -70,23 +96,16 @@ class MlflowTracker(NullTracker):
     def __init__(self, uri: str, experiment: str, run_name: str, run_id: str = "", parent_run_id: str = "",
                  tags: dict[str, str] | None = None):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         self.uri = uri or default_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            kw = {}
-            if self.uri.startswith("sqlite:"):  # keep artifacts beside the local store
-                db = Path(self.uri.split(":///", 1)[1])
-                kw["artifact_location"] = (db.parent / "mlartifacts").as_uri()
-            exp_id = self.client.create_experiment(experiment, **kw)
-        else:
-            exp_id = exp.experiment_id
+        self.client = open_client(self.uri)
+        exp_id = self._experiment_id(experiment)
+        self._logged: dict[str, int] = {}  # resumed run: the last step of each metric before the crash
         if run_id:  # resuming: keep writing into the same run
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
+            self._logged = self._last_steps()
         else:
             tags = {"mlflow.runName": run_name, **(tags or {})}
             if parent_run_id:
@@ -94,6 +113,35 @@ class MlflowTracker(NullTracker):
                 tags["mlflow.parentRunId"] = parent_run_id
             self.run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags).info.run_id
         self.experiment_id = exp_id
+
+    def _experiment_id(self, experiment: str) -> str:
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(5):
+            exp = self.client.get_experiment_by_name(experiment)
+            if exp is not None:
+                return exp.experiment_id
+            kw = {}
+            if self.uri.startswith("sqlite:"):  # keep artifacts beside the local store
+                db = Path(self.uri.split(":///", 1)[1])
+                kw["artifact_location"] = (db.parent / "mlartifacts").as_uri()
+            try:
+                with store_lock(self.uri):
+                    if self.client.get_experiment_by_name(experiment) is None:
+                        return self.client.create_experiment(experiment, **kw)
+            except MlflowException:  # another process created it first (a store without our lock)
+                if attempt == 4:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
+        raise RuntimeError(f"could not create or find the MLflow experiment '{experiment}' at {self.uri}")
+
+    def _last_steps(self) -> dict[str, int]:
+        out = {}
+        for key in self.client.get_run(self.run_id).data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                out[key] = max(m.step for m in history)
+        return out
 
     def _check_parent(self, parent_run_id: str, exp_id: str, experiment: str) -> None:
         """A child must name an existing run of its own experiment, or the UI cannot nest it."""
@@ -123,7 +171,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if step > self._logged.get(k, -1)]
         for i in range(0, len(items), 500):
             self.client.log_batch(self.run_id, metrics=items[i:i + 500])
 
