@@ -113,10 +113,10 @@ def test_an_unknown_model_name_fails_fast_before_any_data_with_a_suggestion(tiny
     """Issue 15 (6): 'tiny-llamaa' went to the hub (a minute of retries offline), then an OSError."""
     import pytest
 
-    import simcot.train.runner as runner
+    import simcot.train.assemble as assemble
     from simcot.train.config import ConfigError
 
-    monkeypatch.setattr(runner, "load_splits", lambda *a, **k: pytest.fail("data generated before the check"))
+    monkeypatch.setattr(assemble, "load_splits", lambda *a, **k: pytest.fail("data generated before the check"))
     cfg, _ = tiny(**{"model.name": "tiny-llamaa"})
     with pytest.raises(ConfigError, match=r"^model.name 'tiny-llamaa' is not a preset, a local folder or a reachable "
                                           r"hub id \(did you mean 'tiny-llama'\?\)$"):
