@@ -144,3 +144,40 @@ def test_finished_rows_stop_costing():
     assert rows[1:] == [max(n, 1) if n < len(prompts) else n for n in running], (rows, running)
 
 
+@pytest.mark.parametrize("kind", ["copy", "shared", "small"])
+def test_step_decoder_generate_equals_generation_without_cache(kind):
+    """SIM-CoT's step decoder decodes through the same loop: each row equals re-running
+    [latent prefix, tokens so far] without a cache."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from simcot.models.decoding import body, head
+    from simcot.models.step_decoder import StepDecoder
+
+    main = _model("tiny-llama")
+    dec = StepDecoder(kind, main, SimpleNamespace(lora_r=4, lora_alpha=8, small_layers=1, small_hidden=0,
+                                                  small_model="")).double().eval()
+    with torch.no_grad():
+        for p in dec.parameters():  # the shared adapter starts as a no-op (B = 0): make it count
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    prefix = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lm = main if kind == "shared" else dec.lm
+    on = dec._adapter_on if kind == "shared" else contextlib.nullcontext
+
+    def plain(row, eos, n=8):
+        e, out = dec._embed_in(prefix[row:row + 1]), []
+        with torch.no_grad(), on():
+            for _ in range(n):
+                tok = int(head(lm)(body(lm)(inputs_embeds=e).last_hidden_state[:, -1]).argmax())
+                out.append(tok)
+                if tok == eos:
+                    break
+                e = torch.cat([e, dec._embed_in(main.get_input_embeddings()(torch.tensor([[tok]])))], 1)
+        return out
+
+    eos = _common_token([plain(r, -1) for r in range(6)])
+    refs = [plain(r, eos) for r in range(6)]
+    assert len({len(r) for r in refs}) > 1
+    got = dec.generate(main, prefix, 8, eos, 0).tolist()
+    for row, ref in zip(got, refs):
+        assert row[: len(ref)] == ref and all(t == 0 for t in row[len(ref):])
