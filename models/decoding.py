@@ -1,10 +1,13 @@
-"""Access to the parts of a causal LM, and batched greedy decoding with a KV cache.
+"""Access to the parts of a causal LM, and the one decode loop (evaluation, SIM-CoT's step decoder).
 
 Decoding takes a left-padded batch (positions that ignore the padding, an attention mask that
-hides it) and an optional cache already holding a prefix (the latent rollout fills one), then
-runs one single-token forward per step for the whole batch. Finished rows keep emitting pad.
-Under ZeRO-3 every rank must make the same number of forward passes, so the stop decision is
-all-reduced across the data-parallel group when one is given.
+hides it) and a cache already holding the prompt (the latent rollout fills one), then runs one
+single-token forward per step for the rows still running. What a step costs is the model's
+math, not bookkeeping: the KV cache is reserved once for every token (no per-token copy of the
+whole cache), the attention mask is handed over ready in 4-D (transformers builds none), and
+rows that hit eos leave the batch. Finished rows emit pad. Under ZeRO-3 every rank must make the
+same number of forward passes, so the stop decision is all-reduced across the data-parallel
+group when one is given.
 """
 
 from __future__ import annotations
@@ -146,24 +149,24 @@ def reserve(cache, extra: int) -> bool:
     return True
 
 
-def _mask_4d(lm: nn.Module, mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-    """`mask` (B, T) bool as the ready 4-D mask the model's attention takes (B, 1, 1, T), so that
-    transformers builds none; None where the attention implementation wants another form."""
-    impl = getattr(getattr(unwrap(lm), "config", None), "_attn_implementation", None)
+def _ready_masks(lm: nn.Module | None) -> str | None:
+    """The attention implementation of `lm` when `_mask_4d` can hand it a ready mask, else None."""
+    impl = getattr(getattr(unwrap(lm), "config", None), "_attn_implementation", None) if lm is not None else None
+    return impl if impl in ("sdpa", "eager") else None
+
+
+def _mask_4d(mask: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """`mask` (B, T) bool as the ready mask (B, 1, 1, T) transformers would build for one query."""
     if impl == "sdpa":
         return mask[:, None, None, :]  # True = attend, as transformers' sdpa_mask
-    if impl == "eager":  # additive, as its eager_mask
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
-            ~mask, torch.finfo(dtype).min)[:, None, None, :]
-    return None
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(  # additive, as its eager_mask
+        ~mask, torch.finfo(dtype).min)[:, None, None, :]
 
 
-def lm_step(lm: nn.Module, embed=None):
-    """The single-token forward of a causal LM for `decode`: tokens (b,) -> next-token logits (b, V);
-    with `embed`, tokens enter as ``inputs_embeds=embed(tokens)`` (b, 1, H)."""
+def lm_step(lm: nn.Module):
+    """The single-token forward of a causal LM for `decode`: tokens (b,) -> next-token logits (b, V)."""
     def step(tok: torch.Tensor, cache, **kw) -> torch.Tensor:
-        inputs = {"inputs_embeds": embed(tok)} if embed is not None else {"input_ids": tok[:, None]}
-        return lm(**inputs, use_cache=True, **with_cache(lm, cache), **kw).logits[:, -1]
+        return lm(input_ids=tok[:, None], use_cache=True, **with_cache(lm, cache), **kw).logits[:, -1]
     return step
 
 
@@ -181,11 +184,12 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     ids, pad after each row's eos. Greedy, or top-p sampling from `generator` (CPU) with `temperature` > 0.
 
     `step(tokens (b,), cache, attention_mask=..., position_ids=...) -> logits (b, V)` runs the
-    model on the rows still in the batch (see `lm_step`). The cache is reserved once for every
-    token (`reserve`); with `lm` given and padding in `state.mask`, the 4-D attention mask is
-    built once and sliced per step. Rows that finished are dropped from the batch (their cache
-    rows too) once enough have, so they stop costing. A state without a mask (no padding) passes
-    none. `synced` forces every rank to run the same number of steps (ZeRO-3); the stop test is
+    model on the rows still in the batch (see `lm_step`). With `lm` (whose config names the
+    attention) on sdpa or eager attention, the cache is reserved once for every token (`reserve`)
+    and each step gets a ready 4-D mask: the padding and the positions not written yet hidden.
+    Otherwise (another attention, another cache) the cache grows as transformers grows it and a
+    2-D mask is passed (none when `state.mask` is None: no padding). Rows that finished are dropped
+    from the batch (their cache rows too) once enough have, so they stop costing. `synced` forces every rank to run the same number of steps (ZeRO-3); the stop test is
     then an all-reduce over `group`, and a rank whose rows are all done keeps stepping its last rows.
     """
     bsz = state.logits.shape[0]
@@ -195,13 +199,15 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     rows = torch.arange(bsz, device=device)  # original row of each row still in the batch
     done = torch.zeros(bsz, dtype=torch.bool, device=device)
     cache, logits = state.cache, state.logits
-    width = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
-    mask = state.mask.bool() if state.mask is not None else torch.ones(bsz, width, dtype=torch.bool, device=device)
+    cached = cache.get_seq_length() if callable(getattr(cache, "get_seq_length", None)) else None
+    mask = (state.mask.bool() if state.mask is not None
+            else torch.ones(bsz, cached or 0, dtype=torch.bool, device=device))  # (B, T)
+    width = mask.shape[1]
     full = torch.cat([mask, mask.new_ones(bsz, n_new)], 1)  # (B, T + new): every position once written
     pos = state.next_pos.clone() if state.next_pos is not None else None
     fdtype = logits.dtype if logits.is_floating_point() else torch.float32
-    reserved = (lm is not None and mask.shape[1] == width and _mask_4d(lm, full[:1], fdtype) is not None
-                and reserve(cache, n_new))
+    impl = _ready_masks(lm)
+    reserved = impl is not None and cached == width and reserve(cache, n_new)
     written = torch.arange(full.shape[1], device=device)  # (T + new,)
     compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
     steps = 0
@@ -224,7 +230,7 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
         end = width + t + 1  # cache length once this step's token is in
         kw = {}
         if reserved:  # the whole buffer is attended: hide what is not written yet
-            kw["attention_mask"] = _mask_4d(lm, full & (written < end), fdtype)
+            kw["attention_mask"] = _mask_4d(full & (written < end), impl, fdtype)
         elif state.mask is not None:
             kw["attention_mask"] = full[:, :end].long()
         if pos is not None:
