@@ -3,7 +3,7 @@
 Decoding takes a left-padded batch (positions that ignore the padding, an attention mask that
 hides it) and a cache already holding the prompt (the latent rollout fills one), then runs one
 single-token forward per step for the rows still running. What a step costs is the model's
-math, not bookkeeping: the KV cache is reserved once for every token (no per-token copy of the
+math, not bookkeeping: the KV cache grows in place by chunks (no per-token copy of the
 whole cache), the attention mask is handed over ready in 4-D (transformers builds none), and
 rows that hit eos leave the batch. Finished rows emit pad. Under ZeRO-3 every rank must make the
 same number of forward passes, so the stop decision is all-reduced across the data-parallel
@@ -109,21 +109,34 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     return order.gather(-1, pick).squeeze(-1)
 
 
-class ReservedLayer(DynamicLayer):
-    """One layer's KV cache in a buffer allocated once for the whole decode. A step writes its
-    key/value in place and attention reads the whole buffer, the positions not written yet hidden
-    by the mask (`decode` passes a 4-D one). transformers' DynamicLayer concatenates instead: a copy
-    of the whole cache per layer per token, half the CPU time of a batch-256 decode. A view of the
-    written part would be no better on CPU: attention over a strided view costs about that copy."""
+CACHE_CHUNK = 16  # positions a reserved cache grows by: one copy per 16 tokens, at most 15 attended for nothing
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, extra: int):
+
+class ReservedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer that grows by chunks. A step writes its key/value in place
+    and attention reads the whole buffer, the positions not written yet hidden by the mask
+    (`decode` passes a 4-D one). transformers' DynamicLayer concatenates instead: a copy of the
+    whole cache per layer per token, half the CPU time of a batch-256 decode. A view of only the
+    written part would be no better on CPU (attention over a strided view costs about that copy);
+    a buffer sized for every token at once makes each step attend to all of it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
         super().__init__()
         self.length = keys.shape[-2]
-        self.keys = keys.new_zeros(*keys.shape[:-2], self.length + extra, keys.shape[-1])  # (B, heads, T + extra, D)
-        self.values = values.new_zeros(*values.shape[:-2], self.length + extra, values.shape[-1])
-        self.keys[..., :self.length, :] = keys  # zeros beyond: masked scores meet finite values
-        self.values[..., :self.length, :] = values
+        self.keys, self.values = keys, values
         self.device, self.is_initialized = keys.device, True
+        self.grow(capacity)
+
+    def grow(self, capacity: int) -> None:
+        """Make room for `capacity` positions (zeros beyond the written ones: masked scores meet
+        finite values)."""
+        if capacity <= self.keys.shape[-2]:
+            return
+        k, v = self.keys, self.values
+        self.keys = k.new_zeros(*k.shape[:-2], capacity, k.shape[-1])  # (B, heads, capacity, D)
+        self.values = v.new_zeros(*v.shape[:-2], capacity, v.shape[-1])
+        self.keys[..., :self.length, :] = k[..., :self.length, :]
+        self.values[..., :self.length, :] = v[..., :self.length, :]
 
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
@@ -139,13 +152,13 @@ class ReservedLayer(DynamicLayer):
         self.keys, self.values = self.keys[indices], self.values[indices]
 
 
-def reserve(cache, extra: int) -> bool:
-    """Move every layer of a transformers DynamicCache into a buffer with room for `extra` more
-    positions (in place); False, leaving the cache alone, for any other kind of cache."""
+def reserve(cache, capacity: int) -> bool:
+    """Move every layer of a transformers DynamicCache into a `ReservedLayer` with room for
+    `capacity` positions (in place); False, leaving the cache alone, for any other kind of cache."""
     layers = getattr(cache, "layers", None)
     if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
         return False
-    cache.layers = [ReservedLayer(layer.keys, layer.values, extra) for layer in layers]
+    cache.layers = [ReservedLayer(layer.keys, layer.values, capacity) for layer in layers]
     return True
 
 
@@ -185,7 +198,7 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
 
     `step(tokens (b,), cache, attention_mask=..., position_ids=...) -> logits (b, V)` runs the
     model on the rows still in the batch (see `lm_step`). With `lm` (whose config names the
-    attention) on sdpa or eager attention, the cache is reserved once for every token (`reserve`)
+    attention) on sdpa or eager attention, the cache grows by chunks in place (`reserve`)
     and each step gets a ready 4-D mask: the padding and the positions not written yet hidden.
     Otherwise (another attention, another cache) the cache grows as transformers grows it and a
     2-D mask is passed (none when `state.mask` is None: no padding). Rows that finished are dropped
@@ -207,7 +220,8 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     pos = state.next_pos.clone() if state.next_pos is not None else None
     fdtype = logits.dtype if logits.is_floating_point() else torch.float32
     impl = _ready_masks(lm)
-    reserved = impl is not None and cached == width and reserve(cache, n_new)
+    capacity = width + min(n_new, CACHE_CHUNK)
+    reserved = impl is not None and cached == width and reserve(cache, capacity)
     written = torch.arange(full.shape[1], device=device)  # (T + new,)
     compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
     steps = 0
@@ -230,7 +244,11 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
         end = width + t + 1  # cache length once this step's token is in
         kw = {}
         if reserved:  # the whole buffer is attended: hide what is not written yet
-            kw["attention_mask"] = _mask_4d(full & (written < end), impl, fdtype)
+            if end > capacity:
+                capacity = min(end + CACHE_CHUNK - 1, width + n_new)
+                for layer in cache.layers:
+                    layer.grow(capacity)
+            kw["attention_mask"] = _mask_4d(full[:, :capacity] & (written[:capacity] < end), impl, fdtype)
         elif state.mask is not None:
             kw["attention_mask"] = full[:, :end].long()
         if pos is not None:
