@@ -202,8 +202,9 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     and each step gets a ready 4-D mask: the padding and the positions not written yet hidden.
     Otherwise (another attention, another cache) the cache grows as transformers grows it and a
     2-D mask is passed (none when `state.mask` is None: no padding). Rows that finished are dropped
-    from the batch (their cache rows too) once enough have, so they stop costing. `synced` forces every rank to run the same number of steps (ZeRO-3); the stop test is
-    then an all-reduce over `group`, and a rank whose rows are all done keeps stepping its last rows.
+    from the batch (their cache rows too) once enough have, so they stop costing. `synced` forces
+    every rank to run the same number of steps (ZeRO-3); the stop test is then an all-reduce over
+    `group`, and a rank whose rows are all done keeps stepping its last rows.
     """
     bsz = state.logits.shape[0]
     device = state.logits.device
