@@ -4,26 +4,27 @@ Training step (forward + backward of a Coconut loss, same weights, same batch):
   batched   the simcot rollout: prefix once with a KV cache, one single-position forward per latent
   multipass Coconut's algorithm on the padded batch: every latent re-runs the whole prefix, no cache
   per-sample a Python loop over samples, each running the multi-pass algorithm unpadded
-Evaluation (samples/s, same weights, fixed number of generated tokens):
-  batched   batched latent rollout + batched KV-cache greedy decoding
-  batch-1   Coconut's reference generate: one sample at a time, no KV cache (re-runs the sequence per token)
+Evaluation (samples/s at batch 1, 32 and 256, same weights, a fixed number of generated tokens):
+  batched   the batched latent rollout + simcot's decode loop (reserved KV cache, ready masks)
+  baseline  Coconut's reference generate: one sample at a time, no KV cache (re-runs the sequence
+            per token), `rollout_reference.naive_generate`; the generations are compared token
+            for token with the batched ones (column "identical")
 
-Ratios are measured in the same run; results go to benchmarks/results/rollout_<device>.json.
-    python benchmarks/bench_rollout.py [--device cpu|cuda] [--quick]
+Every figure is the median of interleaved rounds (each round times every variant once), in one
+process with a set thread count (default 1). Results: benchmarks/results/rollout_<device>[_quick].{json,md}.
+    python benchmarks/bench_rollout.py [--device cpu|cuda] [--quick] [--threads N]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import sys
+import statistics
 import time
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
 
+from results_io import write_results
 from simcot.models.decoding import greedy_decode, left_pad
 from simcot.models.latent_lm import LatentLM
 from simcot.models.presets import PRESETS
@@ -84,86 +85,110 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeats: int) -> float:
-    fn()  # warm-up
-    sync(device)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+def interleaved(fns: dict, device, rounds: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median seconds of each function over `rounds` rounds, each round calling every one once
+    (after one warm-up call each), so a change in machine load hits every variant alike: (wall
+    clock, this process's CPU time). On a shared CPU the CPU time is the steadier figure: with one
+    thread it is the time the work took, whatever else runs on the machine."""
+    wall, cpu = {k: [] for k in fns}, {k: [] for k in fns}
+    for f in fns.values():
+        f()
+    for _ in range(rounds):
+        for k, f in fns.items():
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            f()
+            sync(device)
+            wall[k].append(time.perf_counter() - t0)
+            cpu[k].append(time.process_time() - c0)
+    return ({k: statistics.median(v) for k, v in wall.items()}, {k: statistics.median(v) for k, v in cpu.items()})
 
 
+@torch.no_grad()
 def eval_batched(model, b, new_tokens):
-    with torch.no_grad():
-        state, _ = prefill_latents(model, b["ids"], b["mask"], b["n_latents"], b["n"], EOT)
-        greedy_decode(model.lm, state, new_tokens, eos_id=-1, pad_id=PAD)  # eos -1: always new_tokens steps
+    state, _ = prefill_latents(model, b["ids"], b["mask"], b["n_latents"], b["n"], EOT)
+    return greedy_decode(model.lm, state, new_tokens, eos_id=-1, pad_id=PAD)  # eos -1: always new_tokens steps
 
 
-def eval_batch1(model, b, new_tokens, limit):
-    for p in b["prefixes"][:limit]:
-        naive_generate(model, p, b["n"], EOT, new_tokens, eos_id=-1)
+def eval_baseline(model, b, new_tokens, limit):
+    return [naive_generate(model, p, b["n"], EOT, new_tokens, eos_id=-1) for p in b["prefixes"][:limit]]
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny model, fewer repeats")
-    ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--eval-batch", type=int, default=128, help="simcot's default evaluation batch")
+    ap.add_argument("--quick", action="store_true", help="tiny model only, fewer rounds, new tokens 32")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (CPU)")
+    ap.add_argument("--batch", type=int, default=32, help="training-step batch")
+    ap.add_argument("--eval-batches", default="1,32,256", help="evaluation batch sizes, comma-separated")
+    ap.add_argument("--latents", type=int, default=6, help="latents per evaluation sample")
     ap.add_argument("--new-tokens", default="32,64", help="generated tokens per answer, comma-separated "
                     "(64 is Coconut's evaluation setting)")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats after the warm-up (the best counts)")
+    ap.add_argument("--baseline-samples", type=int, default=8, help="samples the per-sample baseline runs per round")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (the median counts)")
     args = ap.parse_args()
-    repeats = 1 if args.quick else args.repeats
+    rounds = 2 if args.quick else args.rounds
+    new_tokens_list = [32] if args.quick else [int(x) for x in str(args.new_tokens).split(",")]
     device = torch.device(args.device)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
+    use_cpu_time = device.type == "cpu" and args.threads == 1  # else the wall clock (GPU work is not CPU time)
+    clock = "CPU time" if use_cpu_time else "wall clock"
     rows, evals = [], []
     for size in (["tiny"] if args.quick else ["tiny", "small"]):
         model = model_of(size, device)
         for n in (6, 16):
             b = batch_of(args.batch, n, device)
-            t = {name: timed(lambda f=f: (model.zero_grad(), f(model, b)), device, repeats)
-                 for name, f in (("batched", step_batched), ("multipass", step_multipass),
-                                 ("per_sample", step_per_sample))}
+            wall, cpu = interleaved({name: (lambda f=f: (model.zero_grad(), f(model, b)))
+                                     for name, f in (("batched", step_batched), ("multipass", step_multipass),
+                                                     ("per_sample", step_per_sample))}, device, rounds)
+            t = cpu if use_cpu_time else wall
             rows.append({"model": size, "batch": args.batch, "latents": n, **{f"{k}_s": v for k, v in t.items()},
                          "multipass_over_batched": t["multipass"] / t["batched"],
                          "per_sample_over_batched": t["per_sample"] / t["batched"]})
             print(f"train step  {size:5s} B={args.batch} L={n:2d}: batched {t['batched']:.3f}s | multipass "
                   f"{t['multipass']:.3f}s ({rows[-1]['multipass_over_batched']:.1f}x) | per-sample "
-                  f"{t['per_sample']:.3f}s ({rows[-1]['per_sample_over_batched']:.1f}x)")
+                  f"{t['per_sample']:.3f}s ({rows[-1]['per_sample_over_batched']:.1f}x)", flush=True)
+        if size != "tiny":
+            continue  # evaluation: the tiny model (the small one only adds minutes)
         model.eval()
-        b = batch_of(args.eval_batch, 6, device, seed=1)
-        limit = 4 if args.quick else 8  # batch-1 is slow: time a few samples, report samples/s
-        for new_tokens in [int(x) for x in str(args.new_tokens).split(",")]:
-            tb = timed(lambda: eval_batched(model, b, new_tokens), device, repeats)
-            t1 = timed(lambda: eval_batch1(model, b, new_tokens, limit), device, 1)
-            sps_b, sps_1 = args.eval_batch / tb, limit / t1
-            evals.append({"model": size, "batch": args.eval_batch, "latents": 6, "new_tokens": new_tokens,
-                          "batched_samples_per_s": sps_b, "batch1_nocache_samples_per_s": sps_1,
-                          "speedup": sps_b / sps_1})
-            print(f"eval        {size:5s} B={args.eval_batch} L=6, {new_tokens} new tokens: batched {sps_b:.1f} "
-                  f"samples/s | batch-1 no cache {sps_1:.2f} samples/s | {sps_b / sps_1:.0f}x")
-    out = {"device": str(device), "machine": platform.processor() or platform.machine(),
-           "threads": torch.get_num_threads(), "torch": torch.__version__, "train_step": rows, "eval": evals,
-           "cuda": torch.cuda.get_device_name() if device.type == "cuda" else None}
-    path = Path(__file__).parent / "results" / f"rollout_{device.type}{'_quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=2))
-    md = [f"Rollout benchmark, {out['cuda'] or out['machine']} ({out['device']}, {out['threads']} threads, torch "
-          f"{out['torch']}): `python benchmarks/bench_rollout.py {' '.join(sys.argv[1:])}`".rstrip(), "",
+        limit = min(args.baseline_samples, 4 if args.quick else args.baseline_samples)
+        for new_tokens in new_tokens_list:
+            fns, batches = {}, {}
+            for bs in (int(x) for x in args.eval_batches.split(",")):
+                batches[bs] = b = batch_of(bs, args.latents, device, seed=1)
+                fns[bs] = lambda b=b: eval_batched(model, b, new_tokens)
+            fns["baseline"] = lambda: eval_baseline(model, batches[max(batches)], new_tokens, limit)
+            wall, cpu = interleaved(fns, device, rounds)
+            t = cpu if use_cpu_time else wall
+            ref = eval_baseline(model, batches[max(batches)], new_tokens, limit)
+            sps_ref = limit / t["baseline"]
+            for bs, b in batches.items():
+                gen = eval_batched(model, b, new_tokens)
+                # batch_of draws prefixes first and in order: row i is the same sample at every size
+                same = all(gen[i].tolist() == ref[i] for i in range(min(bs, limit)))
+                sps = bs / t[bs]
+                wall_speedup = (bs / wall[bs]) / (limit / wall["baseline"])
+                evals.append({"model": size, "batch": bs, "latents": args.latents, "new_tokens": new_tokens,
+                              "batched_samples_per_s": sps, "baseline_samples_per_s": sps_ref,
+                              "speedup": sps / sps_ref, "speedup_wall": wall_speedup, "identical": same})
+                print(f"eval        {size:5s} B={bs:3d} L={args.latents}, {new_tokens} new tokens: batched "
+                      f"{sps:.1f} samples/s | per-sample no cache {sps_ref:.2f} samples/s | {sps / sps_ref:.1f}x "
+                      f"(wall clock {wall_speedup:.1f}x) | identical {same}", flush=True)
+    name = f"rollout_{device.type}{'_quick' if args.quick else ''}"
+    md = [f"Times: medians of {rounds} interleaved rounds, {clock}.", "",
           "| model | batch | latents | batched (s) | multi-pass (s) | vs batched | per-sample (s) | vs batched |",
           "|---|---:|---:|---:|---:|---:|---:|---:|"]
     md += [f"| {r['model']} | {r['batch']} | {r['latents']} | {r['batched_s']:.3f} | {r['multipass_s']:.3f} | "
            f"{r['multipass_over_batched']:.1f}x | {r['per_sample_s']:.3f} | {r['per_sample_over_batched']:.1f}x |"
            for r in rows]
-    md += ["", "| model | batch | latents | new tokens | batched (samples/s) | batch-1, no cache (samples/s) | speed-up |",
-           "|---|---:|---:|---:|---:|---:|---:|"]
+    md += ["", "| model | batch | latents | new tokens | batched (samples/s) | per-sample, no cache (samples/s) "
+           "| speed-up | speed-up, wall clock | identical |", "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     md += [f"| {e['model']} | {e['batch']} | {e['latents']} | {e['new_tokens']} | {e['batched_samples_per_s']:.1f} | "
-           f"{e['batch1_nocache_samples_per_s']:.2f} | {e['speedup']:.0f}x |" for e in evals]
-    path.with_suffix(".md").write_text("\n".join(md) + "\n")
+           f"{e['baseline_samples_per_s']:.2f} | {e['speedup']:.1f}x | {e['speedup_wall']:.1f}x | "
+           f"{'yes' if e['identical'] else 'NO'} |"
+           for e in evals]
+    path = write_results(name, {"train_step": rows, "eval": evals, "rounds": rounds, "clock": clock}, "\n".join(md),
+                         device=str(device))
     print(f"wrote {path} and {path.with_suffix('.md').name}")
 
 

@@ -1,10 +1,13 @@
-"""Access to the parts of a causal LM, and batched greedy decoding with a KV cache.
+"""Access to the parts of a causal LM, and the one decode loop (evaluation, SIM-CoT's step decoder).
 
 Decoding takes a left-padded batch (positions that ignore the padding, an attention mask that
-hides it) and an optional cache already holding a prefix (the latent rollout fills one), then
-runs one single-token forward per step for the whole batch. Finished rows keep emitting pad.
-Under ZeRO-3 every rank must make the same number of forward passes, so the stop decision is
-all-reduced across the data-parallel group when one is given.
+hides it) and a cache already holding the prompt (the latent rollout fills one), then runs one
+single-token forward per step for the rows still running. What a step costs is the model's
+math, not bookkeeping: the KV cache grows in place by chunks (no per-token copy of the
+whole cache), the attention mask is handed over ready in 4-D (transformers builds none), and
+rows that hit eos leave the batch. Finished rows emit pad. Under ZeRO-3 every rank must make the
+same number of forward passes, so the stop decision is all-reduced across the data-parallel
+group when one is given.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from simcot.parallel import decoding_done
 
@@ -97,37 +101,163 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     return order.gather(-1, pick).squeeze(-1)
 
 
+CACHE_CHUNK = 16  # positions a reserved cache grows by: one copy per 16 tokens, at most 15 attended for nothing
+
+
+class ReservedLayer(DynamicLayer):
+    """One layer's KV cache in a buffer that grows by chunks. A step writes its key/value in place
+    and attention reads the whole buffer, the positions not written yet hidden by the mask
+    (`decode` passes a 4-D one). transformers' DynamicLayer concatenates instead: a copy of the
+    whole cache per layer per token, half the CPU time of a batch-256 decode. A view of only the
+    written part would be no better on CPU (attention over a strided view costs about that copy);
+    a buffer sized for every token at once makes each step attend to all of it."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+        super().__init__()
+        self.length = keys.shape[-2]
+        self.keys, self.values = keys, values
+        self.device, self.is_initialized = keys.device, True
+        self.grow(capacity)
+
+    def grow(self, capacity: int) -> None:
+        """Make room for `capacity` positions (zeros beyond the written ones: masked scores meet
+        finite values)."""
+        if capacity <= self.keys.shape[-2]:
+            return
+        k, v = self.keys, self.values
+        self.keys = k.new_zeros(*k.shape[:-2], capacity, k.shape[-1])  # (B, heads, capacity, D)
+        self.values = v.new_zeros(*v.shape[:-2], capacity, v.shape[-1])
+        self.keys[..., :self.length, :] = k[..., :self.length, :]
+        self.values[..., :self.length, :] = v[..., :self.length, :]
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        n = key_states.shape[-2]
+        self.keys[..., self.length:self.length + n, :] = key_states
+        self.values[..., self.length:self.length + n, :] = value_states
+        self.length += n
+        return self.keys, self.values
+
+    def get_seq_length(self, *args) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.keys, self.values = self.keys[indices], self.values[indices]
+
+
+def reserve(cache, capacity: int) -> bool:
+    """Move every layer of a transformers DynamicCache into a `ReservedLayer` with room for
+    `capacity` positions (in place); False, leaving the cache alone, for any other kind of cache."""
+    layers = getattr(cache, "layers", None)
+    if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
+        return False
+    cache.layers = [ReservedLayer(layer.keys, layer.values, capacity) for layer in layers]
+    return True
+
+
+def _ready_masks(lm: nn.Module | None) -> str | None:
+    """The attention implementation of `lm` when `_mask_4d` can hand it a ready mask, else None."""
+    impl = getattr(getattr(unwrap(lm), "config", None), "_attn_implementation", None) if lm is not None else None
+    return impl if impl in ("sdpa", "eager") else None
+
+
+def _mask_4d(mask: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
+    """`mask` (B, T) bool as the ready mask (B, 1, 1, T) transformers would build for one query."""
+    if impl == "sdpa":
+        return mask[:, None, None, :]  # True = attend, as transformers' sdpa_mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(  # additive, as its eager_mask
+        ~mask, torch.finfo(dtype).min)[:, None, None, :]
+
+
+def lm_step(lm: nn.Module):
+    """The single-token forward of a causal LM for `decode`: tokens (b,) -> next-token logits (b, V)."""
+    def step(tok: torch.Tensor, cache, **kw) -> torch.Tensor:
+        return lm(input_ids=tok[:, None], use_cache=True, **with_cache(lm, cache), **kw).logits[:, -1]
+    return step
+
+
+def _compact_at(rows: int) -> int:
+    """Finished rows that make dropping them from the batch pay: each drop copies the cache of the
+    rows kept once, so a big batch waits for an eighth of its rows, a small one drops each at once."""
+    return max(1, rows // 8)
+
+
+@torch.no_grad()
+def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, group=None,
+           synced: bool = False, temperature: float = 0.0, top_p: float = 1.0,
+           generator: torch.Generator | None = None, lm: nn.Module | None = None) -> torch.Tensor:
+    """The decode loop: continue `state` one token per row per `step` call; (B, <= max_new_tokens)
+    ids, pad after each row's eos. Greedy, or top-p sampling from `generator` (CPU) with `temperature` > 0.
+
+    `step(tokens (b,), cache, attention_mask=..., position_ids=...) -> logits (b, V)` runs the
+    model on the rows still in the batch (see `lm_step`). With `lm` (whose config names the
+    attention) on sdpa or eager attention, the cache grows by chunks in place (`reserve`)
+    and each step gets a ready 4-D mask: the padding and the positions not written yet hidden.
+    Otherwise (another attention, another cache) the cache grows as transformers grows it and a
+    2-D mask is passed (none when `state.mask` is None: no padding). Rows that finished are dropped
+    from the batch (their cache rows too) once enough have, so they stop costing. `synced` forces
+    every rank to run the same number of steps (ZeRO-3); the stop test is then an all-reduce over
+    `group`, and a rank whose rows are all done keeps stepping its last rows.
+    """
+    bsz = state.logits.shape[0]
+    device = state.logits.device
+    n_new = max(max_new_tokens, 0)
+    out = torch.full((bsz, n_new), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(bsz, device=device)  # original row of each row still in the batch
+    done = torch.zeros(bsz, dtype=torch.bool, device=device)
+    cache, logits = state.cache, state.logits
+    cached = cache.get_seq_length() if callable(getattr(cache, "get_seq_length", None)) else None
+    mask = (state.mask.bool() if state.mask is not None
+            else torch.ones(bsz, cached or 0, dtype=torch.bool, device=device))  # (B, T)
+    width = mask.shape[1]
+    full = torch.cat([mask, mask.new_ones(bsz, n_new)], 1)  # (B, T + new): every position once written
+    pos = state.next_pos.clone() if state.next_pos is not None else None
+    fdtype = logits.dtype if logits.is_floating_point() else torch.float32
+    impl = _ready_masks(lm)
+    capacity = width + min(n_new, CACHE_CHUNK)
+    reserved = impl is not None and cached == width and reserve(cache, capacity)
+    written = torch.arange(full.shape[1], device=device)  # (T + new,)
+    compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
+    steps = 0
+    for t in range(max_new_tokens):
+        nxt = sample_top_p(logits, temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
+        tok = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        out[rows, t] = tok
+        steps = t + 1
+        done = done | (tok == eos_id)
+        if t == max_new_tokens - 1:
+            break
+        all_done = bool(done.all())
+        if decoding_done(done, synced, group):
+            break
+        if compactable and not all_done and int(done.sum()) >= _compact_at(len(rows)):
+            keep = (~done).nonzero().squeeze(1)  # (b',)
+            cache.batch_select_indices(keep)
+            rows, tok, done, full = rows[keep], tok[keep], done[keep], full[keep]
+            pos = pos[keep] if pos is not None else None
+        end = width + t + 1  # cache length once this step's token is in
+        kw = {}
+        if reserved:  # the whole buffer is attended: hide what is not written yet
+            if end > capacity:
+                capacity = min(end + CACHE_CHUNK - 1, width + n_new)
+                for layer in cache.layers:
+                    layer.grow(capacity)
+            kw["attention_mask"] = _mask_4d(full[:, :capacity] & (written[:capacity] < end), impl, fdtype)
+        elif state.mask is not None:
+            kw["attention_mask"] = full[:, :end].long()
+        if pos is not None:
+            kw["position_ids"] = pos[:, None]
+            pos = pos + 1
+        logits = step(tok, cache, **kw)
+    return out[:, :steps]
+
+
 @torch.no_grad()
 def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int,
                   group=None, synced: bool = False, temperature: float = 0.0, top_p: float = 1.0,
                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Greedy continuation of `state`: (B, <= max_new_tokens) ids, pad after each row's eos.
-    With `temperature` > 0 tokens are sampled (top-p) instead, from `generator` (CPU).
-
-    `synced` forces every rank to run the same number of steps (ZeRO-3); the stop test is then
-    an all-reduce over `group`.
-    """
-    bsz = state.logits.shape[0]
-    device = state.logits.device
-    done = torch.zeros(bsz, dtype=torch.bool, device=device)
-    mask, cache, pos = state.mask, state.cache, state.next_pos.clone()
-    logits = state.logits
-    out = []
-    for t in range(max_new_tokens):
-        nxt = sample_top_p(logits, temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
-        tok = torch.where(done, torch.full_like(done, pad_id, dtype=torch.long), nxt)
-        out.append(tok)
-        done = done | (tok == eos_id)
-        if t == max_new_tokens - 1:
-            break
-        if decoding_done(done, synced, group):
-            break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        step = lm(input_ids=tok[:, None], attention_mask=mask, position_ids=pos[:, None], use_cache=True,
-                  **with_cache(lm, cache))
-        cache, logits = cache_of(step), step.logits[:, -1]
-        pos = pos + 1
-    return torch.stack(out, dim=1) if out else torch.empty(bsz, 0, dtype=torch.long, device=device)
+    """`decode` of a causal LM's continuation of `state` (see there)."""
+    return decode(lm_step(lm), state, max_new_tokens, eos_id, pad_id, group, synced, temperature, top_p,
+                  generator, lm=lm)
 
 
 def trim_at_eos(ids: list[int], eos_id: int) -> list[int]:

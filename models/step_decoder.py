@@ -31,8 +31,8 @@ import torch
 from torch import nn
 
 from simcot.models.checkpointing import register_switch
-from simcot.models.decoding import body, cache_of, head, unwrap, with_cache
-from simcot.parallel import any_partitioned, decoding_done, rank
+from simcot.models.decoding import Prefill, body, cache_of, decode, head, unwrap, with_cache
+from simcot.parallel import any_partitioned, is_distributed, rank
 
 
 class LoRAPair(nn.Module):
@@ -154,31 +154,25 @@ class StepDecoder(nn.Module):
 
     @torch.no_grad()
     def generate(self, main_lm, prefix: torch.Tensor, max_new_tokens: int, eos_id: int, pad_id: int) -> torch.Tensor:
-        """Greedy decoding (KV cache) of each prefix's step: (R, <= max_new_tokens), pad after eos."""
-        stack = body(self._decoder_lm(main_lm))
-        out_head = self.output_head(main_lm)
-        emb = main_lm.get_input_embeddings()
+        """Greedy decoding of each prefix's step through the shared decode loop: (R, <= max_new_tokens),
+        pad after eos. Prefixes are c latents each (no padding, so no mask)."""
+        lm = self._decoder_lm(main_lm)
+        stack, out_head, emb = body(lm), self.output_head(main_lm), main_lm.get_input_embeddings()
+
+        def step(tok: torch.Tensor, cache, **kw) -> torch.Tensor:  # (b,) -> (b, V)
+            e = self._embed_in(emb(tok)[:, None].to(prefix.dtype))  # (b, 1, H_dec)
+            h = stack(inputs_embeds=e, use_cache=True, **with_cache(stack, cache), **kw).last_hidden_state
+            return out_head(h[:, -1])
+
         ctx = self._adapter_on() if self.kind == "shared" else contextlib.nullcontext()
-        rows = prefix.shape[0]
-        done = torch.zeros(rows, dtype=torch.bool, device=prefix.device)
-        toks = []
         with ctx:
-            c = prefix.shape[1]
+            rows, c = prefix.shape[:2]
             out = stack(inputs_embeds=self._embed_in(prefix), use_cache=True,
                         position_ids=self._positions(rows, 0, c, prefix.device))
-            for t in range(max_new_tokens):
-                nxt = out_head(out.last_hidden_state[:, -1]).argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-                toks.append(nxt)
-                done = done | (nxt == eos_id)
-                if t == max_new_tokens - 1:
-                    break
-                if decoding_done(done):
-                    break
-                e = self._embed_in(emb(nxt)[:, None].to(prefix.dtype))
-                out = stack(inputs_embeds=e, use_cache=True, position_ids=self._positions(rows, c + t, 1, prefix.device),
-                            **with_cache(stack, cache_of(out)))
-        return torch.stack(toks, 1) if toks else torch.empty(rows, 0, dtype=torch.long, device=prefix.device)
+            # positions continue after the c latents (from first_position: 1 on Coconut, 0 on CODI)
+            state = Prefill(out_head(out.last_hidden_state[:, -1]), cache_of(out), None,
+                            self._positions(rows, c, 1, prefix.device)[:, 0].clone())
+            return decode(step, state, max_new_tokens, eos_id, pad_id, synced=is_distributed(), lm=lm)
 
 
 def _clone(main_lm: nn.Module) -> nn.Module:

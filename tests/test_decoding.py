@@ -1,21 +1,27 @@
-"""Batched greedy decoding (left padding, KV cache) equals one-sample-at-a-time decoding."""
+"""The decode loop (left padding, reserved KV cache, ready 4-D masks, finished rows dropped from the
+batch) equals plain one-sample-at-a-time generation without a cache, token for token, for plain
+prompts, latent rollouts with mixed latent counts, and SIM-CoT's step decoder."""
 
 import torch
 
+import pytest
+
+from simcot.models import decoding
 from simcot.models.decoding import greedy_decode, left_pad, prefill_ids
 from simcot.models.presets import PRESETS
 from transformers import AutoModelForCausalLM
 
 
-def _model(name):
+def _model(name, attn="sdpa"):
     torch.manual_seed(0)
-    cfg = PRESETS[name].hf_config(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2)
+    cfg = PRESETS[name].hf_config(vocab_size=40, hidden_size=32, num_layers=2, num_heads=2, attn_implementation=attn)
+    cfg.initializer_range = 0.2  # at the default 0.02 a tiny tied model echoes its last token forever
     return AutoModelForCausalLM.from_config(cfg, dtype=torch.float64).eval()
 
 
-def _decode(model, prompts, n=12):
+def _decode(model, prompts, n=12, eos_id=1):
     ids, mask = left_pad(prompts, pad_id=0)
-    out = greedy_decode(model, prefill_ids(model, ids, mask), n, eos_id=1, pad_id=0)
+    out = greedy_decode(model, prefill_ids(model, ids, mask), n, eos_id=eos_id, pad_id=0)
     return [row.tolist() for row in out]
 
 
@@ -84,3 +90,96 @@ def test_eval_metrics_average_over_the_batches_that_report_them():
     res = evaluate(model, Fake(), examples, tok, EvalConfig(batch_size=2, max_new_tokens=1), "### ",
                    "test", torch.device("cpu"))
     assert res.metrics == {"cos": 0.5, "slot_2": 0.25}
+
+
+def _no_cache(model, prompt, n, eos_id):
+    """Greedy generation re-running the whole sequence per token: the plain definition."""
+    ids, out = list(prompt), []
+    for _ in range(n):
+        tok = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        out.append(tok)
+        if tok == eos_id:
+            break
+        ids.append(tok)
+    return out
+
+
+def _common_token(rows: list[list[int]]) -> int:
+    """The token that, as eos, ends the rows at the most different steps (some never)."""
+    def spread(tok):
+        return len({r.index(tok) if tok in r else -1 for r in rows})
+    return max(sorted({t for r in rows for t in r}), key=spread)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_decode_equals_generation_without_cache_rows_ending_at_different_steps(name, attn, monkeypatch):
+    monkeypatch.setattr(decoding, "CACHE_CHUNK", 4)  # the reserved cache grows twice within 12 tokens
+    model = _model(name, attn)
+    g = torch.Generator().manual_seed(2)
+    # eager: equal lengths, since transformers 5.24's eager LLaMA already gets a left-padded prompt
+    # wrong (its prefill, before any decoding); the decode steps still run on the additive 4-D mask
+    lengths = (3, 9, 5, 1, 7, 4, 6, 2, 8) if attn == "sdpa" else (5,) * 9
+    prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in lengths]
+    eos = _common_token([_no_cache(model, p, 12, -1) for p in prompts])
+    ref = [_no_cache(model, p, 12, eos) for p in prompts]
+    assert len({len(r) for r in ref}) > 2  # rows stop at different steps (and some never)
+    for b, r in zip(_decode(model, prompts, eos_id=eos), ref):
+        assert b[: len(r)] == r and all(t == 0 for t in b[len(r):])
+
+
+def test_finished_rows_stop_costing():
+    """Once enough rows hit eos they leave the batch: the forwards after see only the rows still running."""
+    model = _model("tiny-llama")
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 9, 5, 1, 7, 4, 6, 2, 8)]
+    eos = _common_token([_no_cache(model, p, 12, -1) for p in prompts])
+    ref = [_no_cache(model, p, 12, eos) for p in prompts]
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        _decode(model, prompts, eos_id=eos)
+    finally:
+        hook.remove()
+    running = [sum(len(r) > t + 1 for r in ref) for t in range(max(len(r) for r in ref) - 1)]  # rows needing step t+1
+    assert rows[0] == len(prompts)  # the prompt forward
+    assert rows[1:] == [max(n, 1) if n < len(prompts) else n for n in running], (rows, running)
+
+
+@pytest.mark.parametrize("kind", ["copy", "shared", "small"])
+def test_step_decoder_generate_equals_generation_without_cache(kind):
+    """SIM-CoT's step decoder decodes through the same loop: each row equals re-running
+    [latent prefix, tokens so far] without a cache."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from simcot.models.decoding import body, head
+    from simcot.models.step_decoder import StepDecoder
+
+    main = _model("tiny-llama")
+    dec = StepDecoder(kind, main, SimpleNamespace(lora_r=4, lora_alpha=8, small_layers=1, small_hidden=0,
+                                                  small_model="")).double().eval()
+    with torch.no_grad():
+        for p in dec.parameters():  # the shared adapter starts as a no-op (B = 0): make it count
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    prefix = torch.randn(6, 2, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    lm = main if kind == "shared" else dec.lm
+    on = dec._adapter_on if kind == "shared" else contextlib.nullcontext
+
+    def plain(row, eos, n=8):
+        e, out = dec._embed_in(prefix[row:row + 1]), []
+        with torch.no_grad(), on():
+            for _ in range(n):
+                tok = int(head(lm)(body(lm)(inputs_embeds=e).last_hidden_state[:, -1]).argmax())
+                out.append(tok)
+                if tok == eos:
+                    break
+                e = torch.cat([e, dec._embed_in(main.get_input_embeddings()(torch.tensor([[tok]])))], 1)
+        return out
+
+    eos = _common_token([plain(r, -1) for r in range(6)])
+    refs = [plain(r, eos) for r in range(6)]
+    assert len({len(r) for r in refs}) > 1
+    got = dec.generate(main, prefix, 8, eos, 0).tolist()
+    for row, ref in zip(got, refs):
+        assert row[: len(ref)] == ref and all(t == 0 for t in row[len(ref):])

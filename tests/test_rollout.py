@@ -20,9 +20,11 @@ from simcot.train.methods.base import IGNORE, right_pad, shifted_ce
 V, PAD, BOT, EOT = 40, 0, 2, 3
 
 
-def _model(family: str, projection: bool) -> LatentLM:
+def _model(family: str, projection: bool, init_std: float | None = None) -> LatentLM:
     torch.manual_seed(0)
     cfg = PRESETS[family].hf_config(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2)
+    if init_std is not None:
+        cfg.initializer_range = init_std
     cfg.pad_token_id = PAD
     lm = AutoModelForCausalLM.from_config(cfg, dtype=torch.float64)
     return LatentLM(lm, LatentProjection(32).double() if projection else None)
@@ -134,6 +136,27 @@ def test_batched_latent_generation_equals_batch1_generation_without_cache():
             assert ref == (ours if first > 0 else [eos] + trim_at_eos(free[i, 1:].tolist(), eos))
             checked += first == 0 and len(ref) > 1
     assert checked  # a row whose reference output goes on past a first-token eos
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_batched_generation_drops_finished_rows_and_equals_generation_without_cache(family):
+    """Left padding, latent counts 3/0/5/2, rows ending at different steps (so the decode loop drops
+    finished rows mid-way): every row equals Coconut's batch-1 generate without a cache."""
+    from simcot.models.decoding import greedy_decode
+    from simcot.models.rollout import prefill_latents
+    from simcot.models.rollout_reference import naive_generate
+
+    model = _model(family, True, init_std=0.2)  # at 0.02 a tiny tied model echoes one token forever
+    prefixes, n_latents, _, _ = _batch()
+    free = [naive_generate(model, p, n, EOT, 10, eos_id=-1) for p, n in zip(prefixes, n_latents)]
+    eos = max(sorted({t for r in free for t in r}), key=lambda t: len({r.index(t) if t in r else -1 for r in free}))
+    refs = [r[:r.index(eos) + 1] if eos in r else r for r in free]  # simcot stops at any eos and keeps it
+    assert len({len(r) for r in refs}) > 1
+    ids, mask = left_pad(prefixes, PAD)
+    state, _ = prefill_latents(model, ids, mask, torch.tensor(n_latents), max(n_latents), EOT)
+    out = greedy_decode(model.lm, state, 10, eos_id=eos, pad_id=PAD)
+    for row, ref in zip(out.tolist(), refs):
+        assert row[: len(ref)] == ref and all(t == PAD for t in row[len(ref):])
 
 
 def test_mlp_checkpointing_keeps_the_rollout_exact():
