@@ -85,8 +85,8 @@ def overrides(args, setup: dict, method: str, work: Path) -> dict:
 def tokenize_plain(records, tok, answer_prefix: str, max_tokens: int = 0, num_proc: int = 0) -> list[dict]:
     """``examples.tokenize`` without ``datasets``: the GPU image lacks it and its pyarrow (~50 MB)
     cannot travel within the 64 MiB. Same rows: the record, its index, its raw steps, its ids."""
-    from simcot.train.examples import example_length
-    from simcot.train.tokenizer import encode_record
+    from simcot.train.data.examples import example_length
+    from simcot.train.data.tokenizer import encode_record
 
     rows = [{"idx": i, "steps_text": r["steps"], **r, **encode_record(tok, r, answer_prefix)}
             for i, r in enumerate(records)]
@@ -106,10 +106,10 @@ def run_method(args, setup: dict, method: str, work: Path) -> dict:
 
     from simcot.train import runner
     from simcot.train.config import load_config
-    from simcot.train.distributed import init_distributed
-    from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
+    from simcot.train.engines.distributed import init_distributed
+    from simcot.train.engines.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
     from simcot.train.loop import Trainer, TrainState, epoch_order, peak_memory_mb
-    from simcot.train.tracking import NullTracker
+    from simcot.train.tracking.tracker import NullTracker
 
     cfg = load_config(None, overrides(args, setup, method, work))
     init_distributed(cfg)  # one process group of one rank for every method (no-op after the first)

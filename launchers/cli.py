@@ -77,8 +77,8 @@ def train(config: str = "", **overrides):
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
     from simcot.parallel import is_distributed
-    from simcot.train.distributed import dist_env, fail_loudly, shutdown
-    from simcot.train.formats import DataError
+    from simcot.train.engines.distributed import dist_env, fail_loudly, shutdown
+    from simcot.train.data.formats import DataError
     from simcot.train.runner import run_training
 
     from simcot.train.loop import NonFiniteLossError
@@ -148,8 +148,8 @@ def data(source: str = "arith", split: str = "train", n: int = 0, seed: int = 0,
         return
     if extra:
         _fail(ValueError(f"unknown option(s) for data: {', '.join('--' + k for k in extra)}"))
-    from simcot.train.formats import DataError, write_records
-    from simcot.train.sources import load_source
+    from simcot.train.data.formats import DataError, write_records
+    from simcot.train.data.sources import load_source
 
     try:
         records = load_source(str(source), str(split), n=int(n), seed=int(seed), steps=int(steps),
@@ -241,8 +241,8 @@ def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str =
         _fail(ValueError("--sort needs a column; for descending order write --sort=-COLUMN"))
     if extra:
         _fail(ValueError(f"unknown option(s) for compare: {', '.join('--' + k for k in extra)}"))
-    from simcot.train.compare import CompareError
-    from simcot.train.compare import compare as run_compare
+    from simcot.train.tracking.compare import CompareError
+    from simcot.train.tracking.compare import compare as run_compare
 
     try:
         out = run_compare(str(experiment), _names(runs), str(filter), str(tracking_uri), _names(metric),

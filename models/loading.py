@@ -1,5 +1,5 @@
 """Build the causal LM from a :class:`ModelConfig` and the run's tokenizer (which the training
-side builds, ``simcot.train.tokenizer.build_tokenizer``, and passes in).
+side builds, ``simcot.train.data.tokenizer.build_tokenizer``, and passes in).
 
 - A preset without ``pretrained``: a random-init model from the preset's config, sized to the
   tokenizer (a SentencePiece tokenizer trained on the task text unless one is given).

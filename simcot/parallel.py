@@ -3,7 +3,7 @@
 
 Everything here is a no-op without a process group of more than one rank, so single-process
 code calls it unconditionally. Starting and stopping the group is the launcher side's business
-(``simcot.train.distributed``); this module only talks to a group that exists.
+(``simcot.train.engines.distributed``); this module only talks to a group that exists.
 
 Under ZeRO-3 every forward gathers parameters with a collective, so all ranks must run the same
 number of forwards: loops whose length depends on a rank's data (latent steps, decode steps,

@@ -1,6 +1,6 @@
 import pytest
 
-from simcot.train.answers import extract, is_correct, normalize
+from simcot.train.data.answers import extract, is_correct, normalize
 
 
 @pytest.mark.parametrize("a, b", [("1,000", "1000"), ("3.0", "3"), ("3.50", "3.5"), ("-0", "0"), (" 42 ", "42"),

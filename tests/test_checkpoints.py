@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO
-from simcot.train.checkpoint import (TRUST_ENV, CheckpointError, load_rng_state, load_weights, rng_state,
+from simcot.train.engines.checkpoint import (TRUST_ENV, CheckpointError, load_rng_state, load_weights, rng_state,
                                     set_rng_state, weights_only_loads)
 from simcot.train.config import TrainConfig
-from simcot.train.engine import TorchEngine
+from simcot.train.engines.engine import TorchEngine
 
 
 class Payload:

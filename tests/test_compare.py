@@ -18,10 +18,10 @@ from mlflow.tracking import MlflowClient
 
 from conftest import tiny_overrides
 from simcot.launchers import cli
-from simcot.train import compare as cmp
+from simcot.train.tracking import compare as cmp
 from simcot.train.config import load_config
 from simcot.train.runner import run_training
-from simcot.train.tracking import start_parent
+from simcot.train.tracking.tracker import start_parent
 
 T0 = 1_800_000_000_000  # ms; fixed start times give exact wall times
 

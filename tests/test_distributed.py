@@ -20,7 +20,7 @@ pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-proc
 
 
 def _port() -> int:
-    from simcot.train.distributed import free_port
+    from simcot.train.engines.distributed import free_port
 
     return free_port()
 

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from conftest import SHARED_DATA
-from simcot.train.formats import (DataError, format_aug, parse_gsm8k_answer, read_file, sniff_format,
+from simcot.train.data.formats import (DataError, format_aug, parse_gsm8k_answer, read_file, sniff_format,
                                   write_records)
-from simcot.train.sources import load_source
+from simcot.train.data.sources import load_source
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
 
@@ -131,7 +131,7 @@ def test_gsm8k_answer_commas_are_removed():
 
 
 def test_svamp_equations_become_one_step_per_operation_innermost_first():
-    from simcot.train.formats import equation_steps
+    from simcot.train.data.formats import equation_steps
     assert equation_steps("( ( 7.0 + 12.0 ) - 15.0 )") == ["<<7+12=19>>", "<<19-15=4>>"]
     assert equation_steps("( ( 3.0 * 4.0 ) / ( 10.0 - 2.0 ) )") == ["<<3*4=12>>", "<<10-2=8>>", "<<12/8=1.5>>"]
     assert equation_steps(" 5.0 ") == []
@@ -142,7 +142,7 @@ def test_svamp_equations_become_one_step_per_operation_innermost_first():
 
 
 def test_hub_rows_are_checked_like_file_rows():
-    from simcot.train.formats import gsm8k_aug_row, multiarith_row, svamp_row
+    from simcot.train.data.formats import gsm8k_aug_row, multiarith_row, svamp_row
     where = "ChilleD/SVAMP[train]:row 3"
     row = {"Body": "Ed has 6 dollars.", "Question": "He buys 4 pens. What does each cost?",
            "Equation": "( 6.0 / 4.0 )", "Answer": 1.5, "Type": "Common-Division"}

@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from simcot.train.formats import format_icot, read_file
-from simcot.train.generators import arith_chain, multiplication, multiplication_record
+from simcot.train.data.formats import format_icot, read_file
+from simcot.train.data.generators import arith_chain, multiplication, multiplication_record
 
 
 def _rev(s: str) -> int:

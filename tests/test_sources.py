@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from simcot.train import remote, sources
+from simcot.train.data import remote
+from simcot.train.data import sources
 from simcot.train.config import DataConfig
-from simcot.train.formats import DataError
-from simcot.train.sources import load_splits
+from simcot.train.data.formats import DataError
+from simcot.train.data.sources import load_splits
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -190,7 +191,7 @@ def test_data_dir_comes_before_simcot_data_dir(tmp_path, monkeypatch):
 
 
 def test_semcot_release_files_are_sniffed_and_checked(tmp_path):
-    from simcot.train.formats import read_file, sniff_format
+    from simcot.train.data.formats import read_file, sniff_format
     p = tmp_path / "train_42.json"
     p.write_text(json.dumps([{"query": " Q? ", "full_answer": "1+1=2\n####2", "reasoning": "1+1=2", "answer": "2",
                               "condensed_reasoning": "2"}, {"query": "Q2?", "reasoning": "x"}]))

@@ -2,8 +2,8 @@
 
 from transformers import AutoTokenizer
 
-from simcot.train.generators import arith_chain
-from simcot.train.tokenizer import BOT, EOT, LATENT, SpecialIds, encode_record, record_texts, train_sentencepiece
+from simcot.train.data.generators import arith_chain
+from simcot.train.data.tokenizer import BOT, EOT, LATENT, SpecialIds, encode_record, record_texts, train_sentencepiece
 
 
 def _tok(tmp_path, records=None):

@@ -15,10 +15,10 @@ from mlflow.tracking import MlflowClient
 from conftest import REPO, tiny_overrides
 from simcot.train import loop as loop_mod
 from simcot.train.config import TrackingConfig, config_from_dict, flatten, load_config, to_dict
-from simcot.train.plots import run_figures
+from simcot.train.tracking.plots import run_figures
 from simcot.train.runner import _tags, run_evaluation, run_training
-from simcot.train.sources import content_hash, load_splits
-from simcot.train.tracking import MlflowTracker, NullTracker, default_uri, make_tracker, start_parent
+from simcot.train.data.sources import content_hash, load_splits
+from simcot.train.tracking.tracker import MlflowTracker, NullTracker, default_uri, make_tracker, start_parent
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -283,7 +283,7 @@ def test_the_default_store_is_sqlite_in_the_working_directory(tmp_path, monkeypa
 
 
 def test_a_plotting_problem_does_not_fail_the_run(store, monkeypatch, caplog):
-    import simcot.train.plots as plots_mod
+    import simcot.train.tracking.plots as plots_mod
 
     def broken(client, run_id):
         raise RuntimeError("no fonts")

@@ -21,12 +21,12 @@ from simcot.models.checkpointing import enable_checkpointing
 from simcot.models.latent_lm import LatentLM
 from simcot.models.loading import apply_lora, build_lm
 from simcot.train import config
-from simcot.train.checkpoint import load_state_strict, load_weights, resolve_checkpoint
+from simcot.train.engines.checkpoint import load_state_strict, load_weights, resolve_checkpoint
 from simcot.train.config import Config, apply_overrides, config_from_dict, validate
-from simcot.train.examples import tokenize
+from simcot.train.data.examples import tokenize
 from simcot.train.methods import METHODS, validate_method
-from simcot.train.sources import Splits, load_splits
-from simcot.train.tokenizer import SpecialIds, build_tokenizer, load_tokenizer_from
+from simcot.train.data.sources import Splits, load_splits
+from simcot.train.data.tokenizer import SpecialIds, build_tokenizer, load_tokenizer_from
 
 # An export folder (written by ``simcot export``, read back here): its metadata, the parameters
 # outside the HF model, and the dtypes it may be written in.

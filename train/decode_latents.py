@@ -16,11 +16,11 @@ import torch
 from simcot.models.decoding import greedy_decode, left_pad, trim_at_eos
 from simcot.models.rollout import prefill_latents
 from simcot.train.assemble import load_checkpoint_model
-from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
-from simcot.train.formats import read_file
+from simcot.train.engines.checkpoint import load_trainer_state, resolve_checkpoint
+from simcot.train.data.formats import read_file
 from simcot.train.methods.step_supervision import decode_texts
-from simcot.train.tokenizer import encode_record
-from simcot.train.tracking import make_tracker
+from simcot.train.data.tokenizer import encode_record
+from simcot.train.tracking.tracker import make_tracker
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from simcot import parallel
 from simcot.models.decoding import greedy_decode, trim_at_eos
 from simcot.parallel import gather_objects, rank_max
-from simcot.train.answers import extract, is_correct
+from simcot.train.data.answers import extract, is_correct
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from simcot.models.decoding import unwrap
 from simcot.models.loading import check_loading_info
 from simcot.train.assemble import DTYPES, EXPORT_META, EXTRAS, load_checkpoint_model
-from simcot.train.checkpoint import load_trainer_state, resolve_checkpoint
+from simcot.train.engines.checkpoint import load_trainer_state, resolve_checkpoint
 from simcot.train.config import dump_yaml
 
 

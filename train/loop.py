@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 
 from simcot.parallel import mean_across_ranks
-from simcot.train.checkpoint import save_checkpoint
+from simcot.train.engines.checkpoint import save_checkpoint
 from simcot.train.config import RunShape
-from simcot.train.distributed import maybe_inject_fault
+from simcot.train.engines.distributed import maybe_inject_fault
 from simcot.train.evaluate import EvalResult, evaluate
 
 log = logging.getLogger(__name__)

@@ -23,15 +23,15 @@ import torch
 from simcot.parallel import gather_objects
 from simcot.train.assemble import (Built, apply_threads, build, load_checkpoint_config, load_checkpoint_model,
                                    resolve_device)
-from simcot.train.checkpoint import load_rng_state, load_trainer_state, resolve_checkpoint
+from simcot.train.engines.checkpoint import load_rng_state, load_trainer_state, resolve_checkpoint
 from simcot.train.config import Config, ConfigError, RunShape, dump_yaml, flatten, to_dict
 from simcot.train.decode_latents import decode_examples
-from simcot.train.distributed import init_distributed, uses_deepspeed
-from simcot.train.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
-from simcot.train.engine import TorchEngine
+from simcot.train.engines.distributed import init_distributed, uses_deepspeed
+from simcot.train.engines.ds_engine import DeepSpeedEngine, build_ds_config, zero3_enabled
+from simcot.train.engines.engine import TorchEngine
 from simcot.train.loop import Trainer, TrainState
 from simcot.train.model_source import check_model_source
-from simcot.train.tracking import make_tracker
+from simcot.train.tracking.tracker import make_tracker
 
 log = logging.getLogger("simcot")
 

@@ -261,7 +261,7 @@ def _open_parent(base: Config, config: str, out_dir: Path, methods: list[str], l
     """The sweep's parent run: reopened when this folder's sweep was started before (a continued
     or widened sweep keeps every child under one parent), else created. The grid is a set of tags,
     not params, because a continued sweep may widen it."""
-    from simcot.train.tracking import run_exists, start_parent
+    from simcot.train.tracking.tracker import run_exists, start_parent
 
     marker = out_dir / "parent_run.json"
     t = base.tracking

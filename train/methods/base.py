@@ -16,8 +16,8 @@ import torch
 from simcot.kernels import fused_linear_cross_entropy, gathered
 from simcot.models.decoding import Prefill, head, left_pad, prefill_ids
 from simcot.models.latent_lm import LatentLM
-from simcot.train.engine import param_groups
-from simcot.train.tokenizer import SpecialIds
+from simcot.train.engines.engine import param_groups
+from simcot.train.data.tokenizer import SpecialIds
 
 IGNORE = -100
 

@@ -40,7 +40,7 @@ from simcot.models.loading import is_random_init
 from simcot.models.sentence_encoder import MiniLMEncoder, SliceEncoder, info_nce, n_layers, parse_slice
 from simcot.models.thought_generator import ThoughtGenerator, build_generator_lm, hidden_size
 from simcot.train.config import ConfigError
-from simcot.train.engine import param_groups
+from simcot.train.engines.engine import param_groups
 from simcot.train.methods.base import IGNORE, LossOutput, Method, Prompt, lm_batch, right_pad, shifted_ce
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ from simcot.models.loading import is_random_init
 from simcot.models.step_decoder import StepDecoder
 from simcot.train.config import ConfigError
 from simcot.train.methods.base import IGNORE, right_pad
-from simcot.train.tokenizer import STEP_SEP
+from simcot.train.data.tokenizer import STEP_SEP
 
 
 def align_steps(steps: list[list[int]], n_slots: int, filler: list[int] | None) -> list[list[int] | None]:

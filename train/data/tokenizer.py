@@ -22,7 +22,7 @@ from typing import Iterable
 
 from simcot.models.config import ModelConfig
 from simcot.models.loading import is_random_init, weights_source
-from simcot.train.formats import Record
+from simcot.train.data.formats import Record
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from simcot.train.config import DataConfig
-from simcot.train.formats import READERS, DataError, Record, read_file
-from simcot.train import formats, generators, remote
+from simcot.train.data.formats import READERS, DataError, Record, read_file
+from simcot.train.data import formats
+from simcot.train.data import generators
+from simcot.train.data import remote
 
 SPLITS = ("train", "val", "test")
 log = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ def data_dirs(cfg: DataConfig) -> list[Path]:
     dirs = [Path(cfg.data_dir)] if cfg.data_dir else []
     if os.environ.get("SIMCOT_DATA_DIR"):
         dirs.append(Path(os.environ["SIMCOT_DATA_DIR"]))
-    for base in (Path.cwd(), Path(__file__).resolve().parents[1]):
+    for base in (Path.cwd(), Path(__file__).resolve().parents[2]):
         cand = base.parent / "shared" / "data"
         if cand not in dirs:
             dirs.append(cand)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_model
 
-from simcot.train.checkpoint import load_safetensors, load_state_strict, safe_load
+from simcot.train.engines.checkpoint import load_safetensors, load_state_strict, safe_load
 from simcot.train.config import TrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,7 +65,7 @@ def refresh_lrs(scheduler) -> None:
 
 class Engine:
     """What the loop, the runner and evaluation use of an engine; ``TorchEngine`` and
-    ``DeepSpeedEngine`` (train/ds_engine.py) implement it."""
+    ``DeepSpeedEngine`` (train/engines/ds_engine.py) implement it."""
 
     module: torch.nn.Module  # the model being trained (LatentLM), on `device`
     device: torch.device

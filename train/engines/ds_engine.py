@@ -22,13 +22,13 @@ import torch
 import torch.distributed as dist
 
 from simcot.train.config import ConfigError
-from simcot.train.engine import Engine, group_lambdas, param_groups
+from simcot.train.engines.engine import Engine, group_lambdas, param_groups
 
 log = logging.getLogger(__name__)
 
 # by path, not through the launchers package (train does not import launchers): the same folder
 # in the source tree and in an installed wheel (simcot/launchers/ds_configs)
-TEMPLATES = Path(__file__).resolve().parents[1] / "launchers" / "ds_configs"
+TEMPLATES = Path(__file__).resolve().parents[2] / "launchers" / "ds_configs"
 TAG = "deepspeed"
 
 
@@ -143,7 +143,7 @@ class DeepSpeedEngine(Engine):
         self.engine.save_checkpoint(str(path), tag=TAG)
 
     def load(self, path: Path, weights_only: bool = False) -> None:
-        from simcot.train.checkpoint import deepspeed_globals, weights_only_loads
+        from simcot.train.engines.checkpoint import deepspeed_globals, weights_only_loads
 
         with weights_only_loads(deepspeed_globals()):  # DeepSpeed's own loader unpickles in full
             self.engine.load_checkpoint(str(path), tag=TAG, load_optimizer_states=not weights_only,

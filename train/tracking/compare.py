@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from simcot.train import plots
-from simcot.train.tracking import SWEEP_ROLE, default_uri
+from simcot.train.tracking import plots
+from simcot.train.tracking.tracker import SWEEP_ROLE, default_uri
 
 DEFAULT_EXPERIMENT = "simcot"  # TrackingConfig.experiment's default
 DEFAULT_METRICS = ("val/accuracy",)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from simcot.train.formats import Record
-from simcot.train.tokenizer import encode_record
+from simcot.train.data.formats import Record
+from simcot.train.data.tokenizer import encode_record
 
 log = logging.getLogger(__name__)
 

@@ -198,7 +198,7 @@ class MlflowTracker(NullTracker):
         """The run's loss curves (and accuracy vs number of latents) as PNG artifacts under plots/.
 
         Best effort: a plotting problem is logged and never fails a run that trained fine."""
-        from simcot.train.plots import run_figures
+        from simcot.train.tracking.plots import run_figures
 
         try:
             for name, fig in run_figures(self.client, self.run_id).items():

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 
-from simcot.train.formats import Record
+from simcot.train.data.formats import Record
 
 
 def arith_chain(n: int, steps: int, seed: int, *, min_steps: int = 0, max_operand: int = 9,

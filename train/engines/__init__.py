@@ -1,0 +1,1 @@
+"""Engines: plain PyTorch and DeepSpeed behind one contract, process groups, checkpoints."""

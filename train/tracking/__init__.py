@@ -1,0 +1,1 @@
+"""Tracking: the MLflow run of every command, `simcot compare`, and the plots."""
