@@ -61,19 +61,27 @@ def run_losses(run_dir) -> dict[int, float]:
     return out
 
 
+def fail_at(monkeypatch, step: int, error: BaseException):
+    """Make the optimizer step after `step` raise `error`; returns the real step (to restore)."""
+    from simcot.train import loop as loop_mod
+
+    real_step = loop_mod.Trainer.train_step
+
+    def failing_step(self, state, order):
+        if state.global_step == step:
+            raise error
+        return real_step(self, state, order)
+
+    monkeypatch.setattr(loop_mod.Trainer, "train_step", failing_step)
+    return real_step
+
+
 def crash_at(monkeypatch, step: int, cfg) -> None:
     """Run `cfg` until the optimizer step after `step`, where it dies (KeyboardInterrupt)."""
     from simcot.train import loop as loop_mod
     from simcot.train.runner import run_training
 
-    real_step = loop_mod.Trainer.train_step
-
-    def crashing_step(self, state, order):
-        if state.global_step == step:
-            raise KeyboardInterrupt
-        return real_step(self, state, order)
-
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", crashing_step)
+    real_step = fail_at(monkeypatch, step, KeyboardInterrupt())
     try:
         with pytest.raises(KeyboardInterrupt):
             run_training(cfg)

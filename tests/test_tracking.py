@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, tiny_overrides
+from conftest import REPO, fail_at, tiny_overrides
 from simcot.train import loop as loop_mod
 from simcot.train.config import TrackingConfig, config_from_dict, flatten, load_config, to_dict
 from simcot.train.tracking.plots import run_figures
@@ -134,20 +134,9 @@ def test_artifacts_config_predictions_and_loss_plot(tracked, tmp_path):
     assert png.startswith(PNG) and len(png) > 5000
 
 
-def _crash_at(monkeypatch, step: int, error: BaseException):
-    real_step = loop_mod.Trainer.train_step
-
-    def crashing(self, state, order):
-        if state.global_step == step:
-            raise error
-        return real_step(self, state, order)
-
-    monkeypatch.setattr(loop_mod.Trainer, "train_step", crashing)
-
-
 def test_a_crash_ends_the_run_failed_with_the_error(store, tmp_path, monkeypatch):
     cfg, ov = _tracked(store, tmp_path, "crash")
-    _crash_at(monkeypatch, 3, RuntimeError("boom at step 4"))
+    fail_at(monkeypatch, 3, RuntimeError("boom at step 4"))
     with pytest.raises(RuntimeError, match="boom"):
         run_training(cfg, ov)
     client, run = _only_run(store, "crash")
@@ -159,7 +148,7 @@ def test_a_crash_ends_the_run_failed_with_the_error(store, tmp_path, monkeypatch
 
 def test_ctrl_c_ends_the_run_killed(store, tmp_path, monkeypatch):
     cfg, ov = _tracked(store, tmp_path, "ctrl-c")
-    _crash_at(monkeypatch, 2, KeyboardInterrupt())
+    fail_at(monkeypatch, 2, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, ov)
     _, run = _only_run(store, "ctrl-c")
@@ -170,7 +159,7 @@ def test_a_resumed_run_logs_each_metric_point_once(store, tmp_path, monkeypatch)
     """Steps 4-5 ran before the crash and again after resuming from the step-3 checkpoint: MLflow
     keeps one point per step (the replay is exact, so the first one stands)."""
     cfg, ov = _tracked(store, tmp_path, "resumed", **{"train.save_every": 3, "train.run_name": "r"})
-    _crash_at(monkeypatch, 5, KeyboardInterrupt())
+    fail_at(monkeypatch, 5, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         run_training(cfg, ov)
     monkeypatch.undo()

@@ -294,7 +294,8 @@ def read_icot(path: Path) -> Iterator[Record]:
 # ---------------------------------------------------------------------------- JSON / JSONL
 
 
-def read_coconut_json(path: Path) -> Iterator[Record]:
+def _json_list(path: Path, row: Callable[[object, str], Record]) -> Iterator[Record]:
+    """The records of a file holding one JSON list, each through `row(obj, where)`."""
     try:
         data = json.loads(read_utf8(path))
     except json.JSONDecodeError as e:
@@ -302,7 +303,11 @@ def read_coconut_json(path: Path) -> Iterator[Record]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records")
     for i, obj in enumerate(data):
-        yield _check_record(obj, f"{path}: record {i}")
+        yield row(obj, f"{path}: record {i}")
+
+
+def read_coconut_json(path: Path) -> Iterator[Record]:
+    return _json_list(path, _check_record)
 
 
 def semcot_row(obj: object, where: str) -> Record:
@@ -318,14 +323,7 @@ def semcot_row(obj: object, where: str) -> Record:
 
 
 def read_semcot_json(path: Path) -> Iterator[Record]:
-    try:
-        data = json.loads(read_utf8(path))
-    except json.JSONDecodeError as e:
-        raise DataError(f"{_where(path, e.lineno)}: invalid JSON ({e.msg})") from None
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of records")
-    for i, obj in enumerate(data):
-        yield semcot_row(obj, f"{path}: record {i}")
+    return _json_list(path, semcot_row)
 
 
 def read_jsonl(path: Path) -> Iterator[Record]:
