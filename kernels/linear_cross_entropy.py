@@ -8,22 +8,22 @@ which is ``F.cross_entropy(z, y, label_smoothing=s, reduction="none")`` plus the
 
 How the op avoids the logits: the tokens are cut into chunks of rows (``chunk_rows``). Per
 chunk, one GEMM makes that chunk's logits (chunk x V, in the GEMM dtype); a row function computes
-the loss with an fp32 log-sum-exp and overwrites the logits with dloss/dlogits in place
-(``_ce_rows_torch`` below, or the Triton kernel in ``linear_cross_entropy_triton.py``: the same
-contract); two more GEMMs turn them into the chunk's rows of dX and a contribution to dW,
-accumulated in fp32. Peak extra memory: one chunk of logits (plus an fp32 copy on the PyTorch
-path for half inputs), dW, and under autocast a half-precision copy of the weight (as autocast
-itself makes for F.linear).
+the loss with an fp32 log-sum-exp and, in backward, overwrites the logits with dloss/dlogits in
+place (``_ce_rows_torch`` below, or the Triton kernel in ``linear_cross_entropy_triton.py``: the
+same contract); two more GEMMs turn them into the chunk's rows of dX and its contribution to dW.
 
-Gradients are computed in forward (as Liger-Kernel does) for "mean" and "sum": the upstream
-gradient of a scalar loss is one number, so dX and dW are made while each logits chunk is at hand
-and only multiplied by it in backward. That costs 6·N·H·V FLOPs, the same as eager, and backward
-never touches the weight, which matters under ZeRO-3, where the weight is whole only around the
-forward call. The price: the gradient work happens in forward whenever autograd is on and an
-input requires grad (under no_grad the op computes the loss only). For ``reduction="none"`` the
-upstream gradient differs per token and is unknown in forward, and dW = sum_i g_i dlogits_i^T x_i
-cannot be rescaled afterwards, so backward recomputes the logits chunk by chunk (8·N·H·V FLOPs);
-under ZeRO-3 it makes sure the weight is whole again there (``gathered``).
+Forward computes the loss only and saves the inputs; backward recomputes each chunk's logits
+(the Cut-Cross-Entropy trade: 8·N·H·V FLOPs instead of eager's 6·N·H·V). Nothing of size V x H
+lives from forward to backward (computing the gradients in forward, as Liger-Kernel does, holds an
+fp32 V x H dW per call until backward: 2 GiB at H=4096, V=128k, twice for CODI's two calls), the
+upstream gradient is known when dlogits are made (one path for every reduction, and a retained
+graph can be differentiated again), and under ``no_grad`` nothing is wasted. Chunks are as large
+as the weight (``chunk_rows``: H rows), so dW's fp32 accumulator is read and written once per
+H rows rather than per 256; with N <= H there is one chunk and dW is a single GEMM. Peak extra
+memory: one chunk of logits (plus an fp32 copy on the PyTorch path for half inputs), dW, and
+under autocast a half-precision copy of the weight (as autocast itself makes for F.linear).
+Backward reads the weight again: under ZeRO-3 inside ``engine(...)`` DeepSpeed re-fetches it for
+backward; elsewhere ``gathered`` gathers it (one more all-gather of the head per call).
 
 No host syncs: the token count for "mean" stays a tensor, ignored tokens are masked, never
 filtered.
@@ -126,38 +126,53 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def chunk_rows(n: int, v: int, h: int) -> int:
-    """Rows per chunk: a power of two with the logits chunk about the size of the hidden states
-    (as Liger sizes it), but at least 256 rows, so the three GEMMs per chunk keep their efficiency
-    (dW = dlogits^T x has only `rows` as its inner dimension), and at most n.
+    """Rows per chunk, from a memory budget: a logits chunk (rows x V) at most the size of the
+    weight (V x H), i.e. H rows, but at least 256; the n rows are then cut into equal chunks.
 
-    Measured on 2 CPU cores at V=128256, H=256: 64-row chunks were 1.2x slower than 256-row ones.
-    At V=128256 the floor costs 128 MiB of fp32 logits (CPU) or 64 MiB of bf16 (GPU); at N=32k,
-    H=4096 the size rule gives 1024 rows.
+    Why H rows: backward adds each chunk's dW = dlogits^T x (inner dimension: the chunk's rows)
+    into one V x H fp32 accumulator, read and written once per chunk (8·V·H bytes) against
+    6·rows·H·V FLOPs of GEMMs, so the accumulator costs 1.3/rows of the GEMM time in units of the
+    machine's FLOP/byte ratio (~200 on an H100/H200): 256-row chunks (the old rule at N=8k,
+    H=4096, V=128k) made the dW GEMMs memory-bound; 4096-row chunks make the accumulator ~7 % of
+    the GEMM time, inside the GEMM's epilogue on CUDA. The transient logits chunk then weighs what
+    the weight does (1 GiB in bf16 at H=4096, V=128k), and when N <= H there is a single chunk
+    and no accumulator at all (dW is one GEMM, written once).
     """
-    rows = max(256, 1 << max(n * h // max(v, 1), 1).bit_length() - 1)
-    return max(1, min(rows, n))
+    cap = max(256, h)
+    pieces = max(1, -(-n // cap))
+    return max(1, -(-n // pieces))
 
 
 @functools.cache
 def _cuda_addmm_out_dtype() -> bool:
-    """Whether cuBLAS can add a half-precision product straight into an fp32 tensor (torch>=2.8)."""
-    try:  # probed exactly as used: accumulating in place (out aliases the added tensor)
+    """Whether cuBLAS can write a half-precision product straight into an fp32 tensor (torch>=2.8),
+    both overwriting (beta=0: the NaNs already there must not leak) and accumulating in place."""
+    try:  # probed exactly as used: out aliases the added tensor
         a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
-        acc = torch.ones(2, 2, device="cuda")
+        acc = torch.full((2, 2), float("nan"), device="cuda")
+        torch.addmm(acc, a, a, beta=0, out_dtype=torch.float32, out=acc)
         torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-        return bool((acc == 3).all())
+        return bool((acc == 4).all())
     except (RuntimeError, TypeError):
         return False
 
 
-def _addmm_acc_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b, acc in fp32 while a and b may be half precision."""
+def _mm_into_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, first: bool) -> None:
+    """acc = a @ b (`first`: acc is not read) or acc += a @ b; acc may be fp32 while a, b are half.
+
+    On CUDA the addition happens inside the GEMM (cuBLAS beta=1, fp32 out): no separate pass over acc.
+    """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        if first:
+            torch.mm(a, b, out=acc)
+        else:
+            acc.addmm_(a, b)
     elif acc.is_cuda and _cuda_addmm_out_dtype():
-        torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+        torch.addmm(acc, a, b, beta=0 if first else 1, out_dtype=acc.dtype, out=acc)
+    elif first:
+        acc.copy_(a @ b)
     else:
-        acc.add_(a @ b)  # a (V x H) half-precision temporary per chunk
+        acc.add_(a @ b)  # a (V x H) half-precision temporary per chunk (CPU: no fp32-out GEMM)
 
 
 def gemm_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
@@ -173,7 +188,9 @@ def _chunks(hidden, weight, bias, target, *, cdtype, opts, backend, chunk, scale
     """Loss and lse per row and, when any want_*, the wanted gradients times `scale`.
 
     The GEMMs run in `cdtype` (a half copy of the weight under autocast, made once per call, as
-    autocast itself would); dX comes back in hidden's dtype and dW, db in fp32.
+    autocast itself would); dX comes back in hidden's dtype, dW in the weight's and db in fp32.
+    dW: one chunk writes it with a single GEMM in the weight's dtype; several add into one fp32
+    accumulator (for half weights) that is converted once at the end.
     """
     n, h = hidden.shape
     v = weight.shape[0]
@@ -182,11 +199,15 @@ def _chunks(hidden, weight, bias, target, *, cdtype, opts, backend, chunk, scale
     wc = weight.to(cdtype)
     loss = torch.empty(n, dtype=acc_dtype(cdtype), device=hidden.device)
     lse = torch.empty_like(loss)
+    step = chunk or chunk_rows(n, v, h)
+    single = step >= n
     gx = torch.empty_like(hidden) if want_x else None
-    gw = torch.zeros(v, h, dtype=acc_dtype(weight.dtype), device=weight.device) if want_w else None
+    gw = None
+    if want_w:
+        gw_dtype = weight.dtype if single else acc_dtype(weight.dtype)
+        gw = (torch.empty if n else torch.zeros)(v, h, dtype=gw_dtype, device=weight.device)
     gb = torch.zeros(v, dtype=acc_dtype(bias.dtype), device=bias.device) if want_b else None
     per_row = scale is not None and scale.dim() == 1
-    step = chunk or chunk_rows(n, v, h)
     for s in range(0, n, step):
         e = min(s + step, n)
         xc = hidden[s:e].to(cdtype)
@@ -199,72 +220,55 @@ def _chunks(hidden, weight, bias, target, *, cdtype, opts, backend, chunk, scale
             else:
                 gx[s:e] = logits @ wc
         if want_w:
-            _addmm_acc_(gw, logits.T, xc)
+            _mm_into_(gw, logits.T, xc, first=s == 0)
         if want_b:
             gb += logits.sum(0, dtype=gb.dtype)
+    if gw is not None:
+        gw = gw.to(weight.dtype)  # fp32 accumulator -> the parameter's dtype (no-op for one chunk)
     return loss, lse, gx, gw, gb
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """Chunked linear + cross-entropy; `backend` picks the row function ("torch" or "triton")."""
+    """Chunked linear + cross-entropy; `backend` picks the row function ("torch" or "triton").
+
+    Forward computes the loss only; backward recomputes each chunk's logits and makes dX and dW
+    from them, so nothing of size V x H lives between the two.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, z_loss, smoothing, chunk, backend,
                 cdtype):
         hidden, target = hidden.contiguous(), target.contiguous()
         opts = dict(ignore_index=ignore_index, z_loss=float(z_loss), smoothing=float(smoothing))
-        run = dict(cdtype=cdtype, opts=opts, backend=backend, chunk=chunk)
-        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        ctx.run = dict(cdtype=cdtype, opts=opts, backend=backend, chunk=chunk)
         ctx.reduction = reduction
-        ctx.w_dtype, ctx.b_dtype = weight.dtype, (bias.dtype if bias is not None else None)
-        if reduction == "none":  # the per-token upstream gradient is known only in backward: recompute there
-            loss, _, _, _, _ = _chunks(hidden, weight, bias, target, **run, scale=None, want_x=False,
-                                       want_w=False, want_b=False)
-            ctx.save_for_backward(hidden, weight, bias, target)
-            ctx.run = run
+        loss, _, _, _, _ = _chunks(hidden, weight, bias, target, **ctx.run, scale=None, want_x=False,
+                                   want_w=False, want_b=False)
+        ctx.save_for_backward(hidden, weight, bias, target)  # the parameters themselves, not copies
+        if reduction == "none":
             return loss
-        scale = n_valid = None
-        if reduction == "mean":
-            n_valid = (target != ignore_index).sum().clamp(min=1).to(acc_dtype(cdtype))  # a tensor: no sync
-            scale = 1.0 / n_valid
-        loss, _, gx, gw, gb = _chunks(hidden, weight, bias, target, **run, scale=scale, want_x=want_x,
-                                      want_w=want_w, want_b=want_b)
-        ctx.save_for_backward(gx, gw, gb)  # released after backward, so autograd can adopt them as .grad
-        ctx.applied = None
         total = loss.sum()
-        return total / n_valid if n_valid is not None else total
+        return total / _n_valid(target, ignore_index, loss.dtype) if reduction == "mean" else total
 
     @staticmethod
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False):  # the GEMM dtype was fixed in forward
-            return LinearCrossEntropy._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        if ctx.reduction == "none":
-            hidden, weight, bias, target = ctx.saved_tensors  # the parameters themselves, not copies
+            hidden, weight, bias, target = ctx.saved_tensors
             want_x, want_w, want_b = ctx.needs_input_grad[:3]
-            with gathered(weight, bias):  # ZeRO-3 partitioned them again after forward: one more gather
-                _, _, gx, gw, gb = _chunks(hidden, weight, bias, target, **ctx.run,
-                                           scale=grad_out.to(acc_dtype(ctx.run["cdtype"])).contiguous(),
-                                           want_x=want_x, want_w=want_w, want_b=want_b)
-        else:
-            gx, gw, gb = ctx.saved_tensors
-            grad_out = grad_out.detach()
-            if ctx.applied is None:  # in place: dW is as large as the weight, a copy would raise the peak
-                for g in (gx, gw, gb):
-                    if g is not None:
-                        g.data.mul_(grad_out.to(g.dtype))  # .data: ours alone; a retained graph stays usable
-                ctx.applied = grad_out.clone()
-            else:  # another backward through a retained graph (gradcheck does this): rescale a copy
-                if bool(ctx.applied == 0):
-                    raise RuntimeError("fused_linear_cross_entropy: a second backward after one with a zero upstream "
-                                       "gradient cannot be served (the stored gradients were scaled to 0)")
-                r = grad_out / ctx.applied
-                gx, gw, gb = (g * r.to(g.dtype) if g is not None else None for g in (gx, gw, gb))
-        gw = gw.to(ctx.w_dtype) if gw is not None else None  # fp32 accumulator -> the parameter's dtype
-        gb = gb.to(ctx.b_dtype) if gb is not None else None
+            scale = grad_out.detach().to(acc_dtype(ctx.run["cdtype"])).contiguous()  # () or (N,)
+            if ctx.reduction == "mean":
+                scale = scale / _n_valid(target, ctx.run["opts"]["ignore_index"], scale.dtype)
+            # under ZeRO-3 inside engine(...) DeepSpeed re-fetched the weight for backward; outside, gather it
+            with gathered(weight, bias):
+                _, _, gx, gw, gb = _chunks(hidden, weight, bias, target, **ctx.run, scale=scale, want_x=want_x,
+                                           want_w=want_w, want_b=want_b)
+        gb = gb.to(bias.dtype) if gb is not None else None
         return gx, gw, gb, None, None, None, None, None, None, None, None
+
+
+def _n_valid(target: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
+    """Non-ignored tokens, at least 1, as a tensor (no host sync)."""
+    return (target != ignore_index).sum().clamp(min=1).to(dtype)
 
 
 def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
@@ -296,7 +300,7 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
             return LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, z_loss,
                                             label_smoothing, chunk_size, impl, cdtype)
-        # no autograd (eval, no_grad): the loss only; the Function would do gradient work in forward
+        # no autograd (eval, no_grad): the loss only, without saving inputs for a backward
         loss, _, _, _, _ = _chunks(hidden.contiguous(), weight, bias, target.contiguous(), cdtype=cdtype,
                                    opts=dict(ignore_index=ignore_index, z_loss=float(z_loss),
                                              smoothing=float(label_smoothing)),

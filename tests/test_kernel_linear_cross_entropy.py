@@ -7,6 +7,8 @@ bf16 2e-2 for gradients (half-precision dlogits feed half-precision GEMMs, as in
 losses are fp32 in every path and agree to 1e-5 (fp32) / 1e-4 (half, relative).
 """
 
+import weakref
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -200,9 +202,62 @@ def test_chunked_path_never_builds_the_logits(reduction):
             assert probe.numel >= n * v  # the probe sees the reference's logits
 
 
+class Created(TorchDispatchMode):
+    """Weak references to every tensor an ATen op returns, with its dtype and shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((weakref.ref(t), t.dtype, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_nothing_weight_sized_lives_from_forward_to_backward(impl, reduction):
+    """Two calls before one backward, as CODI makes: the gradients are made in backward, so no
+    V x H tensor made in forward outlives it (before: an fp32 dW per call, held until backward)."""
+    n, h, v = 40, 8, 300
+    x, w, b, y = make(n, h, v, torch.float32)
+    with Created() as probe:
+        first = fused_linear_cross_entropy(x, w, y, bias=b, reduction=reduction, impl=impl, chunk_size=16)
+        second = fused_linear_cross_entropy(x * 2, w, y, bias=b, reduction=reduction, impl=impl, chunk_size=16)
+    alive = [(dt, k) for ref, dt, k in probe.made if k == (v, h) and ref() is not None]
+    assert alive == [], alive
+    got = torch.autograd.grad((first + second).sum(), (x, w, b))
+    ref = linear_cross_entropy_reference(x, w, y, bias=b, reduction=reduction)
+    ref = ref + linear_cross_entropy_reference(x * 2, w, y, bias=b, reduction=reduction)
+    for a, r in zip(got, torch.autograd.grad(ref.sum(), (x, w, b))):
+        assert rel_err(a, r) < GRAD_TOL[torch.float32]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_chunk_needs_no_fp32_accumulator(impl):
+    """bf16 weights, N <= H rows (the default chunking's single chunk): dW is one GEMM written in
+    bf16, no fp32 V x H accumulator exists (before: one, read and written once per chunk)."""
+    n, h, v = 200, 16, 300
+    x, w, b, y = make(n, h, v, torch.bfloat16)
+    assert chunk_rows(n, v, h) == n
+    with Created() as probe:
+        loss = fused_linear_cross_entropy(x, w, y, bias=b, impl=impl)
+        got = torch.autograd.grad(loss, (x, w, b))
+    assert not [k for _, dt, k in probe.made if dt == torch.float32 and k == (v, h)]
+    ref = linear_cross_entropy_reference(x, w, y, bias=b)
+    for a, r in zip(got, torch.autograd.grad(ref, (x, w, b))):
+        assert a.dtype == r.dtype and rel_err(a, r) < GRAD_TOL[torch.bfloat16]
+
+
 def test_default_chunk_rows():
-    assert chunk_rows(32768, 128256, 4096) == 1024  # logits chunk ~ hidden states
-    assert chunk_rows(4096, 128256, 4096) == 256  # the 256-row floor
+    # a logits chunk as large as the weight: H rows (at least 256), the rows cut into equal chunks
+    assert chunk_rows(32768, 128256, 4096) == 4096  # 8 chunks: dW's accumulator passes 8, not 32
+    assert chunk_rows(4096, 128256, 4096) == 4096  # one chunk: dW is one GEMM, no accumulator
+    assert chunk_rows(5000, 128256, 4096) == 2500  # two equal chunks, not 4096 + 904
+    assert chunk_rows(2048, 128256, 64) == 256  # the 256-row floor
     assert chunk_rows(10, 32000, 512) == 10  # never more than N
     assert chunk_rows(0, 32000, 512) == 1
 
