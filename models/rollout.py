@@ -54,7 +54,8 @@ def feed_back(model, h: torch.Tensor, thinking: torch.Tensor, pad_ids: torch.Ten
     """Next input embeddings: the method's latent epilogue where `thinking`, the pad embedding elsewhere.
 
     A row that is not thinking is done: its slot is masked (no later position attends to it) and
-    nothing reads its fed value, so the pad embedding there has a zero gradient by construction.
+    no loss reads its fed value (readers of ``Rollout.latents`` take each row's thinking slots
+    only), so the pad embedding there has a zero gradient by construction.
     It is therefore fed without one (a detached weight): the backward of a latent step makes no
     dense V x H embedding gradient (1 GiB of zero-fill per step at V=128k, H=4096 in bf16).
 
