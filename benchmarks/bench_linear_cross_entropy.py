@@ -6,8 +6,8 @@ that both run in the same session: gradients made in forward (an fp32 V x H dW p
 backward), 256-row chunks. The current one recomputes each chunk's logits in backward, in chunks
 of H rows (``simcot.kernels.linear_cross_entropy``).
 
-CPU (default): fp32 and bf16, V in {32000, 128256}, shapes small enough for a shared 2-core machine. Each (shape, variant) runs in a fresh subprocess:
-the inputs (hidden, weight, targets) are built, the kernel's peak-RSS mark is reset
+CPU (default): fp32 and bf16, V in {32000, 128256}, shapes small enough for a shared 2-core
+machine. Each (shape, variant) runs in a fresh subprocess: the inputs (hidden, weight, targets) are built, the kernel's peak-RSS mark is reset
 (``/proc/self/clear_refs`` = 5, Linux >= 4.0), one forward+backward runs, and the reported
 memory is ``VmHWM - VmRSS`` (the peak resident set during the step minus what was resident just
 before it: inputs, libraries). The gradients the step leaves (dX, dW) count in every variant.
@@ -16,20 +16,21 @@ before it: inputs, libraries). The gradients the step leaves (dX, dW) count in e
 PyTorch's CPU allocator returns large blocks to the OS, so RSS follows the live tensors. Time is
 measured separately, in one process per shape that alternates the variants for --iters rounds
 (after one warm-up step each), so that load from other processes on a shared machine falls on
-all variants alike; the "vs eager" time is the median over rounds of the within-round ratio.
+all variants alike; the "vs eager" and "vs previous" times are medians over rounds of the
+within-round ratios.
 The process CPU time (``time.process_time``, all threads) is reported too: it is less sensitive
 to other processes taking the cores, though not to their memory traffic. A variant whose single
 step takes longer than --max-seconds keeps its first-step time instead and is not interleaved.
 
-    python benchmarks/bench_linear_cross_entropy.py                 # CPU, ~2-4 min on 2 cores
+    python benchmarks/bench_linear_cross_entropy.py                 # CPU, ~7 min (--iters 3) at load 15
     python benchmarks/bench_linear_cross_entropy.py --quick         # small shapes, a smoke run
     python benchmarks/bench_linear_cross_entropy.py --variants eager,fused-torch,fused-torch-previous
 
 GPU (``--device cuda``, NOT MEASURED here: written for a GPU user): bf16, H=4096, V=128256,
 N in {1k, 4k, 16k, 32k}; eager (with and without the fp32 upcast of the logits), torch.compile,
 PyTorch's chunked ``F.linear_cross_entropy``, liger-kernel if importable, and ours (Triton and the
-chunked PyTorch path, each also in its previous version). CUDA events for time; ``torch.cuda.max_memory_allocated`` minus the
-inputs for memory; an OOM is recorded, not fatal.
+chunked PyTorch path, each also in its previous version). CUDA events for time;
+``torch.cuda.max_memory_allocated`` minus the inputs for memory; an OOM is recorded, not fatal.
 
 Results go to benchmarks/results/linear_cross_entropy_<device>.{json,md} (``results_io``).
 """
