@@ -7,8 +7,9 @@ backward), 256-row chunks. The current one recomputes each chunk's logits in bac
 of H rows (``simcot.kernels.linear_cross_entropy``).
 
 CPU (default): fp32 and bf16, V in {32000, 128256}, shapes small enough for a shared 2-core
-machine. Each (shape, variant) runs in a fresh subprocess: the inputs (hidden, weight, targets) are built, the kernel's peak-RSS mark is reset
-(``/proc/self/clear_refs`` = 5, Linux >= 4.0), one forward+backward runs, and the reported
+machine. Each (shape, variant) runs in a fresh subprocess: the inputs (hidden, weight, targets)
+are built, the kernel's peak-RSS mark is reset (``/proc/self/clear_refs`` = 5, Linux >= 4.0),
+one forward+backward runs, and the reported
 memory is ``VmHWM - VmRSS`` (the peak resident set during the step minus what was resident just
 before it: inputs, libraries). The gradients the step leaves (dX, dW) count in every variant.
 "held" is the RSS after the forward minus before it: what one call keeps until its backward
