@@ -12,17 +12,27 @@ the loss with an fp32 log-sum-exp and, in backward, overwrites the logits with d
 place (``_ce_rows_torch`` below, or the Triton kernel in ``linear_cross_entropy_triton.py``: the
 same contract); two more GEMMs turn them into the chunk's rows of dX and its contribution to dW.
 
-Forward computes the loss only and saves the inputs; backward recomputes each chunk's logits
-(the Cut-Cross-Entropy trade: 8·N·H·V FLOPs instead of eager's 6·N·H·V). Nothing of size V x H
-lives from forward to backward (computing the gradients in forward, as Liger-Kernel does, holds an
-fp32 V x H dW per call until backward: 2 GiB at H=4096, V=128k, twice for CODI's two calls), the
-upstream gradient is known when dlogits are made (one path for every reduction, and a retained
-graph can be differentiated again), and under ``no_grad`` nothing is wasted. Chunks are as large
-as the weight (``chunk_rows``: H rows), so dW's fp32 accumulator is read and written once per
-H rows rather than per 256; with N <= H there is one chunk and dW is a single GEMM. Peak extra
+Where the gradients are made is one decision, ``hold_gradients``, taken from a memory budget
+(``hold_mib``: the argument, else $SIMCOT_CE_HOLD_MIB, else 256 MiB). The budget is compared
+with dW counted as its fp32 accumulator, 4·V·H bytes (0 when the weight needs no gradient):
+
+- under the budget (a small head: 4·32000·512 B = 62.5 MiB), forward makes dX and dW with the
+  loss, 6·N·H·V FLOPs as eager, and holds them until backward, which only scales them by the
+  upstream gradient (in place; a second backward through a retained graph rescales a copy);
+- at or above it (an 8B head: 4·128256·4096 B = 2004 MiB per call, twice for CODI's two calls),
+  forward computes the loss only and saves the inputs; backward recomputes each chunk's logits
+  (the Cut-Cross-Entropy trade: 8·N·H·V FLOPs) and makes dX and dW from them, so nothing of size
+  V x H lives from forward to backward. The upstream gradient is known when dlogits are made.
+
+``reduction="none"`` always recomputes: a per-token upstream gradient cannot be applied to a dW
+summed over tokens afterwards. A budget of 0 always recomputes. Under ``no_grad`` the loss only.
+
+Both paths cut the rows alike: chunks as large as the weight (``chunk_rows``: H rows), so dW's
+fp32 accumulator is read and written once per H rows rather than per 256; with N <= H there is
+one chunk and dW is a single GEMM. Peak extra
 memory: one chunk of logits (plus an fp32 copy on the PyTorch path for half inputs), dW, and
 under autocast a half-precision copy of the weight (as autocast itself makes for F.linear).
-Backward reads the weight again: under ZeRO-3 inside ``engine(...)`` DeepSpeed re-fetches it for
+The recompute path's backward reads the weight again: under ZeRO-3 inside ``engine(...)`` DeepSpeed re-fetches it for
 backward; elsewhere ``gathered`` gathers it (one more all-gather of the head per call).
 
 No host syncs: the token count for "mean" stays a tensor, ignored tokens are masked, never
@@ -39,6 +49,7 @@ call and buy nothing. tests/dist/zero3_fused_ce.py runs two ranks with unequal c
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +58,8 @@ from simcot.kernels.dispatch import resolve
 from simcot.kernels.zero3 import gathered
 
 REDUCTIONS = ("mean", "sum", "none")
+HOLD_ENV = "SIMCOT_CE_HOLD_MIB"
+DEFAULT_HOLD_MIB = 256.0
 
 
 def linear_cross_entropy_reference(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
@@ -143,6 +156,37 @@ def chunk_rows(n: int, v: int, h: int) -> int:
     return max(1, -(-n // pieces))
 
 
+def hold_budget_mib(hold_mib: float | None = None) -> float:
+    """The budget for gradients held from forward to backward: `hold_mib`, else $SIMCOT_CE_HOLD_MIB,
+    else 256 MiB."""
+    if hold_mib is None:
+        env = os.environ.get(HOLD_ENV, "").strip()
+        if not env:
+            return DEFAULT_HOLD_MIB
+        try:
+            hold_mib = float(env)
+        except ValueError:
+            raise ValueError(f"{HOLD_ENV} must be a number of MiB, got {env!r}") from None
+    if not hold_mib >= 0:
+        raise ValueError(f"the hold budget must be >= 0 MiB, got {hold_mib!r}")
+    return float(hold_mib)
+
+
+def hold_gradients(v: int, h: int, *, want_w: bool, reduction: str, hold_mib: float | None = None) -> bool:
+    """Whether forward makes the gradients and holds them to backward (else backward recomputes).
+
+    Held bytes are counted as dW's fp32 accumulator, 4·V·H (0 for a frozen weight; dX, N x H, is
+    the size of the hidden states the recompute path saves instead). Holding saves a quarter of
+    the FLOPs (6·N·H·V instead of 8) and costs those bytes per call until backward; it is taken
+    when they are under the budget. "none" cannot hold: its per-token upstream gradient arrives
+    only in backward, after dW has summed over the tokens.
+    """
+    if reduction == "none":
+        return False
+    held = 4 * v * h if want_w else 0
+    return held < hold_budget_mib(hold_mib) * 2**20
+
+
 @functools.cache
 def _cuda_addmm_out_dtype() -> bool:
     """Whether cuBLAS can write a half-precision product straight into an fp32 tensor (torch>=2.8),
@@ -231,39 +275,74 @@ def _chunks(hidden, weight, bias, target, *, cdtype, opts, backend, chunk, scale
 class LinearCrossEntropy(torch.autograd.Function):
     """Chunked linear + cross-entropy; `backend` picks the row function ("torch" or "triton").
 
-    Forward computes the loss only; backward recomputes each chunk's logits and makes dX and dW
-    from them, so nothing of size V x H lives between the two.
+    `hold` (from ``hold_gradients``): forward makes dX and dW and holds them, backward scales them;
+    else forward computes the loss only and backward recomputes each chunk's logits.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, ignore_index, reduction, z_loss, smoothing, chunk, backend,
-                cdtype):
+                cdtype, hold):
         hidden, target = hidden.contiguous(), target.contiguous()
         opts = dict(ignore_index=ignore_index, z_loss=float(z_loss), smoothing=float(smoothing))
         ctx.run = dict(cdtype=cdtype, opts=opts, backend=backend, chunk=chunk)
-        ctx.reduction = reduction
-        loss, _, _, _, _ = _chunks(hidden, weight, bias, target, **ctx.run, scale=None, want_x=False,
-                                   want_w=False, want_b=False)
-        ctx.save_for_backward(hidden, weight, bias, target)  # the parameters themselves, not copies
-        if reduction == "none":
-            return loss
+        ctx.reduction, ctx.hold = reduction, hold
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        if not hold:
+            loss, _, _, _, _ = _chunks(hidden, weight, bias, target, **ctx.run, scale=None, want_x=False,
+                                       want_w=False, want_b=False)
+            ctx.save_for_backward(hidden, weight, bias, target)  # the parameters themselves, not copies
+            if reduction == "none":
+                return loss
+            total = loss.sum()
+            return total / _n_valid(target, ignore_index, loss.dtype) if reduction == "mean" else total
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        n_valid = _n_valid(target, ignore_index, acc_dtype(cdtype)) if reduction == "mean" else None
+        loss, _, gx, gw, gb = _chunks(hidden, weight, bias, target, **ctx.run,
+                                      scale=None if n_valid is None else 1.0 / n_valid,
+                                      want_x=want_x, want_w=want_w, want_b=want_b)
+        ctx.save_for_backward(gx, gw, gb)  # released after backward, so autograd can adopt them as .grad
+        ctx.applied = None
         total = loss.sum()
-        return total / _n_valid(target, ignore_index, loss.dtype) if reduction == "mean" else total
+        return total / n_valid if n_valid is not None else total
 
     @staticmethod
     def backward(ctx, grad_out):
         with torch.autocast(grad_out.device.type, enabled=False):  # the GEMM dtype was fixed in forward
-            hidden, weight, bias, target = ctx.saved_tensors
-            want_x, want_w, want_b = ctx.needs_input_grad[:3]
-            scale = grad_out.detach().to(acc_dtype(ctx.run["cdtype"])).contiguous()  # () or (N,)
-            if ctx.reduction == "mean":
-                scale = scale / _n_valid(target, ctx.run["opts"]["ignore_index"], scale.dtype)
-            # under ZeRO-3 inside engine(...) DeepSpeed re-fetched the weight for backward; outside, gather it
-            with gathered(weight, bias):
-                _, _, gx, gw, gb = _chunks(hidden, weight, bias, target, **ctx.run, scale=scale, want_x=want_x,
-                                           want_w=want_w, want_b=want_b)
-        gb = gb.to(bias.dtype) if gb is not None else None
-        return gx, gw, gb, None, None, None, None, None, None, None, None
+            if ctx.hold:
+                gx, gw, gb = LinearCrossEntropy._scale_held(ctx, grad_out.detach())
+            else:
+                gx, gw, gb = LinearCrossEntropy._recompute(ctx, grad_out.detach())
+        gb = gb.to(ctx.b_dtype) if gb is not None else None  # fp32 accumulator -> the bias's dtype
+        return gx, gw, gb, None, None, None, None, None, None, None, None, None
+
+    @staticmethod
+    def _recompute(ctx, grad_out):
+        hidden, weight, bias, target = ctx.saved_tensors
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        scale = grad_out.to(acc_dtype(ctx.run["cdtype"])).contiguous()  # () or (N,)
+        if ctx.reduction == "mean":
+            scale = scale / _n_valid(target, ctx.run["opts"]["ignore_index"], scale.dtype)
+        # under ZeRO-3 inside engine(...) DeepSpeed re-fetched the weight for backward; outside, gather it
+        with gathered(weight, bias):
+            _, _, gx, gw, gb = _chunks(hidden, weight, bias, target, **ctx.run, scale=scale, want_x=want_x,
+                                       want_w=want_w, want_b=want_b)
+        return gx, gw, gb
+
+    @staticmethod
+    def _scale_held(ctx, grad_out):
+        gx, gw, gb = ctx.saved_tensors
+        if ctx.applied is None:  # in place: dW is as large as the weight, a copy would raise the peak
+            for g in (gx, gw, gb):
+                if g is not None:
+                    g.data.mul_(grad_out.to(g.dtype))  # .data: ours alone; a retained graph stays usable
+            ctx.applied = grad_out.clone()
+            return gx, gw, gb
+        # another backward through a retained graph (gradcheck does this): rescale a copy
+        if bool(ctx.applied == 0):
+            raise RuntimeError("fused_linear_cross_entropy: a second backward after one with a zero upstream "
+                               "gradient cannot be served (the held gradients were scaled to 0); pass hold_mib=0")
+        r = grad_out / ctx.applied
+        return tuple(g * r.to(g.dtype) if g is not None else None for g in (gx, gw, gb))
 
 
 def _n_valid(target: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> torch.Tensor:
@@ -272,7 +351,7 @@ def _n_valid(target: torch.Tensor, ignore_index: int, dtype: torch.dtype) -> tor
 
 
 def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_index=-100, reduction="mean",
-                               z_loss=0.0, label_smoothing=0.0, impl="auto", chunk_size=None):
+                               z_loss=0.0, label_smoothing=0.0, impl="auto", chunk_size=None, hold_mib=None):
     """``CE(hidden @ weight.T + bias, target)`` without the (N x V) logits.
 
     hidden (N, H), weight (V, H), target (N,) long, bias (V,) or None. Inputs may be fp32, bf16 or
@@ -283,7 +362,9 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     ignored ones). ``z_loss`` adds ``z_loss * lse**2`` per non-ignored token; ``label_smoothing``
     is ``F.cross_entropy``'s. ``impl``: "auto" (Triton on CUDA, else the chunked PyTorch path; see
     ``simcot.kernels.dispatch``), "triton", "torch" or "reference" (materialises the logits).
-    ``chunk_size``: rows per chunk (default: ``chunk_rows``).
+    ``chunk_size``: rows per chunk (default: ``chunk_rows``). ``hold_mib``: the budget under which
+    forward makes the gradients and holds them to backward (default: $SIMCOT_CE_HOLD_MIB, else 256;
+    0: always recompute in backward; see ``hold_gradients``).
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -298,8 +379,10 @@ def fused_linear_cross_entropy(hidden, weight, target, *, bias=None, ignore_inde
     cdtype = gemm_dtype(hidden, weight)
     with torch.autocast(hidden.device.type, enabled=False):  # the GEMM dtype is chosen explicitly
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias)):
+            hold = hold_gradients(weight.shape[0], weight.shape[1], want_w=weight.requires_grad, reduction=reduction,
+                                  hold_mib=hold_mib)
             return LinearCrossEntropy.apply(hidden, weight, bias, target, ignore_index, reduction, z_loss,
-                                            label_smoothing, chunk_size, impl, cdtype)
+                                            label_smoothing, chunk_size, impl, cdtype, hold)
         # no autograd (eval, no_grad): the loss only, without saving inputs for a backward
         loss, _, _, _, _ = _chunks(hidden.contiguous(), weight, bias, target.contiguous(), cdtype=cdtype,
                                    opts=dict(ignore_index=ignore_index, z_loss=float(z_loss),
