@@ -3,8 +3,10 @@ peak memory, memory held from forward to backward, and fwd+bwd time.
 
 "previous" is the implementation before this one (commit faa573e), kept below in this file so
 that both run in the same session: gradients made in forward (an fp32 V x H dW per call held until
-backward), 256-row chunks. The current one recomputes each chunk's logits in backward, in chunks
-of H rows (``simcot.kernels.linear_cross_entropy``).
+backward), 256-row chunks. The current one ("fused-torch") places the gradients by a memory
+budget (``hold_gradients`` in ``simcot.kernels.linear_cross_entropy``): made in forward and held
+when dW (4·V·H bytes) is under it, as at every CPU shape here, else recomputed in backward; both
+in chunks of H rows. "fused-torch-recompute" forces the recompute placement (``hold_mib=0``).
 
 CPU (default): fp32 and bf16, V in {32000, 128256}, shapes small enough for a shared 2-core
 machine. Each (shape, variant) runs in a fresh subprocess: the inputs (hidden, weight, targets)
@@ -25,7 +27,7 @@ step takes longer than --max-seconds keeps its first-step time instead and is no
 
     python benchmarks/bench_linear_cross_entropy.py                 # CPU, ~7 min (--iters 3) at load 15
     python benchmarks/bench_linear_cross_entropy.py --quick         # small shapes, a smoke run
-    python benchmarks/bench_linear_cross_entropy.py --variants eager,fused-torch,fused-torch-previous
+    python benchmarks/bench_linear_cross_entropy.py --variants eager,fused-torch,fused-torch-previous,fused-torch-recompute
 
 GPU (``--device cuda``, NOT MEASURED here: written for a GPU user): bf16, H=4096, V=128256,
 N in {1k, 4k, 16k, 32k}; eager (with and without the fp32 upcast of the logits), torch.compile,
@@ -119,6 +121,8 @@ def variants(device: str) -> dict:
     out = {
         "eager": lambda x, w, y: F.cross_entropy((x @ w.T).float(), y),
         "fused-torch": lambda x, w, y: fused_linear_cross_entropy(x, w, y, impl="torch"),
+        # the other placement whatever the shape: gradients made in backward by recomputing the logits
+        "fused-torch-recompute": lambda x, w, y: fused_linear_cross_entropy(x, w, y, impl="torch", hold_mib=0),
         "fused-torch-previous": lambda x, w, y: previous(x, w, y, "torch"),
     }
     if device == "cuda":
@@ -142,6 +146,11 @@ def variants(device: str) -> dict:
         opts = torch.nn.LinearCrossEntropyOptions()
         out["torch-linear_cross_entropy"] = lambda x, w, y: F.linear_cross_entropy(x, w, y, options=opts)
     return out
+
+
+def previous_of(name: str) -> str:
+    """The variant a row is compared with as "previous": fused-torch(-recompute) -> fused-torch-previous."""
+    return name.removesuffix("-recompute") + "-previous"
 
 
 def inputs(n, h, v, device, dtype, seed=0):
@@ -243,7 +252,7 @@ def run_cpu(shapes, names: list[str], iters: int, max_seconds: float) -> tuple[l
                 r["cpu_s"] = statistics.median(cpu[r["variant"]])
             _ratios(r, times, cpu, "eager", "eager")
             if not r["variant"].endswith("-previous"):
-                _ratios(r, times, cpu, r["variant"] + "-previous", "previous")
+                _ratios(r, times, cpu, previous_of(r["variant"]), "previous")
             print(f"  N={n} H={h} V={v} {dtype} {r['variant']:28s} peak {r['peak_bytes'] / 2**20:9.1f} MiB  "
                   f"held {r['held_bytes'] / 2**20:8.1f} MiB  median {r['median_s'] * 1e3:9.1f} ms  "
                   f"({len(ts)} timed)  loss {r['loss']:.6f}", flush=True)
@@ -294,7 +303,7 @@ def run_cuda(shapes, names: list[str], iters: int) -> list[dict]:
             del x, w, y
             rows.append(row)
         for r in rows[-len(fns):]:  # medians of separate runs on an otherwise idle GPU: ratios of medians
-            for base, key in (("eager", "eager"), (r["variant"] + "-previous", "previous")):
+            for base, key in (("eager", "eager"), (previous_of(r["variant"]), "previous")):
                 if r["variant"] in times_all and base in times_all:
                     r[f"ratio_{key}"] = statistics.median(times_all[r["variant"]]) / statistics.median(times_all[base])
     return rows
@@ -311,7 +320,7 @@ def table(rows: list[dict]) -> str:
         same = [b for b in rows if (b["n"], b["h"], b["v"], b["dtype"]) == (r["n"], r["h"], r["v"], r["dtype"])
                 and "error" not in b]
         base = next((b for b in same if b["variant"] == "eager"), None)
-        prev = next((b for b in same if b["variant"] == r["variant"] + "-previous"), None)
+        prev = next((b for b in same if b["variant"] == previous_of(r["variant"])), None)
         head = f"| {r['n']} | {r['h']} | {r['v']} | {r['dtype']} | {r['variant']} |"
         if "error" in r:
             lines.append(f"{head} {r['error']} | | | | | | | |")
