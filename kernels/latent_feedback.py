@@ -17,6 +17,12 @@ every row (no host sync to find the thinking ones) and masks.
 
 Gradients: hidden, w1, b1, w2, b2, norm weight/bias get the thinking rows' contributions only;
 the embedding gets the non-thinking rows' grads at their token ids, every other row exactly 0.
+That embedding gradient is dense (V x H, as ``nn.Embedding``'s): a sparse COO gradient of the B
+rows would skip the zero-fill but breaks the autograd contract callers rely on (gradcheck rejects
+its layout; a sparse ``.grad`` fails in AdamW, ``clip_grad_norm_`` and DeepSpeed whenever this op
+is the weight's only user). So it is made only when asked for: with ``embedding`` not requiring
+grad (the rollout passes it detached: its token rows are masked pad slots, see
+``simcot.models.rollout.feed_back``) the backward has no embedding branch and allocates nothing V x H.
 Dtypes: the epilogue computes in fp32 (fp64 for fp64 inputs) and returns ``embedding.dtype``, the
 dtype the model's own embedding layer would feed it; the GEMMs follow autocast like ``F.linear``.
 Under ZeRO-3 the caller gathers the parameters it passes (``simcot.kernels.gathered``).

@@ -5,7 +5,13 @@ and awkward shapes; gradcheck in float64; the op never builds an (N x V) tensor.
 Tolerances are max|got - ref| / max|ref| over a tensor, per input dtype: fp32 1e-5, fp16 3e-3,
 bf16 2e-2 for gradients (half-precision dlogits feed half-precision GEMMs, as in eager autocast);
 losses are fp32 in every path and agree to 1e-5 (fp32) / 1e-4 (half, relative).
+
+Every test runs twice, once per placement of the gradients (``hold_gradients``): made in backward
+by recomputing the logits ($SIMCOT_CE_HOLD_MIB=0) and made in forward and held (a budget far above
+these shapes; "none" recomputes in both).
 """
+
+import weakref
 
 import pytest
 import torch
@@ -15,11 +21,18 @@ from torch.utils._pytree import tree_leaves
 import simcot.kernels.linear_cross_entropy_triton as tri
 from simcot.kernels import default_impl, fused_linear_cross_entropy, linear_cross_entropy_reference, set_default_impl
 from simcot.kernels.dispatch import resolve
-from simcot.kernels.linear_cross_entropy import chunk_rows
+from simcot.kernels.linear_cross_entropy import HOLD_ENV, chunk_rows, hold_budget_mib, hold_gradients
 
 GRAD_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 LOSS_TOL = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-4}
 IMPLS = ["torch", "triton"]
+
+
+@pytest.fixture(autouse=True, params=["recompute", "hold"])
+def placement(request, monkeypatch):
+    """The budget for held gradients, through the environment (the default when no hold_mib is passed)."""
+    monkeypatch.setenv(HOLD_ENV, "0" if request.param == "recompute" else "4096")
+    return request.param
 
 
 @pytest.fixture
@@ -200,9 +213,86 @@ def test_chunked_path_never_builds_the_logits(reduction):
             assert probe.numel >= n * v  # the probe sees the reference's logits
 
 
+class Created(TorchDispatchMode):
+    """Weak references to every tensor an ATen op returns, with its dtype and shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((weakref.ref(t), t.dtype, tuple(t.shape)))
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_weight_sized_tensors_held_from_forward_to_backward(placement, impl, reduction):
+    """Two calls before one backward, as CODI makes. Recompute: the gradients are made in backward,
+    so no V x H tensor made in forward outlives it (before acb07f7: an fp32 dW per call, whatever
+    its size). Hold: one dW per call lives until backward ("none" recomputes)."""
+    n, h, v = 40, 8, 300
+    x, w, b, y = make(n, h, v, torch.float32)
+    with Created() as probe:
+        first = fused_linear_cross_entropy(x, w, y, bias=b, reduction=reduction, impl=impl, chunk_size=16)
+        second = fused_linear_cross_entropy(x * 2, w, y, bias=b, reduction=reduction, impl=impl, chunk_size=16)
+    alive = {ref().untyped_storage().data_ptr(): (dt, k) for ref, dt, k in probe.made
+             if k == (v, h) and ref() is not None}  # by storage: views of one held dW count once
+    held = 2 if placement == "hold" and reduction != "none" else 0
+    assert list(alive.values()) == [(torch.float32, (v, h))] * held, alive
+    got = torch.autograd.grad((first + second).sum(), (x, w, b))
+    ref = linear_cross_entropy_reference(x, w, y, bias=b, reduction=reduction)
+    ref = ref + linear_cross_entropy_reference(x * 2, w, y, bias=b, reduction=reduction)
+    for a, r in zip(got, torch.autograd.grad(ref.sum(), (x, w, b))):
+        assert rel_err(a, r) < GRAD_TOL[torch.float32]
+
+
+def test_hold_decision_from_the_budget(monkeypatch):
+    """dW counted in fp32 (4·V·H bytes) against the budget: argument, else environment, else 256 MiB."""
+    monkeypatch.delenv(HOLD_ENV)
+    assert hold_budget_mib() == 256
+    assert hold_gradients(32000, 512, want_w=True, reduction="mean")  # 62.5 MiB: held
+    assert not hold_gradients(128256, 4096, want_w=True, reduction="mean")  # 2004 MiB (8B head): recomputed
+    assert not hold_gradients(32000, 512, want_w=True, reduction="none")  # per-token upstream: recomputed
+    assert hold_gradients(128256, 4096, want_w=False, reduction="sum")  # frozen weight: no dW to hold
+    assert hold_gradients(128256, 4096, want_w=True, reduction="mean", hold_mib=2005)
+    assert not hold_gradients(128256, 4096, want_w=True, reduction="mean", hold_mib=2004)  # exactly 2004 MiB: not under
+    assert not hold_gradients(10, 10, want_w=False, reduction="mean", hold_mib=0)  # 0: always recompute
+    monkeypatch.setenv(HOLD_ENV, "4096")
+    assert hold_gradients(128256, 4096, want_w=True, reduction="mean")
+    assert not hold_gradients(128256, 4096, want_w=True, reduction="mean", hold_mib=1)  # the argument wins
+    monkeypatch.setenv(HOLD_ENV, "lots")
+    with pytest.raises(ValueError, match="SIMCOT_CE_HOLD_MIB must be a number of MiB, got 'lots'"):
+        hold_budget_mib()
+    with pytest.raises(ValueError, match="the hold budget must be >= 0 MiB"):
+        hold_budget_mib(-1)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_one_chunk_needs_no_fp32_accumulator(impl):
+    """bf16 weights, N <= H rows (the default chunking's single chunk): dW is one GEMM written in
+    bf16, no fp32 V x H accumulator exists (before: one, read and written once per chunk)."""
+    n, h, v = 200, 16, 300
+    x, w, b, y = make(n, h, v, torch.bfloat16)
+    assert chunk_rows(n, v, h) == n
+    with Created() as probe:
+        loss = fused_linear_cross_entropy(x, w, y, bias=b, impl=impl)
+        got = torch.autograd.grad(loss, (x, w, b))
+    assert not [k for _, dt, k in probe.made if dt == torch.float32 and k == (v, h)]
+    ref = linear_cross_entropy_reference(x, w, y, bias=b)
+    for a, r in zip(got, torch.autograd.grad(ref, (x, w, b))):
+        assert a.dtype == r.dtype and rel_err(a, r) < GRAD_TOL[torch.bfloat16]
+
+
 def test_default_chunk_rows():
-    assert chunk_rows(32768, 128256, 4096) == 1024  # logits chunk ~ hidden states
-    assert chunk_rows(4096, 128256, 4096) == 256  # the 256-row floor
+    # a logits chunk as large as the weight: H rows (at least 256), the rows cut into equal chunks
+    assert chunk_rows(32768, 128256, 4096) == 4096  # 8 chunks: dW's accumulator passes 8, not 32
+    assert chunk_rows(4096, 128256, 4096) == 4096  # one chunk: dW is one GEMM, no accumulator
+    assert chunk_rows(5000, 128256, 4096) == 2500  # two equal chunks, not 4096 + 904
+    assert chunk_rows(2048, 128256, 64) == 256  # the 256-row floor
     assert chunk_rows(10, 32000, 512) == 10  # never more than N
     assert chunk_rows(0, 32000, 512) == 1
 

@@ -5,9 +5,10 @@ tests/dist/zero3_fused_ce.py OUT_DIR`` with DS_ACCELERATOR=cpu; each rank writes
 OUT_DIR/rank{r}.json and the test compares. Paths, per model (tied and untied lm_head):
 
 - "unfused": ``lm(...).logits`` (ZeRO-3's hooks gather lm_head) + F.cross_entropy;
-- "fused-mean": ``shifted_ce`` (gathers lm_head once around the fused op, dW in forward);
-- "fused-none": per-token fused loss over all positions, as the SIM-CoT step decoder calls it
-  (backward recomputes, so it needs the whole weight a second time, in backward);
+- "fused-mean": ``shifted_ce`` (gathers lm_head once around the fused op);
+- "fused-none": per-token fused loss over all positions.
+
+Both recompute the logits in backward, so they need the whole weight a second time, in backward.
 
 After the training steps every path also evaluates its loss under no_grad *outside*
 ``engine(...)``, as an evaluation loop may. Inside ``engine(...)`` reading ``lm_head.weight``

@@ -133,22 +133,24 @@ def decoder_loss(model, table: torch.Tensor, batch: dict, normalization: str) ->
     prefix = torch.where(batch["dec_dummy"][:, None, None], torch.zeros_like(prefix), prefix)
     hidden = dec.hidden(model.lm, prefix, batch["dec_ids"], batch["dec_mask"])
     c = prefix.shape[1]
-    labels = torch.cat([torch.full_like(batch["dec_ids"][:, :c], IGNORE), batch["dec_labels"]], 1)
+    dec_labels = batch["dec_labels"]  # (R, S); the prefix's c positions are unsupervised (c may exceed S)
+    labels = torch.cat([dec_labels.new_full((dec_labels.shape[0], c), IGNORE), dec_labels], 1)
     # the last latent predicts the first step token: shift over [latents, tokens]
     h, y = hidden[:, :-1], labels[:, 1:]
+    keep = y != IGNORE  # (R, c + S - 1): the latent-prefix positions and the padding never reach the head
     out = dec.output_head(model.lm)
     with gathered(out.weight, out.bias):  # the head is read outside its module: ZeRO-3 keeps only a shard
-        per_tok = fused_linear_cross_entropy(h.reshape(-1, h.shape[-1]), out.weight, y.reshape(-1), bias=out.bias,
-                                             reduction="none").view_as(y)
-    valid = (y != IGNORE).to(per_tok.dtype)
-    nll, count = (per_tok * valid).sum(1), valid.sum(1)
+        tok_nll = fused_linear_cross_entropy(h[keep], out.weight, y[keep], bias=out.bias, reduction="none")  # (K,)
+    row = torch.arange(y.shape[0], device=y.device)[:, None].expand_as(y)[keep]  # (K,) each kept token's row
+    nll = tok_nll.new_zeros(y.shape[0]).index_add(0, row, tok_nll)  # (R,)
+    count = keep.sum(1).to(tok_nll.dtype)
     slots = batch["dec_slots"]
     slot = batch["dec_slot"]
-    slot_nll = per_tok.new_zeros(slots).index_add(0, slot, nll)
-    slot_tokens = per_tok.new_zeros(slots).index_add(0, slot, count)
-    slot_rows = per_tok.new_zeros(slots).index_add(0, slot, (count > 0).to(per_tok.dtype))
+    slot_nll = nll.new_zeros(slots).index_add(0, slot, nll)
+    slot_tokens = nll.new_zeros(slots).index_add(0, slot, count)
+    slot_rows = nll.new_zeros(slots).index_add(0, slot, (count > 0).to(nll.dtype))
     denom = slot_rows if normalization == "sequence" else slot_tokens
-    present = (slot_rows > 0).to(per_tok.dtype)
+    present = (slot_rows > 0).to(nll.dtype)
     per_slot = slot_nll / denom.clamp(min=1)
     return (per_slot * present).sum() / present.sum().clamp(min=1)
 
