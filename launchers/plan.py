@@ -20,6 +20,8 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 
+from simcot.train.methods import METHODS
+
 GiB = 2**30
 
 
@@ -82,9 +84,10 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, n_latents: int, method
     h, inter, layers, kv = _dims(cfg)
     per_token_layer = (2 * h if checkpointing else 10 * h + 3 * inter) * 2  # bf16
     tokens = micro_batch * (seq_len + n_latents)
-    if method in ("codi", "simcot-codi"):
+    m = METHODS[method]
+    if m.teacher_pass:
         tokens += micro_batch * seq_len  # the teacher's question + CoT + answer
-    if method.startswith("simcot"):
+    if m.decoder_pass:
         tokens += micro_batch * max(n_latents, 1) * 24  # decoded steps (~24 tokens each)
     prefix = seq_len // 2
     kv_cache = layers * micro_batch * sum(prefix + j for j in range(n_latents)) * 2 * kv * 2
@@ -103,7 +106,9 @@ def make_plan(model: str = "llama-3.1-8b", gpus: int = 8, nodes: int = 1, zero: 
         raise ValueError("--offload all (parameter offload) needs --zero 3")
     total, largest, cfg = count_params(model)
     n = gpus * nodes
-    copies = 2 if method.startswith("simcot") and decoder == "copy" else 1
+    if method not in METHODS:
+        raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    copies = 2 if METHODS[method].decoder_pass and decoder == "copy" else 1  # a copy decoder trains a second model
     if lora:
         h, inter, layers, _ = _dims(cfg)
         trainable = layers * lora * (4 * (h + h) + 3 * (h + inter))  # q,k,v,o and the three MLP projections

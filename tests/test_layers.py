@@ -139,3 +139,42 @@ def test_no_import_cycle_between_simcot_modules():
 
 def test_zero3_partitioning_is_detected_in_one_module():
     assert files_mentioning("ds_id") == ["simcot/parallel.py"]
+
+
+def method_name_tests(root: Path = ROOT) -> list[str]:
+    """'file:line' of every comparison with a method's name outside train/methods/ (``== "codi"``,
+    ``in ("coconut", ...)``, ``.startswith("simcot")``): what a method is, the method answers."""
+    from simcot.train.methods import METHODS
+
+    names = set(METHODS)
+    prefixes = {n.split("-")[0] for n in names} | names
+    methods_dir = root / "train" / "methods"
+    found = []
+    for mod, path in sorted(source_modules(root).items()):
+        if methods_dir in path.parents:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            consts = []
+            if isinstance(node, ast.Compare):
+                for c in [node.left, *node.comparators]:
+                    elts = c.elts if isinstance(c, (ast.Tuple, ast.List, ast.Set)) else [c]
+                    consts += [e.value for e in elts if isinstance(e, ast.Constant) and e.value in names]
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr == "startswith" and node.args and isinstance(node.args[0], ast.Constant)):
+                consts += [node.args[0].value] if node.args[0].value in prefixes else []
+            found += [f"{path.relative_to(root)}:{node.lineno}" for _ in consts[:1]]
+    return found
+
+
+def test_no_method_name_is_compared_outside_the_methods():
+    assert method_name_tests() == []
+
+
+def test_the_method_name_check_finds_a_comparison(tmp_path):
+    for folder in ("simcot", "train/methods", "train/tracking"):
+        (tmp_path / folder).mkdir(parents=True)
+    (tmp_path / "setup.cfg").write_text("[options]\npackage_dir =\n    simcot = simcot\n    simcot.train = train\n"
+                                        "    simcot.train.methods = train/methods\n")
+    (tmp_path / "train" / "sweep.py").write_text('def f(m):\n    return m in ("coconut", "x")\n')
+    (tmp_path / "train" / "methods" / "codi.py").write_text('def g(m):\n    return m == "codi"\n')
+    assert method_name_tests(tmp_path) == ["train/sweep.py:2"]

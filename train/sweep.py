@@ -33,14 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from simcot.train.config import Config, ConfigError, apply_dict, apply_overrides, read_yaml_mapping, validate
+from simcot.train.methods import METHODS as REGISTRY
 from simcot.train.methods import validate_method
 from simcot.train.sweep_stats import bootstrap_interval, paired_gain
 
 log = logging.getLogger(__name__)
 
-METHODS = ("nocot", "cot", "coconut", "simcot-coconut", "codi", "simcot-codi")
-LATENT_FREE = ("nocot", "cot")
-BASE_OF = {"simcot-coconut": "coconut", "simcot-codi": "codi"}  # a SIM-CoT gain is measured against its base
+# what each method is in a sweep, asked of the methods themselves
+METHODS = tuple(m for m, cls in REGISTRY.items() if cls.sweepable)
+LATENT_FREE = tuple(m for m in METHODS if not REGISTRY[m].uses_latents)
+BASE_OF = {m: REGISTRY[m].base_method for m in METHODS if REGISTRY[m].base_method}  # a SIM-CoT gain's baseline
 
 
 @dataclass(frozen=True)
@@ -61,8 +63,8 @@ def plan_cells(methods: list[str], latents: list[int], seeds: list[int]) -> list
         raise ConfigError(f"unknown sweep method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     if any(L < 1 for L in latents):
         raise ConfigError("sweep latent counts must be >= 1")
-    need_cot = any(m in ("coconut", "simcot-coconut") for m in methods)
-    base = [m for m in LATENT_FREE if m in methods or (m == "cot" and need_cot)]
+    starts = {REGISTRY[m].starts_from for m in methods}  # the runs some latent cells start from
+    base = [m for m in LATENT_FREE if m in methods or m in starts]
     cells = [Cell(m, 0, s) for s in seeds for m in base]
     cells += [Cell(m, L, s) for s in seeds for L in latents for m in methods if m not in LATENT_FREE]
     return cells
@@ -127,13 +129,11 @@ def cell_overrides(cell: Cell, base: Config, out: Path, stages: int = 0) -> dict
     ov = {"method": cell.method, "train.seed": cell.seed, "data.seed": base.data.seed,
           "train.out_dir": str(out / "runs"), "train.run_name": cell.name,
           "train.overwrite": True}  # a cell without its result file is rerun from scratch: its folder is the sweep's
-    if cell.method in ("coconut", "simcot-coconut"):
-        c = math.ceil(cell.latents / steps)
-        ov.update({"coconut.c_thought": c, "coconut.max_latent_stage": min(cell.latents, steps),
-                   "coconut.stage_offset": 1, "coconut.pad_latent_to_max": True,
-                   "train.init_from": str(out / "runs" / Cell("cot", 0, cell.seed).name)})
-    elif cell.method in ("codi", "simcot-codi"):
-        ov["codi.n_latents"] = cell.latents
+    method = REGISTRY[cell.method]
+    if method.uses_latents:
+        ov.update(method.latent_budget(cell.latents, steps))
+    if method.starts_from:
+        ov["train.init_from"] = str(out / "runs" / Cell(method.starts_from, 0, cell.seed).name)
     return ov
 
 

@@ -10,7 +10,8 @@ from simcot.train.methods.semcot import SemCoT
 from simcot.train.methods.simcot_codi import SimCoTCodi
 from simcot.train.methods.simcot_coconut import SimCoTCoconut
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (NoCoT, CoT, Coconut, Codi, SimCoTCoconut, SimCoTCodi, SemCoT)}
+# in the order tables and plots list them (each SIM-CoT variant after its base)
+METHODS: dict[str, type[Method]] = {m.name: m for m in (NoCoT, CoT, Coconut, SimCoTCoconut, Codi, SimCoTCodi, SemCoT)}
 
 
 def validate_method(cfg) -> None:

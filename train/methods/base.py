@@ -49,6 +49,18 @@ class Prompt:
 class Method:
     name: ClassVar[str]
     uses_latents: ClassVar[bool] = False
+    # What sweeps and the memory planner ask of a method, without building one:
+    sweepable: ClassVar[bool] = True  # a cell of `simcot sweep` (SemCoT needs a trained answerer first)
+    base_method: ClassVar[str | None] = None  # SIM-CoT: the method its gain is measured against
+    starts_from: ClassVar[str | None] = None  # the method of the run its training starts from (train.init_from)
+    teacher_pass: ClassVar[bool] = False  # a second forward over question + CoT + answer (CODI's teacher)
+    decoder_pass: ClassVar[bool] = False  # a step-decoder forward over the decoded steps (SIM-CoT)
+
+    @classmethod
+    def latent_budget(cls, latents: int, stages: int) -> dict:
+        """Config overrides that give this method `latents` continuous thoughts, for a task whose
+        curriculum has `stages` stages (the latent budget, spelled in the method's own keys)."""
+        return {}
 
     def __init__(self, cfg, tok, special: SpecialIds, inference: bool = False):
         self.cfg = cfg

@@ -13,6 +13,7 @@ max_latent_stage*c (``pad_latent_to_max``) or min(#steps, max_latent_stage)*c. W
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -26,6 +27,14 @@ from simcot.train.methods.latent import LatentMethod
 
 class Coconut(LatentMethod):
     name = "coconut"
+    starts_from = "cot"  # the curriculum replaces the steps of a CoT-SFT run
+
+    @classmethod
+    def latent_budget(cls, latents, stages):
+        """c = ceil(L / stages) latents per step over min(L, stages) one-epoch stages, every sample
+        padded to the full budget after the last stage; stage 1 first (stage 0 is the CoT run)."""
+        return {"coconut.c_thought": math.ceil(latents / stages), "coconut.max_latent_stage": min(latents, stages),
+                "coconut.stage_offset": 1, "coconut.pad_latent_to_max": True}
 
     @classmethod
     def validate(cls, cfg):

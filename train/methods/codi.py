@@ -49,6 +49,11 @@ def distillation(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor,
 
 class Codi(LatentMethod):
     name = "codi"
+    teacher_pass = True
+
+    @classmethod
+    def latent_budget(cls, latents, stages):
+        return {"codi.n_latents": latents}
 
     @classmethod
     def validate(cls, cfg):

@@ -80,6 +80,11 @@ def reasoning_pair(ex: dict) -> tuple[str, str]:
 
 class SemCoT(Method):
     name = "semcot"
+    sweepable = False  # its answerer is a trained run of its own
+
+    @classmethod
+    def latent_budget(cls, latents, stages):
+        return {"semcot.n_thoughts": latents}
 
     def __init__(self, cfg, tok, special, inference=False):
         super().__init__(cfg, tok, special, inference)

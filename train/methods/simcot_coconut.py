@@ -16,6 +16,8 @@ from simcot.train.methods.step_supervision import (StepSupervised, align_steps, 
 
 class SimCoTCoconut(StepSupervised, Coconut):
     name = "simcot-coconut"
+    base_method = "coconut"
+    decoder_pass = True
 
     @classmethod
     def validate(cls, cfg):

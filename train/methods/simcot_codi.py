@@ -18,6 +18,8 @@ from simcot.train.methods.step_supervision import (StepSupervised, align_steps, 
 
 class SimCoTCodi(StepSupervised, Codi):
     name = "simcot-codi"
+    base_method = "codi"
+    decoder_pass = True
 
     group = 1  # latents per decoded slot
 
