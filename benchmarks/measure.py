@@ -189,6 +189,8 @@ def measure_suite(args, workdir: Path) -> None:
     with tempfile.TemporaryDirectory(prefix="simcot-clone-") as tmp:
         clone = Path(tmp) / "simcot"
         subprocess.run(["git", "clone", "-q", str(REPO), str(clone)], check=True)
+        if (REPO.parent / "shared").is_dir():  # as CI lays it out: the shared data beside the clone
+            (Path(tmp) / "shared").symlink_to(REPO.parent / "shared")
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
         out, err, wall = _run(["bash", ".ci/run"], workdir / "logs" / "suite.log", args.threads, cwd=clone)
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed|errors?)", out + err))
