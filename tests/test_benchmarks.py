@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_train_step_benchmark_measures_a_method_and_reports_the_plan(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # torch reads both
     p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--setups", "tiny-full",
                         "--device", "cpu", "--warmup", "1", "--methods", "codi", "--chain", "3", "--quick",
                         "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env,
