@@ -82,17 +82,6 @@ def overrides(args, setup: dict, method: str, work: Path) -> dict:
             "simcot.decoder": args.decoder, **METHOD_OVERRIDES[method]}
 
 
-def tokenize_plain(records, tok, answer_prefix: str, max_tokens: int = 0, num_proc: int = 0) -> list[dict]:
-    """``examples.tokenize`` without ``datasets``: the GPU image lacks it and its pyarrow (~50 MB)
-    cannot travel within the 64 MiB. Same rows: the record, its index, its raw steps, its ids."""
-    from simcot.train.data.examples import example_length
-    from simcot.train.data.tokenizer import encode_record
-
-    rows = [{"idx": i, "steps_text": r["steps"], **r, **encode_record(tok, r, answer_prefix)}
-            for i, r in enumerate(records)]
-    return [ex for ex in rows if not max_tokens or example_length(ex) <= max_tokens]
-
-
 def sync(device: str) -> None:
     import torch
 
@@ -124,10 +113,6 @@ def run_method(args, setup: dict, method: str, work: Path) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     t_build = time.perf_counter()
-    try:
-        import datasets  # noqa: F401
-    except ImportError:
-        runner.tokenize = tokenize_plain
     runner.seed_everything(cfg.train.seed)
     if device.type == "cuda" and hf_ds_config is None:
         try:  # weights created and random-initialised on the GPU: seconds, not a CPU init of 1B parameters

@@ -66,3 +66,19 @@ def test_multiplication_round_trips_through_the_icot_text(tmp_path):
     p = tmp_path / "m.txt"
     p.write_text("\n".join(format_icot(r) for r in recs) + "\n")
     assert read_file(p, "icot") == recs
+
+
+def test_tokenize_gives_the_same_examples_without_the_datasets_package(monkeypatch, tmp_path):
+    """The lent GPU's bare image has no `datasets`: tokenizing falls back to a loop, same rows."""
+    import sys
+
+    from simcot.train.data.examples import tokenize
+    from simcot.train.data.generators import arith_chain
+    from simcot.train.data.tokenizer import record_texts, train_sentencepiece
+
+    records = arith_chain(40, steps=3, seed=0)
+    tok = train_sentencepiece(record_texts(records, "### "), 96, tmp_path / "tok")
+    with_ds = tokenize(records, tok, "### ")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    assert tokenize(records, tok, "### ") == with_ds
+    assert len(with_ds) == 40 and with_ds[0]["q"] and with_ds[0]["steps_text"] == records[0]["steps"]

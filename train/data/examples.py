@@ -18,15 +18,19 @@ def tokenize(records: list[Record], tok, answer_prefix: str, max_tokens: int = 0
     """Tokenized examples (each keeps its row index `idx` in the split and the raw question)."""
     if not records:
         return []
-    import datasets
-    from datasets import Dataset
-
-    datasets.disable_progress_bars()
     # steps_text: the raw steps, for objectives that read reasoning as text (SemCoT's encoder)
-    ds = Dataset.from_list([{"idx": i, "steps_text": r["steps"], **r} for i, r in enumerate(records)])
-    ds = ds.map(lambda r: encode_record(tok, r, answer_prefix), num_proc=num_proc or None,
-                remove_columns=["steps", "answer"], desc=None)
-    examples = ds.to_list()
+    rows = [{"idx": i, "steps_text": r["steps"], **r} for i, r in enumerate(records)]
+    try:
+        import datasets
+    except ImportError:  # a bare image (the lent GPU's) has no datasets/pyarrow: the same rows, one by one
+        examples = [{**{k: v for k, v in r.items() if k not in ("steps", "answer")},
+                     **encode_record(tok, r, answer_prefix)} for r in rows]
+    else:
+        datasets.disable_progress_bars()
+        ds = datasets.Dataset.from_list(rows).map(lambda r: encode_record(tok, r, answer_prefix),
+                                                   num_proc=num_proc or None, remove_columns=["steps", "answer"],
+                                                   desc=None)
+        examples = ds.to_list()
     if max_tokens > 0:
         kept = [ex for ex in examples if example_length(ex) <= max_tokens]
         if len(kept) < len(examples):
