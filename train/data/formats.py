@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 Record = dict  # {"question": str, "steps": list[str], "answer": str} (+ optional REASONING_FIELDS)
 
@@ -98,7 +98,7 @@ def read_utf8(path: Path) -> str:
         raise _not_utf8(path, raw.count(b"\n", 0, e.start) + 1, e, e.start - line_start) from None
 
 
-def _json_lines(path: Path) -> Iterator[tuple[int, object]]:
+def json_lines(path: Path) -> Iterator[tuple[int, object]]:
     for i, line in utf8_lines(path):
         if not line.strip():
             continue
@@ -144,7 +144,7 @@ def gsm8k_row(obj: object, where: str, steps: str = "equations") -> Record:
 
 
 def read_gsm8k_jsonl(path: Path, steps: str = "equations") -> Iterator[Record]:
-    for i, obj in _json_lines(path):
+    for i, obj in json_lines(path):
         yield gsm8k_row(obj, _where(path, i), steps)
 
 
@@ -294,7 +294,7 @@ def read_icot(path: Path) -> Iterator[Record]:
 # ---------------------------------------------------------------------------- JSON / JSONL
 
 
-def _json_list(path: Path, row: Callable[[object, str], Record]) -> Iterator[Record]:
+def json_list(path: Path, row: Callable[[object, str], Any]) -> Iterator[Any]:
     """The records of a file holding one JSON list, each through `row(obj, where)`."""
     try:
         data = json.loads(read_utf8(path))
@@ -307,7 +307,7 @@ def _json_list(path: Path, row: Callable[[object, str], Record]) -> Iterator[Rec
 
 
 def read_coconut_json(path: Path) -> Iterator[Record]:
-    return _json_list(path, _check_record)
+    return json_list(path, _check_record)
 
 
 def semcot_row(obj: object, where: str) -> Record:
@@ -323,11 +323,11 @@ def semcot_row(obj: object, where: str) -> Record:
 
 
 def read_semcot_json(path: Path) -> Iterator[Record]:
-    return _json_list(path, semcot_row)
+    return json_list(path, semcot_row)
 
 
 def read_jsonl(path: Path) -> Iterator[Record]:
-    for i, obj in _json_lines(path):
+    for i, obj in json_lines(path):
         yield _check_record(obj, _where(path, i))
 
 

@@ -199,21 +199,10 @@ def _split_file(folder: Path, split: str) -> Path | None:
 
 def _rows(path: Path) -> Iterator[tuple[str, object]]:
     """(where, row) of a .json list or a .jsonl file, for the release's own row parser."""
-    text = formats.read_utf8(path)
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
-        for i, obj in enumerate(data):
-            yield f"{path}: record {i}", obj
-        return
-    for i, line in enumerate(text.splitlines(), 1):
-        if line.strip():
-            try:
-                yield f"{path}:{i}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{i}: invalid JSON ({e.msg})") from None
+    first = next((line for _, line in formats.utf8_lines(path) if line.strip()), "")
+    if path.suffix == ".json" and first.lstrip().startswith("["):
+        return formats.json_list(path, lambda obj, where: (where, obj))
+    return ((f"{path}:{i}", obj) for i, obj in formats.json_lines(path))
 
 
 def _read_release_file(path: Path, named: Named, cfg: DataConfig) -> list[Record]:
