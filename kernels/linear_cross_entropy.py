@@ -27,9 +27,9 @@ with dW counted as its fp32 accumulator, 4·V·H bytes (0 when the weight needs 
 ``reduction="none"`` always recomputes: a per-token upstream gradient cannot be applied to a dW
 summed over tokens afterwards. A budget of 0 always recomputes. Under ``no_grad`` the loss only.
 
-Both paths cut the rows alike: chunks as large as the weight (``chunk_rows``: H rows), so dW's
-fp32 accumulator is read and written once per H rows rather than per 256; with N <= H there is
-one chunk and dW is a single GEMM. Peak extra
+Both paths cut the rows alike: on a GPU chunks as large as the weight (``chunk_rows``: H rows), so
+dW's fp32 accumulator is read and written once per H rows rather than per 256; with N <= H there
+is one chunk and dW is a single GEMM (on the CPU, 256-row chunks: see ``chunk_rows``). Peak extra
 memory: one chunk of logits (plus an fp32 copy on the PyTorch path for half inputs), dW, and
 under autocast a half-precision copy of the weight (as autocast itself makes for F.linear).
 The recompute path's backward reads the weight again: under ZeRO-3 inside ``engine(...)`` DeepSpeed re-fetches it for
@@ -138,20 +138,25 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def chunk_rows(n: int, v: int, h: int) -> int:
-    """Rows per chunk, from a memory budget: a logits chunk (rows x V) at most the size of the
-    weight (V x H), i.e. H rows, but at least 256; the n rows are then cut into equal chunks.
+def chunk_rows(n: int, v: int, h: int, device: str = "cuda") -> int:
+    """Rows per chunk, from a memory budget: on a GPU a logits chunk (rows x V) at most the size of
+    the weight (V x H), i.e. H rows, but at least 256; on the CPU 256 rows; the n rows are then cut
+    into equal chunks.
 
-    Why H rows: backward adds each chunk's dW = dlogits^T x (inner dimension: the chunk's rows)
-    into one V x H fp32 accumulator, read and written once per chunk (8·V·H bytes) against
+    Why H rows on a GPU: backward adds each chunk's dW = dlogits^T x (inner dimension: the chunk's
+    rows) into one V x H fp32 accumulator, read and written once per chunk (8·V·H bytes) against
     6·rows·H·V FLOPs of GEMMs, so the accumulator costs 1.3/rows of the GEMM time in units of the
     machine's FLOP/byte ratio (~200 on an H100/H200): 256-row chunks (the old rule at N=8k,
     H=4096, V=128k) made the dW GEMMs memory-bound; 4096-row chunks make the accumulator ~7 % of
     the GEMM time, inside the GEMM's epilogue on CUDA. The transient logits chunk then weighs what
     the weight does (1 GiB in bf16 at H=4096, V=128k), and when N <= H there is a single chunk
     and no accumulator at all (dW is one GEMM, written once).
+
+    Why 256 rows on the CPU: its FLOP/byte ratio is ~10, so the accumulator is already ~5 % of the
+    GEMM time at 256 rows, and H-row chunks only raise the peak (at H=512, V=32000 fp32: 205 MiB
+    against 143 MiB with 256 rows; benchmarks/results/linear_cross_entropy_cpu.md).
     """
-    cap = max(256, h)
+    cap = max(256, h) if device == "cuda" else 256
     pieces = max(1, -(-n // cap))
     return max(1, -(-n // pieces))
 
@@ -243,7 +248,7 @@ def _chunks(hidden, weight, bias, target, *, cdtype, opts, backend, chunk, scale
     wc = weight.to(cdtype)
     loss = torch.empty(n, dtype=acc_dtype(cdtype), device=hidden.device)
     lse = torch.empty_like(loss)
-    step = chunk or chunk_rows(n, v, h)
+    step = chunk or chunk_rows(n, v, h, hidden.device.type)
     single = step >= n
     gx = torch.empty_like(hidden) if want_x else None
     gw = None
@@ -267,6 +272,7 @@ def _chunks(hidden, weight, bias, target, *, cdtype, opts, backend, chunk, scale
             _mm_into_(gw, logits.T, xc, first=s == 0)
         if want_b:
             gb += logits.sum(0, dtype=gb.dtype)
+        del logits, xc  # before the next chunk's GEMM allocates: one logits chunk alive at a time, not two
     if gw is not None:
         gw = gw.to(weight.dtype)  # fp32 accumulator -> the parameter's dtype (no-op for one chunk)
     return loss, lse, gx, gw, gb

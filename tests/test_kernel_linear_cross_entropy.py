@@ -297,6 +297,21 @@ def test_default_chunk_rows():
     assert chunk_rows(0, 32000, 512) == 1
 
 
+def test_cpu_chunks_are_256_rows():
+    """On the CPU the logits chunk stays 256 rows whatever H (before: H rows, a 1.43x peak at
+    H=512, V=32000 in benchmarks/results/linear_cross_entropy_cpu.md); GPUs keep H-row chunks."""
+    assert chunk_rows(1024, 32000, 512, "cpu") == 256
+    assert chunk_rows(1024, 32000, 512, "cuda") == 512
+    assert chunk_rows(300, 32000, 512, "cpu") == 150  # two equal chunks
+    n, h, v = 1024, 384, 64  # H-row chunks would be 342 rows (three equal chunks)
+    x, w, b, y = make(n, h, v, torch.float32)
+    with Created() as probe:
+        loss = fused_linear_cross_entropy(x, w, y, bias=b, impl="torch")
+        loss.backward()
+    logits_rows = {k[0] for _, _, k in probe.made if len(k) == 2 and k[1] == v and k[0] != h}  # not W.T
+    assert logits_rows == {256}, logits_rows
+
+
 def test_impl_choice(monkeypatch):
     x, w, b, y = make(6, 4, 9, torch.float32)
     calls = []
