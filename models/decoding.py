@@ -12,6 +12,7 @@ group when one is given.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
-from simcot.parallel import decoding_done
+from simcot.parallel import any_partitioned, decoding_done
 
 
 def unwrap(lm: nn.Module) -> nn.Module:
@@ -85,9 +86,66 @@ class Prefill:
 
 
 def prefill_ids(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Prefill:
+    """Run a left-padded prompt batch (in length groups: `prefix_groups`) and keep its cache."""
     pos = positions(mask)
-    out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    return Prefill(out.logits[:, -1], cache_of(out), mask, pos[:, -1] + 1)
+
+    def forward(i, m, p):
+        out = lm(input_ids=i, attention_mask=m, position_ids=p, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1], cache_of(out)
+
+    logits, cache = by_length(forward, ids, mask, pos, prefix_groups(lm, ids.shape[0]))
+    return Prefill(logits, cache, mask, pos[:, -1] + 1)
+
+
+GROUP_ROWS = 32  # rows per prompt group at least: a smaller group's forward costs more than the padding it saves
+MAX_GROUPS = 8
+
+
+def prefix_groups(lm: nn.Module, rows: int) -> int:
+    """How many length groups a prompt batch of `rows` runs in (1: one forward, as padded).
+
+    One group under ZeRO-3: there every rank must make the same number of forwards (each gathers
+    the weights) and ranks' batches differ. Otherwise one group per GROUP_ROWS rows, at most
+    MAX_GROUPS: at batch 256 with questions of 8 to 24 tokens, 8 groups run ~30 % fewer prompt
+    positions than the batch padded to its longest row."""
+    groups = max(1, min(MAX_GROUPS, rows // GROUP_ROWS))
+    return 1 if groups > 1 and any_partitioned(unwrap(lm).get_input_embeddings()) else groups
+
+
+def by_length(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, groups: int):
+    """`forward(ids, mask, positions) -> (out at the last column (b, X), KV cache)` over a
+    left-padded batch, run in `groups` groups of rows of similar length, each cut to its own
+    longest row; returns (out (B, X), one cache for the whole batch, as wide as `ids`).
+
+    A row's keys and values do not depend on the padding to its left (masked, and positions count
+    from the first real token), so the groups' caches are put back side by side, right-aligned,
+    with zeros in the columns left of a group's width (padding, masked by every later step). Caches of another kind than
+    transformers' DynamicLayer (sliding windows, quantised) are not merged: one forward instead.
+    """
+    if groups <= 1:
+        return forward(ids, mask, pos)
+    bsz, width = ids.shape
+    lengths = mask.sum(1)  # (B,)
+    order = lengths.argsort(descending=True, stable=True)  # (B,)
+    out, cache, layers = None, None, None
+    for rows in order.tensor_split(groups):
+        w = max(int(lengths[rows[0]]), 1)  # the group's longest row
+        o, c = forward(ids[rows, width - w:], mask[rows, width - w:], pos[rows, width - w:])
+        if cache is None:
+            if any(type(layer) is not DynamicLayer for layer in getattr(c, "layers", [None])):
+                return forward(ids, mask, pos)
+            out = o.new_empty(bsz, *o.shape[1:])
+            cache = c
+            layers = [(lay.keys.new_zeros(bsz, *lay.keys.shape[1:2], width, lay.keys.shape[-1]),  # (B, heads, T, D)
+                       lay.values.new_zeros(bsz, *lay.values.shape[1:2], width, lay.values.shape[-1]))
+                      for lay in c.layers]
+        out[rows] = o
+        for (k, v), lay in zip(layers, c.layers):
+            k[rows, :, width - w:] = lay.keys
+            v[rows, :, width - w:] = lay.values
+    for lay, (k, v) in zip(cache.layers, layers):
+        lay.keys, lay.values = k, v
+    return out, cache
 
 
 def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -160,6 +218,29 @@ def _ready_masks(lm: nn.Module | None) -> str | None:
     return impl if impl in ("sdpa", "eager") else None
 
 
+def step_attention(impl: str | None, device: torch.device) -> str | None:
+    """The attention a single-token step runs: the model's own, except sdpa on the CPU, where the
+    step runs eager attention (the same math). One query row against the cache is two small
+    matmuls; the CPU's fused sdpa kernel (flash attention for CPU) tiles it as if the query were
+    long and costs ~1.3x as much per step at batch 256 (benchmarks/bench_rollout.py)."""
+    return "eager" if impl == "sdpa" and device.type == "cpu" else impl
+
+
+@contextlib.contextmanager
+def attention_as(lm: nn.Module, impl: str | None):
+    """Run `lm` with attention implementation `impl` inside the block (its own again after)."""
+    config = unwrap(lm).config if impl is not None else None
+    own = config._attn_implementation if config is not None else None
+    if impl is None or impl == own:
+        yield
+        return
+    config._attn_implementation = impl  # read by every attention module at each forward
+    try:
+        yield
+    finally:
+        config._attn_implementation = own
+
+
 def _mask_4d(mask: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
     """`mask` (B, T) bool as the ready mask (B, 1, 1, T) transformers would build for one query."""
     if impl == "sdpa":
@@ -218,36 +299,39 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     written = torch.arange(full.shape[1], device=device)  # (T + new,)
     compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
     steps = 0
-    for t in range(max_new_tokens):
-        nxt = sample_top_p(logits, temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
-        tok = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out[rows, t] = tok
-        steps = t + 1
-        done = done | (tok == eos_id)
-        if t == max_new_tokens - 1:
-            break
-        all_done = bool(done.all())
-        if decoding_done(done, synced, group):
-            break
-        if compactable and not all_done and int(done.sum()) >= _compact_at(len(rows)):
-            keep = (~done).nonzero().squeeze(1)  # (b',)
-            cache.batch_select_indices(keep)
-            rows, tok, done, full = rows[keep], tok[keep], done[keep], full[keep]
-            pos = pos[keep] if pos is not None else None
-        end = width + t + 1  # cache length once this step's token is in
-        kw = {}
-        if reserved:  # the whole buffer is attended: hide what is not written yet
-            if end > capacity:
-                capacity = min(end + CACHE_CHUNK - 1, width + n_new)
-                for layer in cache.layers:
-                    layer.grow(capacity)
-            kw["attention_mask"] = _mask_4d(full[:, :capacity] & (written[:capacity] < end), impl, fdtype)
-        elif state.mask is not None:
-            kw["attention_mask"] = full[:, :end].long()
-        if pos is not None:
-            kw["position_ids"] = pos[:, None]
-            pos = pos + 1
-        logits = step(tok, cache, **kw)
+    if reserved:
+        impl = step_attention(impl, device)  # the masks below are made for it
+    with attention_as(lm, impl if reserved else None):
+        for t in range(max_new_tokens):
+            nxt = sample_top_p(logits, temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
+            tok = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+            out[rows, t] = tok
+            steps = t + 1
+            done = done | (tok == eos_id)
+            if t == max_new_tokens - 1:
+                break
+            all_done = bool(done.all())
+            if decoding_done(done, synced, group):
+                break
+            if compactable and not all_done and int(done.sum()) >= _compact_at(len(rows)):
+                keep = (~done).nonzero().squeeze(1)  # (b',)
+                cache.batch_select_indices(keep)
+                rows, tok, done, full = rows[keep], tok[keep], done[keep], full[keep]
+                pos = pos[keep] if pos is not None else None
+            end = width + t + 1  # cache length once this step's token is in
+            kw = {}
+            if reserved:  # the whole buffer is attended: hide what is not written yet
+                if end > capacity:
+                    capacity = min(end + CACHE_CHUNK - 1, width + n_new)
+                    for layer in cache.layers:
+                        layer.grow(capacity)
+                kw["attention_mask"] = _mask_4d(full[:, :capacity] & (written[:capacity] < end), impl, fdtype)
+            elif state.mask is not None:
+                kw["attention_mask"] = full[:, :end].long()
+            if pos is not None:
+                kw["position_ids"] = pos[:, None]
+                pos = pos + 1
+            logits = step(tok, cache, **kw)
     return out[:, :steps]
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from simcot.kernels import latent_feedback
-from simcot.models.decoding import Prefill, body, cache_of, head, positions, with_cache
+from simcot.models.decoding import Prefill, body, by_length, cache_of, head, positions, prefix_groups, with_cache
 from simcot.parallel import is_partitioned, rank_max
 
 
@@ -73,18 +73,23 @@ def feedback_params(model) -> dict:
 
 
 def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
-                max_latents: int) -> Rollout:
+                max_latents: int, groups: int = 1) -> Rollout:
     """Prefix forward with a cache, then `max_latents` single-position latent steps for the batch.
 
     `n_latents` (B,) on the model's device; `max_latents` a Python int (>= n_latents.max()).
+    `groups` > 1 runs the prefix in that many length groups (`decoding.by_length`; evaluation).
     """
     stack = body(model.lm)
     dtype = model.lm.get_input_embeddings().weight.dtype
     max_latents = rank_max(max_latents)
     pos = positions(prefix_mask)
-    out = stack(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=pos, use_cache=True)
-    h = out.last_hidden_state[:, -1]
-    cache, mask, next_pos = cache_of(out), prefix_mask, pos[:, -1] + 1
+
+    def forward(i, m, p):
+        out = stack(input_ids=i, attention_mask=m, position_ids=p, use_cache=True)
+        return out.last_hidden_state[:, -1], cache_of(out)
+
+    h, cache = by_length(forward, prefix_ids, prefix_mask, pos, groups)
+    mask, next_pos = prefix_mask, pos[:, -1] + 1
     h_final = h
     pad_ids = torch.full_like(n_latents, model.lm.config.pad_token_id or 0)
     fed, thinking_all = [], []
@@ -118,7 +123,8 @@ def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, o
 def prefill_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
                     max_latents: int, eot_id: int) -> tuple[Prefill, Rollout]:
     """Evaluation: prefix, latents, then ``<eot>``; returns the state greedy decoding continues from."""
-    ro = run_latents(model, prefix_ids, prefix_mask, n_latents, max_latents)
+    ro = run_latents(model, prefix_ids, prefix_mask, n_latents, max_latents,
+                     prefix_groups(model.lm, prefix_ids.shape[0]))
     eot = torch.full((prefix_ids.shape[0], 1), eot_id, dtype=torch.long, device=prefix_ids.device)
     ones = torch.ones_like(eot)
     out = continue_tokens(model, ro, eot, ones)

@@ -113,8 +113,10 @@ def _common_token(rows: list[list[int]]) -> int:
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_decode_equals_generation_without_cache_rows_ending_at_different_steps(name, attn, monkeypatch):
+@pytest.mark.parametrize("group_rows", [32, 2])  # the prompt in one forward; in four length groups
+def test_decode_equals_generation_without_cache_rows_ending_at_different_steps(name, attn, group_rows, monkeypatch):
     monkeypatch.setattr(decoding, "CACHE_CHUNK", 4)  # the reserved cache grows twice within 12 tokens
+    monkeypatch.setattr(decoding, "GROUP_ROWS", group_rows)
     model = _model(name, attn)
     g = torch.Generator().manual_seed(2)
     # eager: equal lengths, since transformers 5.24's eager LLaMA already gets a left-padded prompt
@@ -183,3 +185,58 @@ def test_step_decoder_generate_equals_generation_without_cache(kind):
     got = dec.generate(main, prefix, 8, eos, 0).tolist()
     for row, ref in zip(got, refs):
         assert row[: len(ref)] == ref and all(t == 0 for t in row[len(ref):])
+
+
+def test_prompt_in_length_groups_equals_one_forward():
+    """`by_length`: each group is cut to its own longest row; the merged cache and last-column
+    outputs equal one forward over the whole padded batch (float64), the padding columns zero."""
+    model = _model("tiny-llama")
+    g = torch.Generator().manual_seed(3)
+    ids, mask = left_pad([torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 9, 5, 1, 7, 4, 6)], 0)
+    pos = decoding.positions(mask)
+    calls = []
+
+    def forward(i, m, p):
+        calls.append(tuple(i.shape))
+        out = model(input_ids=i, attention_mask=m, position_ids=p, use_cache=True)
+        return out.logits[:, -1], decoding.cache_of(out)
+
+    with torch.no_grad():
+        one, one_cache = forward(ids, mask, pos)
+        calls.clear()
+        grouped, cache = decoding.by_length(forward, ids, mask, pos, 3)
+    assert calls == [(3, 9), (2, 5), (2, 3)]  # lengths 9 7 6 | 5 4 | 3 1, each group as wide as its longest
+    torch.testing.assert_close(grouped, one, rtol=0, atol=1e-12)
+    for a, b in zip(cache.layers, one_cache.layers):
+        assert a.keys.shape == b.keys.shape
+        for got, ref in ((a.keys, b.keys), (a.values, b.values)):
+            torch.testing.assert_close(got * mask[:, None, :, None], ref * mask[:, None, :, None], rtol=0, atol=1e-12)
+            for row, n in enumerate((3, 9, 5, 1, 7, 4, 6)):  # columns left of the row's group: never computed
+                group_width = {9: 9, 7: 9, 6: 9, 5: 5, 4: 5, 3: 3, 1: 3}[n]
+                assert not got[row, :, : 9 - group_width].any()
+
+
+def test_prompt_groups_follow_the_batch_and_stay_one_under_zero3():
+    model = _model("tiny-llama")
+    assert [decoding.prefix_groups(model, n) for n in (1, 31, 32, 64, 256, 4096)] == [1, 1, 1, 2, 8, 8]
+    model.get_input_embeddings().weight.ds_id = 0  # how ZeRO-3 marks a partitioned parameter
+    assert decoding.prefix_groups(model, 256) == 1  # every rank must make the same number of forwards
+
+
+def test_cpu_steps_run_eager_attention_and_the_model_keeps_its_own():
+    """On the CPU an sdpa model's single-token steps run eager attention (cheaper for one query
+    row); its config names sdpa again afterwards, also when a step raises."""
+    model = _model("tiny-llama")
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
+    try:
+        _decode(model, [[5, 6, 7], [8]], n=3, eos_id=-1)
+    finally:
+        hook.remove()
+    assert seen == ["sdpa", "eager", "eager"]  # the prompt, then two steps
+    assert model.config._attn_implementation == "sdpa"
+    ids, mask = left_pad([[5, 6]], 0)
+    state = prefill_ids(model, ids, mask)
+    with pytest.raises(RuntimeError, match="boom"):
+        decoding.decode(lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")), state, 3, -1, 0, lm=model)
+    assert model.config._attn_implementation == "sdpa"

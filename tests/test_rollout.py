@@ -139,10 +139,14 @@ def test_batched_latent_generation_equals_batch1_generation_without_cache():
 
 
 @pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
-def test_batched_generation_drops_finished_rows_and_equals_generation_without_cache(family):
+@pytest.mark.parametrize("group_rows", [32, 1])  # the prefix in one forward; one row per length group
+def test_batched_generation_drops_finished_rows_and_equals_generation_without_cache(family, group_rows, monkeypatch):
     """Left padding, latent counts 3/0/5/2, rows ending at different steps (so the decode loop drops
     finished rows mid-way): every row equals Coconut's batch-1 generate without a cache."""
+    from simcot.models import decoding
     from simcot.models.decoding import greedy_decode
+
+    monkeypatch.setattr(decoding, "GROUP_ROWS", group_rows)
     from simcot.models.rollout import prefill_latents
     from simcot.models.rollout_reference import naive_generate
 
