@@ -55,6 +55,10 @@ class Method:
     starts_from: ClassVar[str | None] = None  # the method of the run its training starts from (train.init_from)
     teacher_pass: ClassVar[bool] = False  # a second forward over question + CoT + answer (CODI's teacher)
     decoder_pass: ClassVar[bool] = False  # a step-decoder forward over the decoded steps (SIM-CoT)
+    # Submodules of the model that only shape training (SIM-CoT's step decoder, SemCoT's encoder):
+    # an inference model (evaluation, export) does not build them, and loading a checkpoint into
+    # one skips their weights.
+    auxiliary_parts: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def latent_budget(cls, latents: int, stages: int) -> dict:
@@ -66,7 +70,7 @@ class Method:
         self.cfg = cfg
         self.tok = tok
         self.special = special
-        self.inference = inference  # build only what evaluation needs (no step decoder)
+        self.inference = inference  # build only what evaluation needs (no auxiliary_parts)
         # set by the builder when a checkpoint's weights overwrite the model right after set-up: the
         # extra modules then need only their shapes, not starting weights worth loading
         self.restoring = False
@@ -77,6 +81,14 @@ class Method:
 
     def setup_model(self, model: LatentLM) -> None:
         """Add the method's extra modules (projection, step decoder) to a fresh model."""
+
+    def builds(self, part: str) -> bool:
+        """Whether ``setup_model`` adds `part`: an auxiliary part only to a training model."""
+        return not (self.inference and part in self.auxiliary_parts)
+
+    def auxiliary_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the auxiliary parts (what an inference model leaves out)."""
+        return tuple(f"{part}." for part in self.auxiliary_parts)
 
     def stage(self, epoch: int) -> int:
         """Curriculum stage of an epoch (0 for methods without a curriculum)."""

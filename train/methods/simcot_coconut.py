@@ -39,7 +39,7 @@ class SimCoTCoconut(StepSupervised, Coconut):
         return [(i, g, gold[g] if g < len(gold) and gold[g] else []) for g in range(n_groups)]
 
     def setup_model(self, model):
-        if model.step_decoder is None and not self.inference:
+        if model.step_decoder is None and self.builds("step_decoder"):
             model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring, first_position=1,
                                                dropout=False)
 

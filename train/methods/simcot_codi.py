@@ -38,7 +38,7 @@ class SimCoTCodi(StepSupervised, Codi):
 
     def setup_model(self, model):
         super().setup_model(model)
-        if model.step_decoder is None and not self.inference:
+        if model.step_decoder is None and self.builds("step_decoder"):
             model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring)
 
     @property
