@@ -23,7 +23,7 @@ from simcot.models.loading import apply_lora, build_lm
 from simcot.train import config
 from simcot.train.engines.checkpoint import load_state_strict, load_weights, resolve_checkpoint
 from simcot.train.config import Config, apply_overrides, config_from_dict, validate
-from simcot.train.data.examples import tokenize
+from simcot.train.data.examples import Example, tokenize
 from simcot.train.methods import METHODS, validate_method
 from simcot.train.data.sources import Splits, load_splits
 from simcot.train.data.tokenizer import SpecialIds, build_tokenizer, load_tokenizer_from
@@ -57,7 +57,7 @@ class Built:
     splits: Splits
     tok: object
     special: SpecialIds
-    examples: dict[str, list[dict]]
+    examples: dict[str, list[Example]]  # by split
     model: LatentLM
     method: object
 

@@ -41,6 +41,7 @@ from simcot.models.loading import is_random_init
 from simcot.models.sentence_encoder import MiniLMEncoder, SliceEncoder, info_nce, n_layers, parse_slice
 from simcot.models.thought_generator import ThoughtGenerator, build_generator_lm, hidden_size
 from simcot.train.config import ConfigError
+from simcot.train.data.examples import Example
 from simcot.train.engines.engine import param_groups
 from simcot.train.methods.base import IGNORE, LossOutput, Method, Prompt, lm_batch, right_pad, shifted_ce
 
@@ -94,7 +95,7 @@ def step_results(steps: list[str]) -> str:
     return " ".join(out)
 
 
-def reasoning_pair(ex: dict) -> tuple[str, str]:
+def reasoning_pair(ex: Example) -> tuple[str, str]:
     """(reasoning text, condensed form) of an example; see the module docstring."""
     steps = " ".join(ex["steps_text"])
     if ex.get("reasoning"):
@@ -188,12 +189,12 @@ class SemCoT(Method):
               Phase.GENERATOR_PROJ: s.generator_proj_lr, Phase.GENERATOR: s.generator_lr}[phase]
         return {p.value: (lr / base if p.value in phase.trained_groups else 0.0) for p in PHASES}
 
-    def before_epoch(self, engine, epoch, train_examples):
+    def before_epoch(self, engine, epoch, train_examples: list[Example]):
         if not self.phase(epoch).trains_encoder and self.targets is None:
             self.targets = self.compute_targets(engine, train_examples)
 
     @torch.no_grad()
-    def compute_targets(self, engine, examples: list[dict], batch_size: int = 64) -> torch.Tensor:
+    def compute_targets(self, engine, examples: list[Example], batch_size: int = 64) -> torch.Tensor:
         """The frozen encoder's vector of every example's reasoning text, once (every rank makes
         the same forwards, as ZeRO-3 requires)."""
         module = engine.module
@@ -222,7 +223,7 @@ class SemCoT(Method):
 
     # ------------------------------------------------------------------------------- batches
 
-    def pair_ids(self, ex: dict) -> tuple[list[int], list[int]]:
+    def pair_ids(self, ex: Example) -> tuple[list[int], list[int]]:
         key = ex["idx"]
         if key not in self._pair_ids:
             text, condensed = reasoning_pair(ex)
@@ -233,7 +234,7 @@ class SemCoT(Method):
     def _slots(self) -> list[int]:
         return [self.special.latent] * self.cfg.semcot.n_thoughts
 
-    def collate(self, examples, epoch, rng):
+    def collate(self, examples: list[Example], epoch, rng):
         phase = self.phase(epoch)
         if phase.trains_encoder:
             full, cond = zip(*(self.pair_ids(ex) for ex in examples))
@@ -286,10 +287,10 @@ class SemCoT(Method):
 
     # ---------------------------------------------------------------------------- evaluation
 
-    def eval_latents(self, epoch=None, ex=None):
+    def eval_latents(self, epoch=None, ex: Example | None = None):
         return self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.cfg.semcot.n_thoughts
 
-    def eval_prompt(self, ex, epoch=None, n_latents=None):
+    def eval_prompt(self, ex: Example, epoch=None, n_latents=None):
         n = self.eval_latents(epoch, ex) if n_latents is None else n_latents
         return Prompt(ex["q"] + [self.special.latent] * n + ex["a"][:ex["a_marker"]], n, ex)
 
