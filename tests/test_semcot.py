@@ -228,7 +228,7 @@ def test_phase_learning_rates_freeze_the_other_parts_exactly(tiny, cot_run):
     cfg, _ = semcot_cfg(tiny, cot_run)
     built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=Path(cot_run["checkpoint"]))
     method, model = built.method, built.model
-    engine = TorchEngine(model, cfg.train, 10, torch.device("cpu"), 1, method.param_groups)
+    engine = TorchEngine(model, cfg, 10, torch.device("cpu"), 1, method.param_groups)
     epoch = 3  # the generator's full phase
     engine.set_lr_scales(method.lr_scales(epoch))
     method.targets = torch.randn(len(built.examples["train"]), cfg.semcot.encoder_dim)
@@ -265,7 +265,7 @@ def test_minilm_encoder_option_trains_the_generator_and_adapter_only(tiny, cot_r
                                           "semcot.encoder_epochs": 0, "train.epochs": 2})
     built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=Path(cot_run["checkpoint"]))
     method, model = built.method, built.model
-    engine = TorchEngine(model, cfg.train, 10, torch.device("cpu"), 1, method.param_groups)
+    engine = TorchEngine(model, cfg, 10, torch.device("cpu"), 1, method.param_groups)
     method.before_epoch(engine, 1, built.examples["train"])
     assert method.targets.shape == (len(built.examples["train"]), 384)
     # the targets are MiniLM's own sentence vectors of the reasoning texts

@@ -252,11 +252,8 @@ def _train(cfg: Config, info, state: TrainState, resume_ckpt: Path | None, run_d
     init_ckpt = resolve_checkpoint(t.init_from) if t.init_from else None
     built = build(cfg, run_dir, checkpoint=resume_ckpt, init_from=init_ckpt)
     shape = RunShape.of(t, info.world, len(built.examples["train"]))
-    if ds_config is not None:
-        engine = DeepSpeedEngine(built.model, cfg, shape.total_steps, device, shape.accum, ds_config,
-                                 built.method.param_groups)
-    else:
-        engine = TorchEngine(built.model, t, shape.total_steps, device, shape.accum, built.method.param_groups)
+    args = (built.model, cfg, shape.total_steps, device, shape.accum, built.method.param_groups)
+    engine = DeepSpeedEngine(*args, ds_config=ds_config) if ds_config is not None else TorchEngine(*args)
     if resume_ckpt is not None:
         engine.load(resume_ckpt)
         load_rng_state(resume_ckpt, engine.rank)
