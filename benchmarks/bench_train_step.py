@@ -124,7 +124,8 @@ def run_method(args, setup: dict, method: str, work: Path) -> dict:
             built = runner.build(cfg, work / "runs" / method)
     else:  # ZeRO-3: zero.Init already creates each parameter partitioned on the GPU
         built = runner.build(cfg, work / "runs" / method)
-    engine = DeepSpeedEngine(built.model, cfg, cfg.train.max_steps, device, 1, ds_config, built.method.param_groups)
+    engine = DeepSpeedEngine(built.model, cfg, cfg.train.max_steps, device, 1, built.method.param_groups,
+                             ds_config=ds_config)
     trainer = Trainer(cfg, built.method, engine, built.tok, built.examples, NullTracker(), work / "runs" / method, "")
     build_s = time.perf_counter() - t_build
     state = TrainState()

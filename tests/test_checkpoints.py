@@ -12,7 +12,7 @@ import torch
 from conftest import REPO
 from simcot.train.engines.checkpoint import (TRUST_ENV, CheckpointError, load_rng_state, load_weights, rng_state,
                                     set_rng_state, weights_only_loads)
-from simcot.train.config import TrainConfig
+from simcot.train.config import Config
 from simcot.train.engines.engine import TorchEngine
 
 
@@ -53,7 +53,7 @@ def test_rng_files_of_older_checkpoints_with_numpy_arrays_still_load(tmp_path):
 
 def _engine(tmp_path) -> TorchEngine:
     torch.manual_seed(0)
-    engine = TorchEngine(torch.nn.Linear(4, 3), TrainConfig(), 10, torch.device("cpu"), 1)
+    engine = TorchEngine(torch.nn.Linear(4, 3), Config(), 10, torch.device("cpu"), 1)
     engine.save(tmp_path)
     return engine
 

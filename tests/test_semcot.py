@@ -14,7 +14,7 @@ from simcot.models.sentence_encoder import info_nce
 from simcot.train.engines.checkpoint import load_weights
 from simcot.train.config import ConfigError
 from simcot.train.methods.base import right_pad
-from simcot.train.methods.semcot import reasoning_pair, step_results
+from simcot.train.methods.semcot import Phase, reasoning_pair, step_results
 from simcot.train.runner import build, run_training
 
 from conftest import crash_at, run_losses
@@ -57,6 +57,28 @@ def test_reasoning_pairs():
     own = dict(nl, condensed_reasoning="3+4=7")
     assert reasoning_pair(own)[1] == "3+4=7"
     assert step_results(["no equation"]) == "no equation"
+
+
+def test_phases_follow_the_epochs_and_set_each_groups_lr():
+    from simcot.train.assemble import load_config
+    from simcot.train.methods import METHODS
+    from simcot.train.data.tokenizer import SpecialIds
+
+    ov = {**SEM, "train.init_from": "x", "train.epochs": 6, "semcot.encoder_epochs": 2, "train.lr": 1e-3,
+          "semcot.encoder_proj_lr": 1e-3, "semcot.encoder_lr": 2e-3, "semcot.generator_proj_lr": 3e-3,
+          "semcot.generator_lr": 4e-3}
+    method = METHODS["semcot"](load_config(None, ov), None, SpecialIds(bot=2, eot=3, latent=4, pad=0, eos=1))
+    assert [method.phase(e) for e in range(6)] == [Phase.ENCODER_PROJ, Phase.ENCODER, Phase.ENCODER,
+                                                   Phase.GENERATOR_PROJ, Phase.GENERATOR, Phase.GENERATOR]
+    assert [method.stage(e) for e in range(6)] == [0, 1, 1, 2, 3, 3]
+    assert [e for e in range(1, 6) if method.reset_optimizer_at(e)] == [1, 3, 4]
+    scales = [method.lr_scales(e) for e in (0, 1, 3, 4)]
+    assert [{k: pytest.approx(v) for k, v in s.items()} for s in scales] == [
+        {"encoder_proj": 1.0, "encoder": 0.0, "generator_proj": 0.0, "generator": 0.0},
+        {"encoder_proj": 2.0, "encoder": 2.0, "generator_proj": 0.0, "generator": 0.0},
+        {"encoder_proj": 0.0, "encoder": 0.0, "generator_proj": 3.0, "generator": 0.0},
+        {"encoder_proj": 0.0, "encoder": 0.0, "generator_proj": 4.0, "generator": 4.0}]
+    assert method.auxiliary_prefixes() == ("encoder.",)  # what an inference model leaves out
 
 
 def test_encoder_ranks_true_pairs_above_shuffled_ones_after_training(tiny, cot_run):
@@ -206,7 +228,7 @@ def test_phase_learning_rates_freeze_the_other_parts_exactly(tiny, cot_run):
     cfg, _ = semcot_cfg(tiny, cot_run)
     built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=Path(cot_run["checkpoint"]))
     method, model = built.method, built.model
-    engine = TorchEngine(model, cfg.train, 10, torch.device("cpu"), 1, method.param_groups)
+    engine = TorchEngine(model, cfg, 10, torch.device("cpu"), 1, method.param_groups)
     epoch = 3  # the generator's full phase
     engine.set_lr_scales(method.lr_scales(epoch))
     method.targets = torch.randn(len(built.examples["train"]), cfg.semcot.encoder_dim)
@@ -243,7 +265,7 @@ def test_minilm_encoder_option_trains_the_generator_and_adapter_only(tiny, cot_r
                                           "semcot.encoder_epochs": 0, "train.epochs": 2})
     built = build(cfg, Path(cfg.train.out_dir) / "probe", init_from=Path(cot_run["checkpoint"]))
     method, model = built.method, built.model
-    engine = TorchEngine(model, cfg.train, 10, torch.device("cpu"), 1, method.param_groups)
+    engine = TorchEngine(model, cfg, 10, torch.device("cpu"), 1, method.param_groups)
     method.before_epoch(engine, 1, built.examples["train"])
     assert method.targets.shape == (len(built.examples["train"]), 384)
     # the targets are MiniLM's own sentence vectors of the reasoning texts

@@ -118,3 +118,24 @@ def test_the_yaml_grid_is_the_default_and_flags_win(tmp_path, monkeypatch):
     f.write_text("grid: {latents: 4}\n")
     with pytest.raises(ConfigError, match="'grid' must map methods / latents / seeds to lists"):
         SweepConfig.load(str(f))
+
+
+@pytest.mark.parametrize("err, status", [(RuntimeError("cell exploded"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_a_sweep_that_stops_ends_its_parent_run_failed_or_killed(tmp_path, monkeypatch, err, status):
+    import simcot.train.runner as runner
+    from simcot.train.sweep import run_sweep
+
+    def fake_training(cfg):
+        raise err
+
+    monkeypatch.setattr(runner, "run_training", fake_training)
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    f = tmp_path / "sw.yaml"
+    f.write_text(f"tracking: {{enabled: true, uri: '{uri}', experiment: sw}}\n"
+                 "grid: {methods: [codi], latents: [2], seeds: [0]}\n")
+    with pytest.raises(type(err)):
+        run_sweep(str(f), out=str(tmp_path / "sw"))
+    client = MlflowClient(uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("sw").experiment_id])
+    assert parent.info.status == status
+    assert parent.data.tags.get("simcot.error") == ("RuntimeError: cell exploded" if status == "FAILED" else None)

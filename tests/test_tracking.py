@@ -217,6 +217,47 @@ def test_eval_runs_end_failed_or_killed(tracked, monkeypatch):
     assert evals[0].data.tags["simcot.error"] == "ValueError: decoder exploded"
 
 
+class _Recorder(NullTracker):
+    """A tracker that remembers the tags it got and how it was finished."""
+
+    def __init__(self):
+        self.tags, self.calls = {}, []
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def log_run_plots(self):
+        self.calls.append("plots")
+
+    def finish(self, status="FINISHED"):
+        self.calls.append(status)
+
+
+def test_tracked_ends_a_run_finished_killed_or_failed_and_reraises():
+    from simcot.train.tracking.tracker import end_failed
+    from simcot.train.tracking.tracker import tracked as tracked_run
+
+    done = _Recorder()
+    with tracked_run(done):
+        pass
+    assert done.calls == ["FINISHED"] and done.tags == {}
+    killed = _Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        with tracked_run(killed):
+            raise KeyboardInterrupt
+    assert killed.calls == ["KILLED"] and killed.tags == {}
+    failed = _Recorder()
+    with pytest.raises(ValueError, match="^bad$"):
+        with tracked_run(failed):
+            raise ValueError("bad")
+    assert failed.calls == ["FAILED"] and failed.tags == {"simcot.error": "ValueError: bad"}
+    plotted = _Recorder()  # training's rule: the curves up to the crash, then FAILED
+    with pytest.raises(RuntimeError):
+        with tracked_run(plotted, on_error=lambda tr, e: end_failed(tr, e, plots=True)):
+            raise RuntimeError("x" * 6000)
+    assert plotted.calls == ["plots", "FAILED"] and plotted.tags["simcot.error"] == "RuntimeError: " + "x" * 4986
+
+
 def test_decoded_latents_as_jsonl_and_plots_of_latent_accuracy(store, tmp_path):
     tracker = MlflowTracker(_store(store), "latents", "r")
     for step, (loss, ce) in enumerate([(3.0, 2.5), (2.0, 1.5), (1.0, 0.8)], start=1):

@@ -23,7 +23,7 @@ from simcot.models.loading import apply_lora, build_lm
 from simcot.train import config
 from simcot.train.engines.checkpoint import load_state_strict, load_weights, resolve_checkpoint
 from simcot.train.config import Config, apply_overrides, config_from_dict, validate
-from simcot.train.data.examples import tokenize
+from simcot.train.data.examples import Example, tokenize
 from simcot.train.methods import METHODS, validate_method
 from simcot.train.data.sources import Splits, load_splits
 from simcot.train.data.tokenizer import SpecialIds, build_tokenizer, load_tokenizer_from
@@ -57,7 +57,7 @@ class Built:
     splits: Splits
     tok: object
     special: SpecialIds
-    examples: dict[str, list[dict]]
+    examples: dict[str, list[Example]]  # by split
     model: LatentLM
     method: object
 
@@ -71,7 +71,7 @@ def build(cfg: Config, run_dir: Path, checkpoint: Path | None = None, init_from:
     LM's weights, loaded before the method adds its parts, so that parts copied from the LM (the
     SIM-CoT decoder, SemCoT's encoder and generator) copy the trained weights.
     `tokenizer_from`: only the tokenizer (an export). `inference`: build only what evaluation
-    needs (no SIM-CoT step decoder).
+    needs (none of the method's ``auxiliary_parts``).
     """
     validate_method(cfg)  # a config made without load_config (an API caller's) meets the method's rules here
     splits = load_splits(cfg.data)
@@ -136,8 +136,8 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None,
     """(cfg, built, device) with the checkpoint's weights loaded on `device`.
 
     Loading is strict: every parameter of the model must be in the file and nothing else may be,
-    except the SIM-CoT step decoder's and SemCoT encoder's weights, which an inference model does
-    not build.
+    except the weights of the method's ``auxiliary_parts`` (the SIM-CoT step decoder, SemCoT's
+    encoder), which an inference model does not build.
     """
     ckpt = resolve_checkpoint(checkpoint)
     if is_export(ckpt):
@@ -146,7 +146,7 @@ def load_checkpoint_model(checkpoint: str | Path, overrides: dict | None = None,
     dev = resolve_device(device if device != "auto" else cfg.train.device)
     built = build(cfg, ckpt.parent.parent, checkpoint=ckpt, inference=inference)
     load_state_strict(built.model, load_weights(ckpt), f"checkpoint {ckpt}",
-                      ("step_decoder.", "encoder.") if inference else ())
+                      built.method.auxiliary_prefixes() if inference else ())
     built.model.to(dev).eval()
     return cfg, built, dev
 

@@ -18,6 +18,7 @@ from simcot.models.rollout import prefill_latents
 from simcot.train.assemble import load_checkpoint_model
 from simcot.train.engines.checkpoint import load_trainer_state, resolve_checkpoint
 from simcot.train.data.formats import read_file
+from simcot.train.data.examples import Example
 from simcot.train.methods.step_supervision import decode_texts
 from simcot.train.data.tokenizer import encode_record
 from simcot.train.tracking.tracker import make_tracker
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def decode_examples(model, method, tok, examples: list[dict], epoch, max_new_tokens: int, device,
+def decode_examples(model, method, tok, examples: list[Example], epoch, max_new_tokens: int, device,
                     n_latents: int | None = None) -> list[dict]:
     """For each example: its latents decoded slot by slot beside the gold steps, and the answer
     (`n_latents` forces the latent count, else the method's count for each sample)."""
@@ -56,13 +57,14 @@ def decode_latents(checkpoint: str, question: str = "", split: str = "test", n: 
         raise ValueError(f"simcot decode needs a SIM-CoT checkpoint (method simcot-coconut or simcot-codi); "
                          f"{ckpt} was trained with '{cfg.method}'")
     if question:
-        examples = [dict(encode_record(built.tok, {"question": question, "steps": [], "answer": "?"},
-                                       cfg.data.answer_prefix), idx=0)]
+        examples = [Example(**encode_record(built.tok, {"question": question, "steps": [], "answer": "?"},
+                                            cfg.data.answer_prefix), idx=0)]
     elif data:  # any file simcot reads (format sniffed), its gold steps shown beside the decoded ones
         records = read_file(data, gsm8k_steps=cfg.data.gsm8k_steps)[:n]
         if not records:
             raise ValueError(f"{data}: no records")
-        examples = [dict(encode_record(built.tok, r, cfg.data.answer_prefix), idx=i) for i, r in enumerate(records)]
+        examples = [Example(**encode_record(built.tok, r, cfg.data.answer_prefix), idx=i)
+                    for i, r in enumerate(records)]
     else:
         examples = built.examples[split][:n]
         if not examples:

@@ -18,6 +18,7 @@ from simcot import parallel
 from simcot.models.decoding import greedy_decode, trim_at_eos
 from simcot.parallel import gather_objects, rank_max
 from simcot.train.data.answers import extract, is_correct
+from simcot.train.data.examples import Example
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +95,7 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def evaluate(model, method, examples: list[dict], tok, ecfg, answer_prefix: str, split: str,
+def evaluate(model, method, examples: list[Example], tok, ecfg, answer_prefix: str, split: str,
              device: torch.device, epoch: int | None = None, n_latents: int | None = None,
              temperature: float | None = None) -> EvalResult:
     """Accuracy of greedy decoding on `examples` (every rank gets the same result).

@@ -3,8 +3,8 @@
 The folder loads with ``AutoModelForCausalLM.from_pretrained`` (safetensors, LoRA merged,
 bf16 by default) and carries its tokenizer. A latent method's parts outside the HF model (CODI's
 projection) go beside it in ``simcot_extras.safetensors`` with the run's config in ``simcot.yaml``,
-so ``simcot eval --checkpoint <export>`` evaluates it exactly as trained. The SIM-CoT step decoder
-is training-only and is not exported.
+so ``simcot eval --checkpoint <export>`` evaluates it exactly as trained. A method's
+``auxiliary_parts`` (the SIM-CoT step decoder, SemCoT's encoder) are training-only and not exported.
 
 Checks (a mismatch is an error, never a warning): the embedding rows equal the tokenizer's size,
 and the written files reload with exactly the model's keys and shapes.

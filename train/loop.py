@@ -25,6 +25,7 @@ import torch
 from simcot.parallel import mean_across_ranks
 from simcot.train.engines.checkpoint import save_checkpoint
 from simcot.train.config import RunShape
+from simcot.train.data.examples import Example
 from simcot.train.engines.distributed import maybe_inject_fault
 from simcot.train.evaluate import EvalResult, evaluate
 
@@ -68,7 +69,7 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 class Trainer:
-    def __init__(self, cfg, method, engine, tok, examples: dict[str, list[dict]], tracker, run_dir: Path,
+    def __init__(self, cfg, method, engine, tok, examples: dict[str, list[Example]], tracker, run_dir: Path,
                  config_yaml: str):
         self.cfg, self.method, self.engine, self.tok = cfg, method, engine, tok
         self.examples = examples

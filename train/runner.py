@@ -1,11 +1,13 @@
 """Running a run: the assembled model and method (``assemble.build``) -> engine -> tracker -> loop.
 
-``run_training`` is what ``simcot train`` calls; ``run_evaluation`` is ``simcot eval``. Both mark
-the MLflow run FAILED when something raises (KILLED on Ctrl-C) and re-raise.
+``run_training`` is what ``simcot train`` calls; ``run_evaluation`` is ``simcot eval``. Both end
+their MLflow run through ``tracking.tracker.tracked``: FAILED when something raises (KILLED on
+Ctrl-C / SIGTERM), and re-raise; training adds its multi-rank rule (``_record_failure``).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import platform
 import random
@@ -31,7 +33,7 @@ from simcot.train.engines.ds_engine import DeepSpeedEngine, build_ds_config, zer
 from simcot.train.engines.engine import TorchEngine
 from simcot.train.loop import Trainer, TrainState
 from simcot.train.model_source import check_model_source
-from simcot.train.tracking.tracker import make_tracker
+from simcot.train.tracking.tracker import end_failed, make_tracker, tracked
 
 log = logging.getLogger("simcot")
 
@@ -250,11 +252,8 @@ def _train(cfg: Config, info, state: TrainState, resume_ckpt: Path | None, run_d
     init_ckpt = resolve_checkpoint(t.init_from) if t.init_from else None
     built = build(cfg, run_dir, checkpoint=resume_ckpt, init_from=init_ckpt)
     shape = RunShape.of(t, info.world, len(built.examples["train"]))
-    if ds_config is not None:
-        engine = DeepSpeedEngine(built.model, cfg, shape.total_steps, device, shape.accum, ds_config,
-                                 built.method.param_groups)
-    else:
-        engine = TorchEngine(built.model, t, shape.total_steps, device, shape.accum, built.method.param_groups)
+    args = (built.model, cfg, shape.total_steps, device, shape.accum, built.method.param_groups)
+    engine = DeepSpeedEngine(*args, ds_config=ds_config) if ds_config is not None else TorchEngine(*args)
     if resume_ckpt is not None:
         engine.load(resume_ckpt)
         load_rng_state(resume_ckpt, engine.rank)
@@ -264,7 +263,7 @@ def _train(cfg: Config, info, state: TrainState, resume_ckpt: Path | None, run_d
     tracker = make_tracker(cfg.tracking, t.run_name, engine.rank, run_id=state.mlflow_run_id)
     state.mlflow_run_id = tracker.run_id
     config_yaml = dump_yaml(cfg)
-    try:
+    with tracked(tracker, on_error=functools.partial(_record_failure, run_dir, info)):
         hosts = len(set(gather_objects(platform.node())))
         if resume_ckpt is None:
             tracker.log_params(_run_params(cfg, built, info.world))
@@ -281,11 +280,7 @@ def _train(cfg: Config, info, state: TrainState, resume_ckpt: Path | None, run_d
         _log_decoded_latents(built, engine, tracker, state)
         tracker.log_metrics({"train/seconds": train_seconds}, state.global_step)
         tracker.log_run_plots()
-        tracker.finish("FINISHED")
-        del hf_ds_config  # kept alive until here: transformers reads it while models are built and saved
-    except BaseException as e:
-        _record_failure(run_dir, info, tracker, e)
-        raise
+    del hf_ds_config  # kept alive until here: transformers reads it while models are built and saved
     return {"run_dir": str(run_dir), "run_id": tracker.run_id, "tracking_uri": getattr(tracker, "uri", ""),
             "steps": state.global_step, "train_seconds": train_seconds, "checkpoint": state.last_checkpoint,
             "final_loss": trainer.history[-1]["loss"] if trainer.history else float("nan"),
@@ -344,12 +339,8 @@ def _record_on_main(run_dir: Path, info, tracker, err: BaseException) -> None:
         tracker.set_tags({"simcot.error": f"rank {rank} failed: {failed[0].read_text()}"[:5000],
                           "simcot.failed_rank": rank})
         tracker.finish("FAILED")
-    elif isinstance(err, KeyboardInterrupt):
-        tracker.finish("KILLED")
     else:
-        tracker.set_tags({"simcot.error": f"{type(err).__name__}: {err}"[:5000]})
-        tracker.log_run_plots()  # the curves up to the crash help to diagnose it
-        tracker.finish("FAILED")
+        end_failed(tracker, err, plots=True)
 
 
 def _resume_target(cfg: Config) -> str:
@@ -374,7 +365,7 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
         raise ValueError(f"split '{split}' of source '{cfg.data.source}' is empty")
     trained = load_trainer_state(ckpt)
     tracker = make_tracker(cfg.tracking, f"eval-{cfg.train.run_name}-{split}")
-    try:
+    with tracked(tracker):
         tracker.set_tags({**_tags(cfg, built.method), "simcot.role": "eval",
                           "simcot.eval_of": trained.get("mlflow_run_id", ""),
                           "simcot.checkpoint": str(ckpt.resolve())})
@@ -384,14 +375,6 @@ def run_evaluation(checkpoint: str | Path, overrides: dict | None = None, out: s
         tracker.log_metrics(res.summary(), trained.get("global_step", 0))
         path = res.write(Path(out) if out else ckpt / f"predictions_{split}.jsonl")
         tracker.log_artifact(path, "predictions")
-        tracker.finish("FINISHED")
-    except KeyboardInterrupt:
-        tracker.finish("KILLED")
-        raise
-    except BaseException as e:
-        tracker.set_tags({"simcot.error": f"{type(e).__name__}: {e}"[:5000]})
-        tracker.finish("FAILED")
-        raise
     log.info("%s accuracy %.4f (%d/%d), %.1f samples/s -> %s", split, res.accuracy, res.correct, res.n,
              res.samples_per_s, path)
     return {"split": split, "accuracy": res.accuracy, "n": res.n, "samples_per_s": res.samples_per_s,

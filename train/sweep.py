@@ -280,6 +280,7 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
               seeds: list[int] | None = None, out: str = "sweep", overrides: dict | None = None,
               stages: int = 0) -> dict:
     from simcot.train.runner import run_training, setup_logging
+    from simcot.train.tracking.tracker import NullTracker, tracked
 
     setup_logging()
     spec = SweepConfig.load(config)
@@ -293,7 +294,7 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
     parent = _open_parent(base, config, out_dir, methods, latents, seeds) if base.tracking.enabled else None
     t0 = time.perf_counter()
     results, cached = [], 0
-    try:
+    with tracked(parent if parent is not None else NullTracker()):  # the parent run ends as its sweep did
         for i, cell in enumerate(cells, 1):
             done = out_dir / "cells" / f"{cell.name}.json"
             if done.is_file():
@@ -323,15 +324,6 @@ def run_sweep(config: str = "", methods: list[str] | None = None, latents: list[
             if ran:  # a re-run that only rebuilds the table keeps the wall time of the runs that trained
                 metrics.update({"sweep/wall_seconds": wall, "sweep/cells_run": float(ran)})
             parent.log_metrics(metrics, 0)
-            parent.finish("FINISHED")
-    except KeyboardInterrupt:
-        if parent is not None:
-            parent.finish("KILLED")
-        raise
-    except BaseException:
-        if parent is not None:
-            parent.finish("FAILED")
-        raise
     return {"out": str(out_dir), "cells": len(cells), "cells_cached": cached, "wall_seconds": wall,
             "table": str(md_path),
             "csv": str(csv_path), "plots": [str(p) for p in pngs], "parent_run_id": parent.run_id if parent else ""}

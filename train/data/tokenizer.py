@@ -18,7 +18,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, TypedDict
 
 from simcot.models.config import ModelConfig
 from simcot.models.loading import is_random_init, weights_source
@@ -99,7 +99,18 @@ def load_tokenizer(name_or_path: str):
     return tok
 
 
-def encode_record(tok, rec: Record, answer_prefix: str) -> dict:
+class Encoded(TypedDict):
+    """One record's token ids (``encode_record``): plain id lists, one sample, no padding. The
+    tokenized example (``data.examples.Example``) is this plus the row's own fields."""
+
+    q: list[int]  # the question + STEP_SEP, with the tokenizer's bos when it adds one (never eos)
+    steps: list[list[int]]  # one id list per reasoning step, each + STEP_SEP, no special tokens
+    a: list[int]  # answer_prefix + the answer, then eos
+    a_marker: int  # index in `a` of the answer proper's first token: a[:a_marker] ends every prompt
+    answer: str  # the gold answer text, what a prediction is scored against
+
+
+def encode_record(tok, rec: Record, answer_prefix: str) -> Encoded:
     """Token ids of one record: question (+bos), steps, answer (+eos), and where the answer starts.
 
     ``a_marker`` is the index in ``a`` of the first token of the answer proper (after the

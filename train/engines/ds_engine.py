@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from simcot.train.config import ConfigError
-from simcot.train.engines.engine import Engine, group_lambdas, param_groups
+from simcot.train.config import Config, ConfigError
+from simcot.train.engines.engine import Engine, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -93,21 +93,17 @@ def zero3_enabled(ds: dict) -> bool:
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, model: torch.nn.Module, cfg, total_steps: int, device: torch.device, accum: int,
-                 ds_config: dict, groups_fn=param_groups):
+    def __init__(self, model: torch.nn.Module, cfg: Config, total_steps: int, device: torch.device, accum: int,
+                 groups_fn=param_groups, *, ds_config: dict):
         import deepspeed
 
-        self.cfg = cfg
-        self.device = device
-        self.accum = accum
-        self.ds_config = ds_config
+        super().__init__(cfg, total_steps, device, accum, groups_fn)
+        self.ds_config = ds_config  # build_ds_config's, made before the model (ZeRO-3 needs it first)
         self._micro = 0
-        self.lr_scales: dict[str, float] = {}
         model.to(device)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=groups_fn(model, cfg.train.weight_decay), config=ds_config,
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-                opt, group_lambdas(opt.param_groups, cfg.train, total_steps, self.lr_scales)))
+            lr_scheduler=self._schedule)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
 

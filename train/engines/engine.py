@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_model
 
 from simcot.train.engines.checkpoint import load_safetensors, load_state_strict, safe_load
-from simcot.train.config import TrainConfig
+from simcot.train.config import Config, TrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,7 +65,19 @@ def refresh_lrs(scheduler) -> None:
 
 class Engine:
     """What the loop, the runner and evaluation use of an engine; ``TorchEngine`` and
-    ``DeepSpeedEngine`` (train/engines/ds_engine.py) implement it."""
+    ``DeepSpeedEngine`` (train/engines/ds_engine.py) implement it.
+
+    Both are built alike, ``(model, cfg, total_steps, device, accum, groups_fn)``: `cfg` is
+    the run's Config (``train.*``: optimizer, schedule, precision, clipping; DeepSpeed also reads
+    ``deepspeed.*``), `total_steps` the schedule's length (RunShape.total_steps), `accum`
+    micro-batches per optimizer step on this rank (RunShape.accum), `groups_fn(model,
+    weight_decay)` the method's parameter groups. DeepSpeed's engine also takes the run's
+    ds_config (keyword), which exists before the model does (ZeRO-3 builds the model partitioned).
+
+    A step is ``forward`` -> ``backward`` per micro-batch, then ``step`` after `accum` of them.
+    Each parameter group's lr is the schedule's times its ``lr_scales`` entry (``set_lr_scales``;
+    unnamed groups: 1), and the engine owns the model/optimizer half of a checkpoint.
+    """
 
     module: torch.nn.Module  # the model being trained (LatentLM), on `device`
     device: torch.device
@@ -74,6 +86,19 @@ class Engine:
     accum: int  # micro-batches per optimizer step on this rank (RunShape.accum)
     scheduler: torch.optim.lr_scheduler.LambdaLR  # one lr multiplier per group: schedule x lr_scales
     lr_scales: dict[str, float]  # per named parameter group, read by the scheduler's lambdas
+
+    def __init__(self, cfg: Config, total_steps: int, device: torch.device, accum: int, groups_fn=param_groups):
+        self.cfg = cfg
+        self.total_steps = total_steps
+        self.device = device
+        self.accum = accum
+        self.groups_fn = groups_fn
+        self.lr_scales = {}
+
+    def _schedule(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        """The lr schedule of `optimizer`'s groups, each scaled by its ``lr_scales`` entry."""
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, group_lambdas(optimizer.param_groups, self.cfg.train, self.total_steps, self.lr_scales))
 
     def forward(self, fn, *args):
         """``module(fn, *args)`` under the engine's precision (the method's loss as `fn`)."""
@@ -114,28 +139,23 @@ class TorchEngine(Engine):
     rank = 0
     world_size = 1
 
-    def __init__(self, model: torch.nn.Module, tcfg: TrainConfig, total_steps: int, device: torch.device,
+    def __init__(self, model: torch.nn.Module, cfg: Config, total_steps: int, device: torch.device,
                  accum: int, groups_fn=param_groups):
+        super().__init__(cfg, total_steps, device, accum, groups_fn)
         self.module = model.to(device)
-        self.tcfg = tcfg
-        self.device = device
-        self.accum = accum
-        self.total_steps = total_steps
-        self.groups_fn = groups_fn
-        self.lr_scales: dict[str, float] = {}
-        dtype = DTYPES[tcfg.precision]
+        t = cfg.train
+        dtype = DTYPES[t.precision]
         self.autocast = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
                          else contextlib.nullcontext())
-        self.scaler = torch.amp.GradScaler(device.type) if tcfg.precision == "fp16" else None
+        self.scaler = torch.amp.GradScaler(device.type) if t.precision == "fp16" else None
         self._build_optimizer()
 
     def _build_optimizer(self) -> None:
+        t = self.cfg.train
         fused = self.device.type == "cuda"
-        groups = self.groups_fn(self.module, self.tcfg.weight_decay)
-        self.optimizer = torch.optim.AdamW(groups, lr=self.tcfg.lr, betas=(self.tcfg.beta1, self.tcfg.beta2),
-                                           fused=fused)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, group_lambdas(self.optimizer.param_groups, self.tcfg, self.total_steps, self.lr_scales))
+        groups = self.groups_fn(self.module, t.weight_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), fused=fused)
+        self.scheduler = self._schedule(self.optimizer)
 
     def reset_optimizer(self) -> None:
         """A fresh AdamW (Coconut resets it at stage changes); the schedule keeps its position."""
@@ -159,7 +179,7 @@ class TorchEngine(Engine):
         params = [p for p in self.module.parameters() if p.requires_grad]
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        clip = self.tcfg.grad_clip if self.tcfg.grad_clip > 0 else float("inf")
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, clip)
         lr = max(self.scheduler.get_last_lr())  # groups a method scales to 0 are frozen: report the live one
         if self.scaler:

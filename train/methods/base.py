@@ -17,6 +17,7 @@ from simcot.kernels import fused_linear_cross_entropy, gathered
 from simcot.models.decoding import Prefill, head, left_pad, prefill_ids
 from simcot.models.latent_lm import LatentLM
 from simcot.train.engines.engine import param_groups
+from simcot.train.data.examples import Example
 from simcot.train.data.tokenizer import SpecialIds
 
 IGNORE = -100
@@ -43,7 +44,7 @@ class LossOutput(dict):
 class Prompt:
     ids: list[int]  # prompt tokens (for latent methods: up to and including <bot>)
     n_latents: int = 0
-    ex: dict | None = None  # the example (gold steps for step-decoding metrics)
+    ex: Example | None = None  # the example (gold steps for step-decoding metrics)
 
 
 class Method:
@@ -55,6 +56,10 @@ class Method:
     starts_from: ClassVar[str | None] = None  # the method of the run its training starts from (train.init_from)
     teacher_pass: ClassVar[bool] = False  # a second forward over question + CoT + answer (CODI's teacher)
     decoder_pass: ClassVar[bool] = False  # a step-decoder forward over the decoded steps (SIM-CoT)
+    # Submodules of the model that only shape training (SIM-CoT's step decoder, SemCoT's encoder):
+    # an inference model (evaluation, export) does not build them, and loading a checkpoint into
+    # one skips their weights.
+    auxiliary_parts: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def latent_budget(cls, latents: int, stages: int) -> dict:
@@ -66,7 +71,7 @@ class Method:
         self.cfg = cfg
         self.tok = tok
         self.special = special
-        self.inference = inference  # build only what evaluation needs (no step decoder)
+        self.inference = inference  # build only what evaluation needs (no auxiliary_parts)
         # set by the builder when a checkpoint's weights overwrite the model right after set-up: the
         # extra modules then need only their shapes, not starting weights worth loading
         self.restoring = False
@@ -77,6 +82,14 @@ class Method:
 
     def setup_model(self, model: LatentLM) -> None:
         """Add the method's extra modules (projection, step decoder) to a fresh model."""
+
+    def builds(self, part: str) -> bool:
+        """Whether ``setup_model`` adds `part`: an auxiliary part only to a training model."""
+        return not (self.inference and part in self.auxiliary_parts)
+
+    def auxiliary_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of the auxiliary parts (what an inference model leaves out)."""
+        return tuple(f"{part}." for part in self.auxiliary_parts)
 
     def stage(self, epoch: int) -> int:
         """Curriculum stage of an epoch (0 for methods without a curriculum)."""
@@ -94,21 +107,21 @@ class Method:
         """Per-group multipliers of the scheduled lr for `epoch` (None: every group at 1)."""
         return None
 
-    def before_epoch(self, engine, epoch: int, train_examples: list[dict]) -> None:
+    def before_epoch(self, engine, epoch: int, train_examples: list[Example]) -> None:
         """Work the objective needs done before `epoch` starts (or resumes)."""
 
-    def collate(self, examples: list[dict], epoch: int, rng: random.Random) -> dict:
+    def collate(self, examples: list[Example], epoch: int, rng: random.Random) -> dict:
         raise NotImplementedError
 
     def loss(self, model: LatentLM, batch: dict) -> LossOutput:
         raise NotImplementedError
 
-    def eval_latents(self, epoch: int | None, ex: dict | None = None) -> int:
+    def eval_latents(self, epoch: int | None, ex: Example | None = None) -> int:
         """Latents an evaluation prompt gets after training up to `epoch` (0: no latents); with `ex`
         the count for that sample (Coconut's depends on its step count), without it the method's budget."""
         return 0
 
-    def eval_prompt(self, ex: dict, epoch: int | None = None, n_latents: int | None = None) -> Prompt:
+    def eval_prompt(self, ex: Example, epoch: int | None = None, n_latents: int | None = None) -> Prompt:
         """The evaluation prompt of `ex` after training up to `epoch`; `n_latents` forces the latent
         count (``eval.latent_sweep``), else the method decides it per sample."""
         raise NotImplementedError

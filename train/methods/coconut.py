@@ -21,6 +21,7 @@ import torch
 from simcot.models.decoding import left_pad
 from simcot.models.rollout import continue_tokens, run_latents
 from simcot.train.config import ConfigError
+from simcot.train.data.examples import Example
 from simcot.train.methods.base import IGNORE, LossOutput, right_pad, shifted_ce
 from simcot.train.methods.latent import LatentMethod
 
@@ -54,7 +55,7 @@ class Coconut(LatentMethod):
         mode = self.cfg.coconut.reset_optimizer
         return mode == "epoch" or (mode == "stage" and self.stage(epoch) != self.stage(epoch - 1))
 
-    def plan(self, ex: dict, epoch: int, rng: random.Random) -> tuple[int, int]:
+    def plan(self, ex: Example, epoch: int, rng: random.Random) -> tuple[int, int]:
         """(steps replaced, latents) for one sample at `epoch`."""
         c = self.cfg.coconut
         n_steps = len(ex["steps"])
@@ -66,7 +67,7 @@ class Coconut(LatentMethod):
             return n_steps, n_lat * c.c_thought
         return k, k * c.c_thought
 
-    def latent_count(self, epoch, ex=None):
+    def latent_count(self, epoch, ex: Example | None = None):
         """min(max_latent_stage, stage)·c, the stage cap lowered to the sample's step count unless
         ``pad_latent_to_max`` (the reference's get_question_latent_dataset, dataset.py:199-207); it
         equals the training layout after the last stage. Without `ex`: the budget (the cap unlowered)."""
@@ -76,10 +77,10 @@ class Coconut(LatentMethod):
             cap = min(cap, len(ex["steps"]))
         return min(cap, self.stage(epoch or 0)) * c.c_thought
 
-    def collate(self, examples, epoch, rng):
+    def collate(self, examples: list[Example], epoch, rng):
         return self.collate_plans(examples, [self.plan(ex, epoch, rng) for ex in examples])
 
-    def collate_plans(self, examples, plans: list[tuple[int, int]]) -> dict:
+    def collate_plans(self, examples: list[Example], plans: list[tuple[int, int]]) -> dict:
         sp = self.special
         prefix_ids, prefix_mask = left_pad([ex["q"] + [sp.bot] for ex in examples], sp.pad)
         conts, labels = [], []

@@ -25,6 +25,7 @@ from simcot.models.decoding import body, left_pad
 from simcot.models.projection import LatentProjection
 from simcot.models.rollout import continue_tokens, run_latents
 from simcot.train.config import ConfigError
+from simcot.train.data.examples import Example
 from simcot.train.methods.base import IGNORE, LossOutput, lm_batch, right_pad, shifted_ce
 from simcot.train.methods.latent import LatentMethod
 
@@ -66,14 +67,14 @@ class Codi(LatentMethod):
         if self.cfg.codi.projection and model.projection is None:
             model.projection = LatentProjection(model.config.hidden_size, self.cfg.codi.proj_dim)
 
-    def latent_count(self, epoch, ex=None):
+    def latent_count(self, epoch, ex: Example | None = None):
         return self.cfg.codi.n_latents
 
-    def teacher_steps(self, ex: dict) -> list[list[int]]:
+    def teacher_steps(self, ex: Example) -> list[list[int]]:
         steps = ex["steps"]
         return steps[:-1] if self.cfg.codi.drop_last_step and steps else steps
 
-    def collate(self, examples, epoch, rng):
+    def collate(self, examples: list[Example], epoch, rng):
         sp = self.special
         n = self.cfg.codi.n_latents
         t_seqs, t_labels, t_pos = [], [], []

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from simcot.models.decoding import body
 from simcot.train.config import ConfigError
+from simcot.train.data.examples import Example
 from simcot.train.methods.base import IGNORE, LossOutput, Method, Prompt, lm_batch, shifted_ce
 
 
@@ -21,10 +22,10 @@ class CoT(Method):
         if not 0.0 <= cfg.cot.direct_ratio <= 1.0:
             raise ConfigError(f"config key 'cot.direct_ratio': {cfg.cot.direct_ratio} is not in [0, 1]")
 
-    def target(self, ex: dict) -> list[int]:
+    def target(self, ex: Example) -> list[int]:
         return [t for s in ex["steps"] for t in s] + ex["a"]
 
-    def collate(self, examples, epoch, rng):
+    def collate(self, examples: list[Example], epoch, rng):
         ratio = self.cfg.cot.direct_ratio
         # one draw per example whatever the ratio, so a ratio change does not shift other draws
         direct = [rng.random() < ratio for _ in examples]
@@ -38,7 +39,7 @@ class CoT(Method):
         ce = shifted_ce(model.lm, hidden, batch["labels"])
         return LossOutput(ce, {"ce": ce.detach()})
 
-    def eval_prompt(self, ex, epoch=None, n_latents=None):
+    def eval_prompt(self, ex: Example, epoch=None, n_latents=None):
         if self.cfg.cot.direct_eval:  # the answer prefix is in the prompt: no room for steps
             return Prompt(ex["q"] + ex["a"][:ex["a_marker"]], ex=ex)
         return Prompt(ex["q"])

@@ -29,6 +29,7 @@ causal (see simcot.models.sentence_encoder).
 
 from __future__ import annotations
 
+import enum
 import logging
 from contextlib import contextmanager
 
@@ -40,12 +41,36 @@ from simcot.models.loading import is_random_init
 from simcot.models.sentence_encoder import MiniLMEncoder, SliceEncoder, info_nce, n_layers, parse_slice
 from simcot.models.thought_generator import ThoughtGenerator, build_generator_lm, hidden_size
 from simcot.train.config import ConfigError
+from simcot.train.data.examples import Example
 from simcot.train.engines.engine import param_groups
 from simcot.train.methods.base import IGNORE, LossOutput, Method, Prompt, lm_batch, right_pad, shifted_ce
 
 log = logging.getLogger(__name__)
 
-PHASES = ("encoder_proj", "encoder", "generator_proj", "generator")
+class Phase(enum.Enum):
+    """SemCoT's phases in training order; a phase's value is the parameter group it introduces."""
+
+    ENCODER_PROJ = "encoder_proj"
+    ENCODER = "encoder"
+    GENERATOR_PROJ = "generator_proj"
+    GENERATOR = "generator"
+
+    @property
+    def trains_encoder(self) -> bool:  # else the generator, against the frozen encoder's targets
+        return self in (Phase.ENCODER_PROJ, Phase.ENCODER)
+
+    @property
+    def trains_body(self) -> bool:  # the part's body too, not only its projection
+        return self in (Phase.ENCODER, Phase.GENERATOR)
+
+    @property
+    def trained_groups(self) -> tuple[str, ...]:
+        """The parameter groups this phase trains (at its lr; every other group is frozen)."""
+        proj = Phase.ENCODER_PROJ if self.trains_encoder else Phase.GENERATOR_PROJ
+        return (proj.value, self.value) if self.trains_body else (proj.value,)
+
+
+PHASES = tuple(Phase)
 
 
 @contextmanager
@@ -70,7 +95,7 @@ def step_results(steps: list[str]) -> str:
     return " ".join(out)
 
 
-def reasoning_pair(ex: dict) -> tuple[str, str]:
+def reasoning_pair(ex: Example) -> tuple[str, str]:
     """(reasoning text, condensed form) of an example; see the module docstring."""
     steps = " ".join(ex["steps_text"])
     if ex.get("reasoning"):
@@ -81,6 +106,7 @@ def reasoning_pair(ex: dict) -> tuple[str, str]:
 class SemCoT(Method):
     name = "semcot"
     sweepable = False  # its answerer is a trained run of its own
+    auxiliary_parts = ("encoder",)  # it only shapes the generator's training
 
     @classmethod
     def latent_budget(cls, latents, stages):
@@ -120,7 +146,7 @@ class SemCoT(Method):
         s = self.cfg.semcot
         model.lm.requires_grad_(False)
         d = hidden_size(model.config)
-        if not self.inference:  # the encoder only shapes training
+        if self.builds("encoder"):
             if s.encoder == "minilm":
                 model.encoder = MiniLMEncoder(d)
             else:
@@ -144,30 +170,31 @@ class SemCoT(Method):
 
     # ------------------------------------------------------------------------------ phases
 
-    def stage(self, epoch):
+    def phase(self, epoch: int) -> Phase:
         s = self.cfg.semcot
         ends = (s.encoder_proj_epochs, s.encoder_proj_epochs + s.encoder_epochs,
                 s.encoder_proj_epochs + s.encoder_epochs + s.generator_proj_epochs)
-        return sum(epoch >= e for e in ends)
+        return PHASES[sum(epoch >= e for e in ends)]
+
+    def stage(self, epoch):  # the phase's number, as the loop logs it
+        return PHASES.index(self.phase(epoch))
 
     def reset_optimizer_at(self, epoch):
-        return self.stage(epoch) != self.stage(epoch - 1)
+        return self.phase(epoch) != self.phase(epoch - 1)
 
     def lr_scales(self, epoch):
         s, base = self.cfg.semcot, self.cfg.train.lr
-        phase = PHASES[self.stage(epoch)]
-        lr = {"encoder_proj": s.encoder_proj_lr, "encoder": s.encoder_lr,
-              "generator_proj": s.generator_proj_lr, "generator": s.generator_lr}[phase]
-        trained = {"encoder_proj": ("encoder_proj",), "encoder": ("encoder_proj", "encoder"),
-                   "generator_proj": ("generator_proj",), "generator": ("generator_proj", "generator")}[phase]
-        return {name: (lr / base if name in trained else 0.0) for name in PHASES}
+        phase = self.phase(epoch)
+        lr = {Phase.ENCODER_PROJ: s.encoder_proj_lr, Phase.ENCODER: s.encoder_lr,
+              Phase.GENERATOR_PROJ: s.generator_proj_lr, Phase.GENERATOR: s.generator_lr}[phase]
+        return {p.value: (lr / base if p.value in phase.trained_groups else 0.0) for p in PHASES}
 
-    def before_epoch(self, engine, epoch, train_examples):
-        if self.stage(epoch) >= 2 and self.targets is None:
+    def before_epoch(self, engine, epoch, train_examples: list[Example]):
+        if not self.phase(epoch).trains_encoder and self.targets is None:
             self.targets = self.compute_targets(engine, train_examples)
 
     @torch.no_grad()
-    def compute_targets(self, engine, examples: list[dict], batch_size: int = 64) -> torch.Tensor:
+    def compute_targets(self, engine, examples: list[Example], batch_size: int = 64) -> torch.Tensor:
         """The frozen encoder's vector of every example's reasoning text, once (every rank makes
         the same forwards, as ZeRO-3 requires)."""
         module = engine.module
@@ -196,7 +223,7 @@ class SemCoT(Method):
 
     # ------------------------------------------------------------------------------- batches
 
-    def pair_ids(self, ex: dict) -> tuple[list[int], list[int]]:
+    def pair_ids(self, ex: Example) -> tuple[list[int], list[int]]:
         key = ex["idx"]
         if key not in self._pair_ids:
             text, condensed = reasoning_pair(ex)
@@ -207,11 +234,11 @@ class SemCoT(Method):
     def _slots(self) -> list[int]:
         return [self.special.latent] * self.cfg.semcot.n_thoughts
 
-    def collate(self, examples, epoch, rng):
-        stage = self.stage(epoch)
-        if stage < 2:
+    def collate(self, examples: list[Example], epoch, rng):
+        phase = self.phase(epoch)
+        if phase.trains_encoder:
             full, cond = zip(*(self.pair_ids(ex) for ex in examples))
-            return {"stage": stage, "full_ids": right_pad(list(full), self.special.pad),
+            return {"phase": phase, "full_ids": right_pad(list(full), self.special.pad),
                     "full_mask": right_pad([[1] * len(t) for t in full], 0),
                     "cond_ids": right_pad(list(cond), self.special.pad),
                     "cond_mask": right_pad([[1] * len(t) for t in cond], 0),
@@ -223,7 +250,7 @@ class SemCoT(Method):
         seqs = [ex["q"] + slots + ex["a"] for ex in examples]
         labels = [[IGNORE] * (len(ex["q"]) + len(slots) + ex["a_marker"]) + ex["a"][ex["a_marker"]:] for ex in examples]
         answer = lm_batch(seqs, labels, self.special.pad)
-        return {"stage": stage, "gen_ids": gen_ids, "gen_mask": gen_mask, "ids": answer["input_ids"],
+        return {"phase": phase, "gen_ids": gen_ids, "gen_mask": gen_mask, "ids": answer["input_ids"],
                 "mask": answer["attention_mask"], "labels": answer["labels"],
                 "targets": self.targets[torch.tensor([ex["idx"] for ex in examples])],
                 "n_tokens": answer["n_tokens"] + int(gen_mask.sum())}
@@ -241,16 +268,16 @@ class SemCoT(Method):
         return body(model.lm)(inputs_embeds=emb, attention_mask=mask, position_ids=positions(mask)).last_hidden_state
 
     def loss(self, model, batch):
-        stage = batch["stage"]
-        if stage < 2:
-            a = self._encode_texts(model, batch["full_ids"], batch["full_mask"], train_body=stage == 1)
-            b = self._encode_texts(model, batch["cond_ids"], batch["cond_mask"], train_body=stage == 1)
+        phase = batch["phase"]
+        if phase.trains_encoder:
+            a = self._encode_texts(model, batch["full_ids"], batch["full_mask"], train_body=phase.trains_body)
+            b = self._encode_texts(model, batch["cond_ids"], batch["cond_mask"], train_body=phase.trains_body)
             loss = info_nce(a, b, self.cfg.semcot.temperature)
             sims = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
             hit = (sims.argmax(-1) == torch.arange(len(a), device=a.device)).float().mean()
             return LossOutput(loss, {"info_nce": loss.detach(), "pair_accuracy": hit})
         alpha = self.cfg.semcot.alpha
-        implicit = self.implicit_tokens(model, batch["gen_ids"], batch["gen_mask"], train_body=stage == 3)
+        implicit = self.implicit_tokens(model, batch["gen_ids"], batch["gen_mask"], train_body=phase.trains_body)
         with frozen(model.encoder.body if self.minilm else model.encoder):
             z = model.encoder(implicit, torch.ones(implicit.shape[:2], dtype=torch.long, device=implicit.device))
         semantic = (1 - F.cosine_similarity(z.float(), batch["targets"].float(), dim=-1)).mean()
@@ -260,10 +287,10 @@ class SemCoT(Method):
 
     # ---------------------------------------------------------------------------- evaluation
 
-    def eval_latents(self, epoch=None, ex=None):
+    def eval_latents(self, epoch=None, ex: Example | None = None):
         return self.cfg.eval.n_latents if self.cfg.eval.n_latents >= 0 else self.cfg.semcot.n_thoughts
 
-    def eval_prompt(self, ex, epoch=None, n_latents=None):
+    def eval_prompt(self, ex: Example, epoch=None, n_latents=None):
         n = self.eval_latents(epoch, ex) if n_latents is None else n_latents
         return Prompt(ex["q"] + [self.special.latent] * n + ex["a"][:ex["a_marker"]], n, ex)
 

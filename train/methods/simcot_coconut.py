@@ -8,6 +8,7 @@ As in the Coconut fork, the decoder reads its latents at positions 1..c and trai
 
 from __future__ import annotations
 
+from simcot.train.data.examples import Example
 from simcot.train.methods.base import LossOutput, shifted_ce
 from simcot.train.methods.coconut import Coconut
 from simcot.train.methods.step_supervision import (StepSupervised, align_steps, build_decoder, decoder_batch,
@@ -39,7 +40,7 @@ class SimCoTCoconut(StepSupervised, Coconut):
         return [(i, g, gold[g] if g < len(gold) and gold[g] else []) for g in range(n_groups)]
 
     def setup_model(self, model):
-        if model.step_decoder is None and not self.inference:
+        if model.step_decoder is None and self.builds("step_decoder"):
             model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring, first_position=1,
                                                dropout=False)
 
@@ -48,11 +49,11 @@ class SimCoTCoconut(StepSupervised, Coconut):
         n = self.cfg.simcot.normalization
         return "sequence" if n == "auto" else n
 
-    def slot_rows(self, i: int, ex: dict, n_skip: int, n_latents: int) -> list[tuple[int, int, list[int]]]:
+    def slot_rows(self, i: int, ex: Example, n_skip: int, n_latents: int) -> list[tuple[int, int, list[int]]]:
         slots = align_steps(ex["steps"][:n_skip], n_latents // self.cfg.coconut.c_thought, ex["a"][:-1])
         return [(i, g, self.step_targets(t)) for g, t in enumerate(slots) if t is not None]
 
-    def collate(self, examples, epoch, rng):
+    def collate(self, examples: list[Example], epoch, rng):
         plans = [self.plan(ex, epoch, rng) for ex in examples]
         batch = self.collate_plans(examples, plans)
         rows = [r for i, (ex, (skip, n)) in enumerate(zip(examples, plans)) for r in self.slot_rows(i, ex, skip, n)]

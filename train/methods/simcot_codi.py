@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from simcot.train.data.examples import Example
 from simcot.train.methods.base import LossOutput
 from simcot.train.methods.codi import Codi
 from simcot.train.methods.step_supervision import (StepSupervised, align_steps, build_decoder, decoder_batch,
@@ -38,7 +39,7 @@ class SimCoTCodi(StepSupervised, Codi):
 
     def setup_model(self, model):
         super().setup_model(model)
-        if model.step_decoder is None and not self.inference:
+        if model.step_decoder is None and self.builds("step_decoder"):
             model.step_decoder = build_decoder(model, self.cfg, self.tok, self.restoring)
 
     @property
@@ -46,11 +47,11 @@ class SimCoTCodi(StepSupervised, Codi):
         n = self.cfg.simcot.normalization
         return "token" if n == "auto" else n
 
-    def slot_rows(self, i: int, ex: dict, n_latents: int) -> list[tuple[int, int, list[int]]]:
+    def slot_rows(self, i: int, ex: Example, n_latents: int) -> list[tuple[int, int, list[int]]]:
         slots = align_steps(self.teacher_steps(ex), n_latents + 1, None)
         return [(i, g, self.step_targets(t)) for g, t in enumerate(slots) if t is not None]
 
-    def collate(self, examples, epoch, rng):
+    def collate(self, examples: list[Example], epoch, rng):
         batch = super().collate(examples, epoch, rng)
         n = self.cfg.codi.n_latents
         rows = [r for i, ex in enumerate(examples) for r in self.slot_rows(i, ex, n)]

@@ -64,6 +64,8 @@ class StepTargets:
 class StepSupervised:
     """What a SIM-CoT method adds to its base method's members (needs ``self.tok``)."""
 
+    auxiliary_parts = ("step_decoder",)  # trained, never evaluated with
+
     @cached_property
     def step_targets(self) -> StepTargets:
         return StepTargets(self.tok)

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,32 @@ class MlflowTracker(NullTracker):
         # against a server MLflow prints the run's URL to stdout; keep stdout for our output (JSON summaries)
         with contextlib.redirect_stdout(sys.stderr):
             self.client.set_terminated(self.run_id, status=status)
+
+
+def end_failed(tracker: NullTracker, err: BaseException, plots: bool = False) -> None:
+    """How a run that raised ends: KILLED on Ctrl-C or SIGTERM (the runner turns SIGTERM into a
+    KeyboardInterrupt), else FAILED with the error as its ``simcot.error`` tag and, with `plots`,
+    the curves up to the crash (they help to diagnose it)."""
+    if isinstance(err, KeyboardInterrupt):
+        tracker.finish("KILLED")
+        return
+    tracker.set_tags({"simcot.error": f"{type(err).__name__}: {err}"[:5000]})
+    if plots:
+        tracker.log_run_plots()
+    tracker.finish("FAILED")
+
+
+@contextlib.contextmanager
+def tracked(tracker: NullTracker, on_error: Callable[[NullTracker, BaseException], None] = end_failed):
+    """The end of a tracked run, owned once: FINISHED when the body completes; when it (or that
+    finish) raises, ``on_error(tracker, err)`` records how it ended (default :func:`end_failed`)
+    and the error propagates."""
+    try:
+        yield tracker
+        tracker.finish("FINISHED")
+    except BaseException as e:
+        on_error(tracker, e)
+        raise
 
 
 def start_parent(experiment: str, name: str, params: dict | None = None, tags: dict | None = None,
