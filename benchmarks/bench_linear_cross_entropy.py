@@ -16,7 +16,7 @@ memory is ``VmHWM - VmRSS`` (the peak resident set during the step minus what wa
 before it: inputs, libraries). The gradients the step leaves (dX, dW) count in every variant.
 "held" is the RSS after the forward minus before it: what one call keeps until its backward
 (CODI makes two calls before one backward, so it holds twice that).
-PyTorch's CPU allocator returns large blocks to the OS, so RSS follows the live tensors. Time is
+Each RSS reading first trims glibc's heap (malloc_trim), so RSS follows the live tensors. Time is
 measured separately, in one process per shape that alternates the variants for --iters rounds
 (after one warm-up step each), so that load from other processes on a shared machine falls on
 all variants alike; the "vs eager" and "vs previous" times are medians over rounds of the
@@ -41,6 +41,7 @@ Results go to benchmarks/results/linear_cross_entropy_<device>.{json,md} (``resu
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -182,7 +183,18 @@ def pick(device: str, names: str | None) -> dict:
 # ------------------------------------------------------------------------------------------------ CPU
 
 
+def _trim() -> None:
+    """Hand freed heap memory back to the OS (glibc), so the RSS read next counts live tensors only:
+    a freed block the size of a logits chunk otherwise stays resident or not depending on malloc's
+    thresholds, and "held" moved by one chunk between runs of the same code."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _status() -> dict[str, int]:
+    _trim()
     s = Path("/proc/self/status").read_text()
     return {k: int(re.search(rf"{k}:\s+(\d+)", s).group(1)) * 1024 for k in ("VmRSS", "VmHWM")}
 
