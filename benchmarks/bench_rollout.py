@@ -5,7 +5,8 @@ Training step (forward + backward of a Coconut loss, same weights, same batch):
   multipass Coconut's algorithm on the padded batch: every latent re-runs the whole prefix, no cache
   per-sample a Python loop over samples, each running the multi-pass algorithm unpadded
 Evaluation (samples/s at batch 1, 32 and 256, same weights, a fixed number of generated tokens):
-  batched   the batched latent rollout + simcot's decode loop (reserved KV cache, ready masks)
+  batched   the batched latent rollout + simcot's decode loop (prompt in length groups, reserved
+            KV cache, ready masks; on the CPU the single-token steps run eager attention)
   baseline  Coconut's reference generate: one sample at a time, no KV cache (re-runs the sequence
             per token), `rollout_reference.naive_generate`; the generations are compared token
             for token with the batched ones (column "identical")
