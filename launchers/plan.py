@@ -54,6 +54,7 @@ def plan_inputs(cfg) -> dict:
 
     zero = build_ds_config(cfg, 1, RunShape.accumulation(cfg.train), on_cpu=False)["zero_optimization"]
     offloaded = {k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none"}
+    # the planner counts offloaded parameters as 'all' (it has no parameters-only layout)
     out = {"model": cfg.model.name, "zero": zero["stage"], "lora": cfg.model.lora_r,
            "offload": "all" if "offload_param" in offloaded else "optimizer" if offloaded else "none",
            "micro_batch": cfg.train.micro_batch_size, "n_latents": METHODS[cfg.method].latents_in(cfg),
