@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
 from simcot.launchers.plan import PlanInputs
-from simcot.options import OptionError, fields_of, opt, options_help, parse_options, required_fields
+from simcot.options import fields_of, opt, options_help, parse_options, required_fields
 from simcot.train.config import ALIASES, Config, ConfigError, DataConfig, help_text
 
 USAGE = """usage: simcot COMMAND [options]
@@ -84,7 +84,8 @@ def command(options: type, *, run_config: bool = False, config_help: bool = Fals
     options, and with `run_config` also the other ``--section.key`` options, which go to the run
     config; without it they are refused. `defaults(options, overrides)` may replace the dataclass's
     defaults (``plan`` reads them from the run config); options given on the command line win.
-    Without any option, a command with a required one prints its help."""
+    Without any option, a command with a required one prints its help. Errors a user can fix
+    (EXPECTED_ERRORS: a bad option, config, checkpoint or data) reach main, which prints them as one line."""
     def wrap(handler: Callable) -> Callable:
         name = handler.__name__
 
@@ -92,14 +93,10 @@ def command(options: type, *, run_config: bool = False, config_help: bool = Fals
             if _help_requested(kw) or (not args and not kw and required_fields(options)):
                 print(command_help(options, config_help))
                 return
-            passes_on = _is_config_key if run_config else None
-            try:
-                opts, overrides = parse_options(options, args, kw, name, passes_on=passes_on)
-                if defaults:
-                    opts, _ = parse_options(options, args, kw, name, passes_on=passes_on,
-                                            defaults=defaults(opts, overrides))
-            except (ConfigError, OptionError, FileNotFoundError) as e:
-                _fail(e)
+            on = _is_config_key if run_config else None
+            opts, overrides = parse_options(options, args, kw, name, passes_on=on)
+            if defaults:
+                opts, _ = parse_options(options, args, kw, name, passes_on=on, defaults=defaults(opts, overrides))
             return handler(opts, overrides) if run_config else handler(opts)
 
         # fire reads the option names off the signature: with them, a bare `--no_ssh` is no_ssh=True
@@ -168,10 +165,7 @@ class EvalOptions:
 def eval(o: EvalOptions, overrides: dict):  # noqa: A001 - the command's name
     from simcot.train.runner import run_evaluation
 
-    try:
-        print(json.dumps(run_evaluation(o.checkpoint, overrides, o.out), indent=2))
-    except EXPECTED_ERRORS as e:
-        _fail(e)
+    print(json.dumps(run_evaluation(o.checkpoint, overrides, o.out), indent=2))
 
 
 # `simcot data` reads a source as a run's data section does: these options are its fields
@@ -199,18 +193,15 @@ def data(o: DataOptions):
     from simcot.train.data.sources import load_source
 
     source = DataConfig(**{f.name: getattr(o, f.name) for f in fields(SourceOptions)})
-    try:
-        records = load_source(source, o.split, o.n, o.path)
-        if o.format == "preview":
-            for r in records[:o.preview]:
-                print(json.dumps(r, ensure_ascii=False))
-            print(f"# {len(records)} rows from {o.source}:{o.split}", file=sys.stderr)
-            return
-        if not o.out:
-            raise DataError("--out is required to write a file (or use --format preview)")
-        count = write_records(records, o.out, o.format)
-    except (DataError, ValueError) as e:
-        _fail(e)
+    records = load_source(source, o.split, o.n, o.path)
+    if o.format == "preview":
+        for r in records[:o.preview]:
+            print(json.dumps(r, ensure_ascii=False))
+        print(f"# {len(records)} rows from {o.source}:{o.split}", file=sys.stderr)
+        return
+    if not o.out:
+        raise DataError("--out is required to write a file (or use --format preview)")
+    count = write_records(records, o.out, o.format)
     print(f"wrote {count} rows to {o.out} ({o.format})", file=sys.stderr)
 
 
@@ -233,11 +224,7 @@ class DecodeOptions:
 def decode(o: DecodeOptions, overrides: dict):
     from simcot.train.decode_latents import decode_latents, format_results
 
-    try:
-        results = decode_latents(o.checkpoint, o.question, o.split, o.n, overrides, o.out, o.data)
-    except EXPECTED_ERRORS as e:
-        _fail(e)
-    print(format_results(results))
+    print(format_results(decode_latents(o.checkpoint, o.question, o.split, o.n, overrides, o.out, o.data)))
 
 
 @dataclass
@@ -265,15 +252,10 @@ class CompareOptions:
 
 @command(CompareOptions)
 def compare(o: CompareOptions):
-    from simcot.train.tracking.compare import CompareError
     from simcot.train.tracking.compare import compare as run_compare
 
-    try:
-        out = run_compare(o.experiment, o.runs, o.filter, o.tracking_uri, o.metric, o.params, o.sort, o.format,
-                          o.plot, o.split, o.kind)
-    except CompareError as e:
-        _fail(e)
-    sys.stdout.write(out)
+    sys.stdout.write(run_compare(o.experiment, o.runs, o.filter, o.tracking_uri, o.metric, o.params, o.sort, o.format,
+                                 o.plot, o.split, o.kind))
     if o.plot:
         print(f"wrote {o.plot}", file=sys.stderr)
 
@@ -295,11 +277,7 @@ class ExportOptions:
 def export(o: ExportOptions):
     from simcot.train.export import export as run_export
 
-    try:
-        path = run_export(o.checkpoint, o.out, o.dtype)
-    except EXPECTED_ERRORS as e:
-        _fail(e)
-    print(f"exported {o.checkpoint} -> {path}")
+    print(f"exported {o.checkpoint} -> {run_export(o.checkpoint, o.out, o.dtype)}")
 
 
 @dataclass
@@ -328,10 +306,7 @@ def _plan_from_config(o: PlanOptions, overrides: dict) -> dict:
 def plan(o: PlanOptions, overrides: dict):
     from simcot.launchers.plan import make_plan
 
-    try:
-        p = make_plan(**{f.name: getattr(o, f.name) for f in fields(PlanInputs)})
-    except ValueError as e:
-        _fail(e)
+    p = make_plan(**{f.name: getattr(o, f.name) for f in fields(PlanInputs)})
     print(json.dumps(asdict(p), indent=2) if o.json else p.table())
 
 
@@ -359,11 +334,8 @@ def launch(o: LaunchOptions, overrides: dict):
     from simcot.launchers.launch import launch as run_launch
     from simcot.train.assemble import load_config
 
-    try:
-        load_config(o.config or None, overrides)  # fail here, not on every node
-        code = run_launch(**asdict(o), overrides=overrides)
-    except (ConfigError, ValueError) as e:
-        _fail(e)
+    load_config(o.config or None, overrides)  # fail here, not on every node
+    code = run_launch(**asdict(o), overrides=overrides)
     if code:
         raise SystemExit(code)
 
@@ -395,10 +367,7 @@ def sweep(o: SweepOptions, overrides: dict):
     from simcot.train.sweep import run_sweep
 
     latents, seeds = ([1, 4], [0]) if o.quick else (o.latents or None, o.seeds or None)
-    try:
-        summary = run_sweep(o.config, o.methods or None, latents, seeds, o.out, overrides, o.stages)
-    except (ConfigError, ValueError) as e:
-        _fail(e)
+    summary = run_sweep(o.config, o.methods or None, latents, seeds, o.out, overrides, o.stages)
     print(open(summary["table"]).read())
     print(json.dumps(summary, indent=2))
 
@@ -436,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         fire.Fire(COMMANDS, command=argv, name="simcot")
-    except EXPECTED_ERRORS as e:  # raised where a command has no handler of its own
+    except EXPECTED_ERRORS as e:  # from a command: one line (train has its own, for the other ranks)
         _fail(e)
     except KeyboardInterrupt:
         if _debug():

@@ -79,8 +79,17 @@ def test_a_bad_value_is_one_line_naming_the_option_and_its_type(capsys):
         2, "", "simcot: error: --dry_run: expected bool, got 'maybe'\n")
 
 
+def test_debug_shows_the_error_itself(monkeypatch):
+    monkeypatch.setenv("SIMCOT_DEBUG", "1")
+    with pytest.raises(OptionError, match=r"^--n: expected int, got 'abc'$"):
+        cli.main(["data", "--n", "abc"])
+    with pytest.raises(ValueError, match=r"^unknown launcher 'x'"):  # from the command, past the parsing
+        cli.main(["launch", "--launcher", "x", "--dry_run"])
+
+
 def test_unknown_options_are_one_line_naming_them(capsys):
-    assert _main(capsys, "data", "--x", "1", "--y", "2") == (2, "", "simcot: error: unknown option(s) for data: --x, --y\n")
+    assert _main(capsys, "data", "--x", "1", "--y", "2") == (
+        2, "", "simcot: error: unknown option(s) for data: --x, --y\n")
     assert _main(capsys, "export", "--checkpoint", "c", "--out", "o", "--train.lr", "1") == (
         2, "", "simcot: error: unknown option(s) for export: --train.lr\n")
     # a command that passes options on to the run config refuses those no config can take ...
@@ -112,7 +121,8 @@ def test_cast_and_parse():
     assert cast(("a", "b"), str) == "a,b" and cast(3, str) == "3" and cast("4", float) == 4.0
     with pytest.raises(ValueError, match=r"^expected float, got 'x'$"):
         cast("x", float)
-    opts, rest = parse_options(cli.EvalOptions, ("runs/a",), {"eval.split": "val"}, "eval", passes_on=cli._is_config_key)
+    opts, rest = parse_options(cli.EvalOptions, ("runs/a",), {"eval.split": "val"}, "eval",
+                               passes_on=cli._is_config_key)
     assert opts == cli.EvalOptions(checkpoint="runs/a") and rest == {"eval.split": "val"}  # positional, as in a call
     with pytest.raises(OptionError, match=r"^option\(s\) for eval given twice: --checkpoint$"):
         parse_options(cli.EvalOptions, ("runs/a",), {"checkpoint": "runs/b"}, "eval")
