@@ -1,12 +1,10 @@
-"""The ``simcot`` command line (python-fire).
+"""The ``simcot`` command line (python-fire): ``simcot COMMAND [options]``.
 
-    simcot train [--config FILE.yaml] [--section.key VALUE ...]
-    simcot eval --checkpoint RUN_OR_CHECKPOINT [--eval.split test] [--section.key VALUE ...]
-    simcot data --source arith|mult|gsm8k|prosqa|<format> [--split] [--n] [--format] [--out]
-    simcot compare [--experiment NAME | --runs ID,ID | --filter STR] [--format] [--sort] [--metric] [--plot]
-
-Options are the fields of the config dataclasses (``simcot train --help`` lists them all with
-their defaults); a YAML file sets many at once and command-line flags override it.
+Each command declares its options as one dataclass (``TrainOptions``, ``DataOptions``, ...) whose
+docstring is its usage and description; ``simcot COMMAND --help`` and the parsing of its
+arguments come from it (``simcot.options``). Commands that run or read a run config (train, eval,
+decode, plan, launch, sweep) pass every other ``--section.key`` on to it: those are the fields of
+the config dataclasses, which a YAML file sets many at once and command-line flags override.
 
 Every expected failure (bad config or data, a missing or damaged checkpoint, an unknown model, a
 non-finite loss) is one line on stderr, ``simcot: error: ...``, and a non-zero exit; ``--debug``
@@ -15,11 +13,16 @@ non-finite loss) is one line on stderr, ``simcot: error: ...``, and a non-zero e
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable
 
-from simcot.train.config import Config, ConfigError, help_text
+from simcot.launchers.plan import PlanInputs
+from simcot.options import fields_of, opt, options_help, parse_options, required_fields
+from simcot.train.config import ALIASES, Config, ConfigError, DataConfig, help_text
 
 USAGE = """usage: simcot COMMAND [options]
 
@@ -48,11 +51,6 @@ def _help_requested(overrides: dict) -> bool:
     return bool(overrides.pop("help", False) or overrides.pop("h", False))
 
 
-def _config_help(command: str, extra: str = "") -> str:
-    head = f"usage: simcot {command} [--config FILE.yaml] [--section.key VALUE ...]\n{extra}\noptions (default):"
-    return "\n".join([head, *help_text(Config)])
-
-
 def _debug() -> bool:
     return os.environ.get("SIMCOT_DEBUG", "") not in ("", "0", "false", "False")
 
@@ -65,15 +63,69 @@ def _fail(e: Exception) -> None:
     raise SystemExit(EXIT_ERROR)
 
 
-def train(config: str = "", **overrides):
-    """Train a model; every config field is an option (see --help)."""
-    if _help_requested(overrides):
-        print(_config_help("train", "Train, evaluate on val and test, log everything to MLflow."))
-        return
+# --------------------------------------------------------------------------------------------
+# Commands from their options: each command declares its options as one dataclass whose
+# docstring is its usage line and description; --help and the parsing come from it.
+
+
+def command_help(options: type, config_help: bool = False) -> str:
+    extra = ["", "run config options (default):", *help_text(Config)] if config_help else []
+    return "\n".join(options_help(options) + extra)
+
+
+def _is_config_key(key: str) -> bool:
+    """An option a run config may take (``--section.key``, ``--method``): one for the config to check."""
+    return "." in key or key in {f.name for f in fields(Config)} or key in ALIASES
+
+
+def command(options: type, *, run_config: bool = False, config_help: bool = False,
+            defaults: Callable[[Any, dict], dict] | None = None):
+    """A `simcot` command from its handler and its options dataclass. The handler gets the parsed
+    options, and with `run_config` also the other ``--section.key`` options, which go to the run
+    config; without it they are refused. `defaults(options, overrides)` may replace the dataclass's
+    defaults (``plan`` reads them from the run config); options given on the command line win.
+    Without any option, a command with a required one prints its help. Errors a user can fix
+    (EXPECTED_ERRORS: a bad option, config, checkpoint or data) reach main, which prints them as one line."""
+    def wrap(handler: Callable) -> Callable:
+        name = handler.__name__
+
+        def run(*args, **kw):
+            if _help_requested(kw) or (not args and not kw and required_fields(options)):
+                print(command_help(options, config_help))
+                return
+            on = _is_config_key if run_config else None
+            opts, overrides = parse_options(options, args, kw, name, passes_on=on)
+            if defaults:
+                opts, _ = parse_options(options, args, kw, name, passes_on=on, defaults=defaults(opts, overrides))
+            return handler(opts, overrides) if run_config else handler(opts)
+
+        # fire reads the option names off the signature: with them, a bare `--no_ssh` is no_ssh=True
+        # (not fire's `--noX` = X=False) and `--nodry_run` is dry_run=False, as on a plain function
+        P = inspect.Parameter
+        run.__signature__ = inspect.Signature([P("args", P.VAR_POSITIONAL),
+                                               *(P(f.name, P.KEYWORD_ONLY, default=None) for f in fields(options)),
+                                               P("kw", P.VAR_KEYWORD)])
+        run.__name__, run.__doc__, run.options = name, inspect.cleandoc(options.__doc__), options
+        return run
+    return wrap
+
+
+@dataclass
+class TrainOptions:
+    """simcot train [--config FILE.yaml] [--section.key VALUE ...]
+
+    Train, evaluate on val and test, log everything to MLflow. Every run config key below is an
+    option; a YAML file sets many at once and options given here override it."""
+
+    config: str = opt("", "Run config (YAML), e.g. one of launchers/recipes")
+
+
+@command(TrainOptions, run_config=True, config_help=True)
+def train(o: TrainOptions, overrides: dict):
     from simcot.train.assemble import load_config  # here, not at the top: it imports torch and the models
 
     try:
-        cfg = load_config(config or None, overrides)
+        cfg = load_config(o.config or None, overrides)
     except (ConfigError, FileNotFoundError) as e:
         _fail(e)
     from simcot.parallel import is_distributed
@@ -98,290 +150,224 @@ def train(config: str = "", **overrides):
     shutdown()
 
 
-def eval(checkpoint: str = "", out: str = "", **overrides):  # noqa: A001 - the command's name
-    """Evaluate a checkpoint (a checkpoint folder or a run folder) on a split."""
-    if _help_requested(overrides) or not checkpoint:
-        extra = ("  --checkpoint  run folder or checkpoint folder (required)\n"
-                 "  --out         predictions JSONL path (default: beside the checkpoint)\n"
-                 "  Any config key overrides the checkpoint's own config, e.g. --eval.split val --eval.batch_size 64")
-        print(_config_help("eval --checkpoint PATH", extra))
-        if not checkpoint and not overrides:
-            return
-        if not checkpoint:
-            _fail(ValueError("--checkpoint is required"))
+@dataclass
+class EvalOptions:
+    """simcot eval --checkpoint RUN_OR_CHECKPOINT [--out FILE] [--section.key VALUE ...]
+
+    Evaluate a checkpoint (a checkpoint folder or a run folder) on a split. Any run config key
+    overrides the checkpoint's own config, e.g. --eval.split val --eval.batch_size 64."""
+
+    checkpoint: str = opt("", "Run folder or checkpoint folder", required=True)
+    out: str = opt("", "Predictions JSONL path (default: beside the checkpoint)")
+
+
+@command(EvalOptions, run_config=True, config_help=True)
+def eval(o: EvalOptions, overrides: dict):  # noqa: A001 - the command's name
     from simcot.train.runner import run_evaluation
 
-    try:
-        print(json.dumps(run_evaluation(checkpoint, overrides, out), indent=2))
-    except EXPECTED_ERRORS as e:
-        _fail(e)
+    print(json.dumps(run_evaluation(o.checkpoint, overrides, o.out), indent=2))
 
 
-DATA_HELP = """usage: simcot data [options]
-
-Preview a data source, or write any source as jsonl, GSM8K-Aug text (aug) or iCoT text (icot).
-
-options (default):
-  --source='arith'     arith | mult (generated); gsm8k | gsm8k-aug | gsm8k-aug-nl | multiarith | svamp
-                       (local copy, else the Hugging Face Hub) | prosqa | prontoqa; or a file format
-                       jsonl | gsm8k-jsonl | aug | icot | coconut | semcot (with --path)
-  --split='train'      train | val | test
-  --n=0                rows (generators: how many to make, default 1000; files: a cap, 0 = all)
-  --seed=0             generator seed
-  --steps=3            arith: operations per problem
-  --digits=4           mult: digits per factor (2..6)
-  --gsm8k_steps='equations'  gsm8k: equations (<<expr>> annotations) or text (solution lines)
-  --path=''            input file for a file format
-  --data_dir=''        local data folder, searched before $SIMCOT_DATA_DIR and ../shared/data
-  --format='preview'   preview | jsonl | aug | icot
-  --out=''             output file (required unless previewing)
-  --preview=3          rows to print when previewing
-"""
+# `simcot data` reads a source as a run's data section does: these options are its fields
+SourceOptions = fields_of(DataConfig, "source", "seed", "steps", "digits", "gsm8k_steps", "data_dir")
 
 
-def data(source: str = "arith", split: str = "train", n: int = 0, seed: int = 0, steps: int = 3, digits: int = 4,
-         gsm8k_steps: str = "equations", path: str = "", data_dir: str = "", format: str = "preview",  # noqa: A002
-         out: str = "", preview: int = 3, **extra):
-    """Preview or convert a data source (see --help)."""
-    if _help_requested(extra):
-        print(DATA_HELP)
-        return
-    if extra:
-        _fail(ValueError(f"unknown option(s) for data: {', '.join('--' + k for k in extra)}"))
+@dataclass
+class DataOptions(SourceOptions):
+    """simcot data [--source NAME] [--split] [--n] [--format] [--out] [options]
+
+    Preview a data source, or write any source as jsonl, GSM8K-Aug text (aug) or iCoT text (icot).
+    --source, --seed, --steps, --digits, --gsm8k_steps and --data_dir are the run config's data.* keys."""
+
+    split: str = opt("train", "train | val | test")
+    n: int = opt(0, "Rows (generators: how many to make, default 1000; files: a cap, 0 = all)")
+    path: str = opt("", "Input file when --source is a file format (a run reads data.train_file and its siblings)")
+    format: str = opt("preview", "preview | jsonl | aug | icot")
+    out: str = opt("", "Output file (required unless previewing)")
+    preview: int = opt(3, "Rows to print when previewing")
+
+
+@command(DataOptions)
+def data(o: DataOptions):
     from simcot.train.data.formats import DataError, write_records
     from simcot.train.data.sources import load_source
 
-    try:
-        records = load_source(str(source), str(split), n=int(n), seed=int(seed), steps=int(steps),
-                              digits=int(digits), data_dir_=str(data_dir), gsm8k_steps=str(gsm8k_steps),
-                              path=str(path))
-        if format == "preview":
-            for r in records[:preview]:
-                print(json.dumps(r, ensure_ascii=False))
-            print(f"# {len(records)} rows from {source}:{split}", file=sys.stderr)
-            return
-        if not out:
-            raise DataError("--out is required to write a file (or use --format preview)")
-        count = write_records(records, out, str(format))
-    except (DataError, ValueError) as e:
-        _fail(e)
-    print(f"wrote {count} rows to {out} ({format})", file=sys.stderr)
-
-
-DECODE_HELP = """usage: simcot decode --checkpoint RUN_OR_CHECKPOINT [--question TEXT | --data FILE | --split test] [--n 20]
-
-Decode a SIM-CoT model's latents into text with its step decoder, beside the gold steps.
-
-options (default):
-  --checkpoint=''   a SIM-CoT run or checkpoint folder (required)
-  --question=''     decode the latents of this question (else rows of --split)
-  --data=''         a data file in any format simcot reads (jsonl, gsm8k-jsonl, aug, icot, coconut)
-  --split='test'    train | val | test (when neither --question nor --data is given)
-  --n=20            rows of the file or split
-  --out=''          JSONL output (default: decoded_latents.jsonl in the checkpoint); also an MLflow artifact
-"""
-
-
-def decode(checkpoint: str = "", question: str = "", split: str = "test", n: int = 20, out: str = "", data: str = "",
-           **overrides):
-    """Decode latents to text with the SIM-CoT step decoder (see --help)."""
-    if _help_requested(overrides) or not checkpoint:
-        print(DECODE_HELP)
-        if not checkpoint and overrides:
-            _fail(ValueError("--checkpoint is required"))
+    source = DataConfig(**{f.name: getattr(o, f.name) for f in fields(SourceOptions)})
+    records = load_source(source, o.split, o.n, o.path)
+    if o.format == "preview":
+        for r in records[:o.preview]:
+            print(json.dumps(r, ensure_ascii=False))
+        print(f"# {len(records)} rows from {o.source}:{o.split}", file=sys.stderr)
         return
+    if not o.out:
+        raise DataError("--out is required to write a file (or use --format preview)")
+    count = write_records(records, o.out, o.format)
+    print(f"wrote {count} rows to {o.out} ({o.format})", file=sys.stderr)
+
+
+@dataclass
+class DecodeOptions:
+    """simcot decode --checkpoint RUN_OR_CHECKPOINT [--question TEXT | --data FILE | --split test] [--n 20]
+
+    Decode a SIM-CoT model's latents into text with its step decoder, beside the gold steps. Other
+    --section.key options override the checkpoint's config."""
+
+    checkpoint: str = opt("", "A SIM-CoT run or checkpoint folder", required=True)
+    question: str = opt("", "Decode the latents of this question (else rows of --data or --split)")
+    split: str = opt("test", "train | val | test (when neither --question nor --data is given)")
+    n: int = opt(20, "Rows of the file or split")
+    out: str = opt("", "JSONL output (default: decoded_latents.jsonl in the checkpoint); also an MLflow artifact")
+    data: str = opt("", "A data file in any format simcot reads (jsonl, gsm8k-jsonl, aug, icot, coconut)")
+
+
+@command(DecodeOptions, run_config=True)
+def decode(o: DecodeOptions, overrides: dict):
     from simcot.train.decode_latents import decode_latents, format_results
 
-    try:
-        results = decode_latents(checkpoint, str(question), str(split), int(n), overrides, out, str(data))
-    except EXPECTED_ERRORS as e:
-        _fail(e)
-    print(format_results(results))
+    print(format_results(decode_latents(o.checkpoint, o.question, o.split, o.n, overrides, o.out, o.data)))
 
 
+@dataclass
+class CompareOptions:
+    """simcot compare [--experiment NAME | --runs ID,ID | --filter STR] [options]
+
+    Tracked runs side by side: name, id, status, method, number of latents, the params that differ
+    between the runs, final and best values of the headline metrics, wall time and tokens/s."""
+
+    experiment: str = opt("", "Experiment name (default 'simcot' unless --filter is given)")
+    runs: list[str] = opt([], "Comma-separated run ids (instead of --experiment/--filter)")
+    filter: str = opt("", "MLflow search filter, e.g. \"params.train.lr = '0.001'\" or \"tags.method = 'cot'\" "
+                      "(a sweep's children: \"tags.mlflow.parentRunId = 'ID'\")")
+    tracking_uri: str = opt("", "Store; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db")
+    metric: list[str] = opt([], "Comma-separated headline metrics, each shown final and best with its step "
+                            "(default val/accuracy)")
+    params: list[str] = opt([], "Comma-separated params to show even where they do not differ")
+    sort: str = opt("", "A column to sort by, '-column' for descending (default: oldest run first)")
+    format: str = opt("table", "table | markdown | csv")
+    plot: str = opt("", "Write a PNG: accuracy vs number of latents per method, and train/loss curves")
+    split: str = opt("test", "Split of the accuracy in the plot")
+    kind: str = opt("train", "train | eval | decode | all: training runs, or the runs of `simcot eval` (shown with "
+                    "the training run they evaluated) / `simcot decode` on their checkpoints")
 
 
-COMPARE_HELP = """usage: simcot compare [options]
-
-Tracked runs side by side: name, id, status, method, number of latents, the params that differ
-between the runs, final and best values of the headline metrics, wall time and tokens/s.
-
-options (default):
-  --experiment=''    experiment name (default 'simcot' unless --filter is given)
-  --runs=''          comma-separated run ids (instead of --experiment/--filter)
-  --kind='train'     train | eval | decode | all: training runs, or the runs of `simcot eval` (shown
-                     with the training run they evaluated) / `simcot decode` on their checkpoints
-  --filter=''        MLflow search filter, e.g. "params.train.lr = '0.001'" or "tags.method = 'cot'"
-                     (a sweep's children: "tags.mlflow.parentRunId = 'ID'")
-  --tracking_uri=''  store; empty = $MLFLOW_TRACKING_URI or sqlite:///<cwd>/mlruns.db
-  --metric=''        comma-separated headline metrics, each shown final and best with its step
-                     (default val/accuracy)
-  --params=''        comma-separated params to show even where they do not differ
-  --sort=''          a column to sort by, '-column' for descending (default: oldest run first)
-  --format='table'   table | markdown | csv
-  --plot=''          write a PNG: accuracy vs number of latents per method, and train/loss curves
-  --split='test'     split of the accuracy in the plot
-"""
-
-
-def _names(value) -> list[str]:
-    """A comma-separated option; fire hands over "a,b" as a tuple."""
-    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
-    return [str(v).strip() for v in items if str(v).strip()]
-
-
-def compare(experiment: str = "", runs="", filter: str = "", tracking_uri: str = "", metric="",  # noqa: A002
-            params="", sort: str = "", format: str = "table", plot: str = "", split: str = "test",  # noqa: A002
-            kind: str = "train", **extra):
-    """Compare tracked runs (see --help)."""
-    if _help_requested(extra):
-        print(COMPARE_HELP)
-        return
-    if sort is True:  # `--sort -col`: fire reads -col as a flag
-        _fail(ValueError("--sort needs a column; for descending order write --sort=-COLUMN"))
-    if extra:
-        _fail(ValueError(f"unknown option(s) for compare: {', '.join('--' + k for k in extra)}"))
-    from simcot.train.tracking.compare import CompareError
+@command(CompareOptions)
+def compare(o: CompareOptions):
     from simcot.train.tracking.compare import compare as run_compare
 
-    try:
-        out = run_compare(str(experiment), _names(runs), str(filter), str(tracking_uri), _names(metric),
-                          _names(params), str(sort), str(format), str(plot), str(split), str(kind))
-    except CompareError as e:
-        _fail(e)
-    sys.stdout.write(out)
-    if plot:
-        print(f"wrote {plot}", file=sys.stderr)
+    sys.stdout.write(run_compare(o.experiment, o.runs, o.filter, o.tracking_uri, o.metric, o.params, o.sort, o.format,
+                                 o.plot, o.split, o.kind))
+    if o.plot:
+        print(f"wrote {o.plot}", file=sys.stderr)
 
 
-def export(checkpoint: str = "", out: str = "", dtype: str = "bf16", **extra):
-    """Write a checkpoint as a Hugging Face model folder (see --help)."""
-    if _help_requested(extra) or not checkpoint or not out:
-        print("usage: simcot export --checkpoint RUN_OR_CHECKPOINT --out DIR [--dtype bf16|fp16|fp32]\n\n"
-              "A consolidated safetensors Hugging Face model (ZeRO shards gathered, LoRA merged) that loads with\n"
-              "from_pretrained, with its tokenizer; CODI's projection and the run config ride along so\n"
-              "`simcot eval --checkpoint DIR` evaluates it as trained.")
-        if (checkpoint or out) and not (checkpoint and out):
-            _fail(ValueError("--checkpoint and --out are both required"))
-        return
-    if extra:
-        _fail(ValueError(f"unknown option(s) for export: {', '.join('--' + k for k in extra)}"))
+@dataclass
+class ExportOptions:
+    """simcot export --checkpoint RUN_OR_CHECKPOINT --out DIR [--dtype bf16|fp16|fp32]
+
+    A consolidated safetensors Hugging Face model (ZeRO shards gathered, LoRA merged) that loads with
+    from_pretrained, with its tokenizer; CODI's projection and the run config ride along so
+    `simcot eval --checkpoint DIR` evaluates it as trained."""
+
+    checkpoint: str = opt("", "Run folder or checkpoint folder", required=True)
+    out: str = opt("", "Output folder", required=True)
+    dtype: str = opt("bf16", "bf16 | fp16 | fp32")
+
+
+@command(ExportOptions)
+def export(o: ExportOptions):
     from simcot.train.export import export as run_export
 
-    try:
-        path = run_export(checkpoint, out, str(dtype))
-    except EXPECTED_ERRORS as e:
-        _fail(e)
-    print(f"exported {checkpoint} -> {path}")
+    print(f"exported {o.checkpoint} -> {run_export(o.checkpoint, o.out, o.dtype)}")
 
 
-PLAN_HELP = """usage: simcot plan [options]
+@dataclass
+class PlanOptions(PlanInputs):
+    """simcot plan [--config FILE.yaml] [options] [--section.key VALUE ...]
 
-Per-GPU and per-node CPU memory of a run (DeepSpeed's estimators on a meta-device model, plus the
-latent rollout's activations), and whether it fits.
+    Per-GPU and per-node CPU memory of a run (DeepSpeed's estimators on a meta-device model, plus the
+    latent rollout's activations), and whether it fits. With --config or --section.key options, the run
+    config sets the model, ZeRO stage and offload, LoRA rank, micro-batch, sequence length (data.max_tokens
+    when set), method and its latents, step decoder and checkpointing; the options below still override."""
 
-options (default):
-  --model='llama-3.1-8b'  preset or HF path/name (only its config is read)
-  --gpus=8 --nodes=1      GPUs per node, nodes
-  --zero=3                ZeRO stage 0..3
-  --offload='none'        none | optimizer | all (optimizer + parameters, ZeRO-3)
-  --lora=0                LoRA rank (0 = full fine-tuning)
-  --micro_batch=4 --seq_len=256 --n_latents=6
-  --method='codi'         the objective (CODI adds a teacher pass, SIM-CoT a decoder)
-  --decoder='copy'        SIM-CoT step decoder: copy doubles the model states
-  --gpu_memory=80         GiB per GPU
-  --checkpointing=False   activation checkpointing
-  --json=False            machine-readable output
-"""
+    config: str = opt("", "Run config (YAML), read as `simcot train --config` reads it")
+    json: bool = opt(False, "Machine-readable output")
 
 
-def plan(**kw):
-    """Memory plan for a run (see --help)."""
-    if _help_requested(kw):
-        print(PLAN_HELP)
-        return
-    from simcot.launchers.plan import make_plan, plan_command
+def _plan_from_config(o: PlanOptions, overrides: dict) -> dict:
+    if not (o.config or overrides):
+        return {}
+    from simcot.launchers.plan import plan_inputs
+    from simcot.train.assemble import load_config
 
-    allowed = set(make_plan.__code__.co_varnames[:make_plan.__code__.co_argcount]) | {"json"}
-    unknown = set(kw) - allowed
-    if unknown:
-        _fail(ValueError(f"unknown option(s) for plan: {', '.join('--' + k for k in sorted(unknown))}"))
-    try:
-        print(plan_command(**kw))
-    except ValueError as e:
-        _fail(e)
+    return plan_inputs(load_config(o.config or None, overrides))
 
 
-LAUNCH_HELP = """usage: simcot launch [--config FILE.yaml] [options] [--section.key VALUE ...]
+@command(PlanOptions, run_config=True, defaults=_plan_from_config)
+def plan(o: PlanOptions, overrides: dict):
+    from simcot.launchers.plan import make_plan
 
-Print the launcher line for a training run, then run it (--dry_run only prints).
-
-options (default):
-  --launcher='deepspeed'  deepspeed | torchrun | slurm
-  --gpus=1 --nodes=1      processes per node, nodes
-  --hostfile=''           DeepSpeed hostfile ("host slots=N" lines)
-  --master_addr='127.0.0.1' --master_port=29500
-  --node_rank=0 --no_ssh=False   one launcher per node without ssh (deepspeed --no_ssh, torchrun)
-  --dry_run=False
-Other --section.key options are passed on to `simcot train`.
-"""
+    p = make_plan(**{f.name: getattr(o, f.name) for f in fields(PlanInputs)})
+    print(json.dumps(asdict(p), indent=2) if o.json else p.table())
 
 
-def launch(config: str = "", launcher: str = "deepspeed", gpus: int = 1, nodes: int = 1, hostfile: str = "",
-           master_addr: str = "127.0.0.1", master_port: int = 29500, node_rank: int = 0, no_ssh: bool = False,
-           dry_run: bool = False, **overrides):
-    """Print and run the launcher line (see --help)."""
-    if _help_requested(overrides):
-        print(LAUNCH_HELP)
-        return
+@dataclass
+class LaunchOptions:
+    """simcot launch [--config FILE.yaml] [options] [--section.key VALUE ...]
+
+    Print the launcher line for a training run, then run it (--dry_run only prints). Other
+    --section.key options are passed on to `simcot train`."""
+
+    config: str = opt("", "Run config (YAML) for `simcot train --config`")
+    launcher: str = opt("deepspeed", "deepspeed | torchrun | slurm")
+    gpus: int = opt(1, "Processes per node")
+    nodes: int = opt(1, "Nodes")
+    hostfile: str = opt("", 'DeepSpeed hostfile ("host slots=N" lines)')
+    master_addr: str = opt("127.0.0.1", "Address of the rank-0 node")
+    master_port: int = opt(29500, "Port on the rank-0 node")
+    node_rank: int = opt(0, "This node's rank, with one launcher per node (--no_ssh, torchrun)")
+    no_ssh: bool = opt(False, "One launcher per node without ssh (deepspeed --no_ssh)")
+    dry_run: bool = opt(False, "Only print the line")
+
+
+@command(LaunchOptions, run_config=True)
+def launch(o: LaunchOptions, overrides: dict):
     from simcot.launchers.launch import launch as run_launch
     from simcot.train.assemble import load_config
 
-    try:
-        load_config(config or None, overrides)  # fail here, not on every node
-        code = run_launch(dry_run=bool(dry_run), config=config, launcher=launcher, gpus=int(gpus), nodes=int(nodes),
-                          hostfile=hostfile, master_addr=master_addr, master_port=int(master_port),
-                          node_rank=int(node_rank), no_ssh=bool(no_ssh), overrides=overrides)
-    except (ConfigError, ValueError) as e:
-        _fail(e)
+    load_config(o.config or None, overrides)  # fail here, not on every node
+    code = run_launch(**asdict(o), overrides=overrides)
     if code:
         raise SystemExit(code)
 
 
-SWEEP_HELP = """usage: simcot sweep [--config BASE.yaml] [options] [--section.key VALUE ...]
+@dataclass
+class SweepOptions:
+    """simcot sweep [--config BASE.yaml] [options] [--section.key VALUE ...]
 
-Train and evaluate a grid of methods x latent budgets x seeds as nested MLflow runs under one
-parent, then write results.csv, results.md (test accuracy mean +- std) and plots to --out.
-Finished cells are skipped when the same command runs again.
+    Train and evaluate a grid of methods x latent budgets x seeds as nested MLflow runs under one
+    parent, then write results.csv, results.md (test accuracy mean +- std) and plots to --out.
+    Finished cells are skipped when the same command runs again. An empty --methods, --latents or
+    --seeds takes the config's `grid:`. Other --section.key options apply to every cell (e.g.
+    --data.steps 4 --model.name gpt2). The CPU grid of the README:
+    simcot sweep --config launchers/recipes/sweep-toy.yaml"""
 
-options (default: the config's `grid:` when it has one, else the values below):
-  --methods='nocot,cot,coconut,simcot-coconut,codi,simcot-codi'
-  --latents='1,2,4,8,16'   latent budgets L (Coconut: ceil(L/S) latents per step over S stages)
-  --seeds='0,1,2'
-  --stages=0               Coconut's curriculum stages S (0 = the task's step count: data.steps for
-                           arith, data.digits for mult; else coconut.max_latent_stage)
-  --out='sweep'            output folder (cells, runs, table, plots)
-  --quick=False            fewer cells: latents 1,4 and seed 0
-Other --section.key options apply to every cell (e.g. --data.steps 4 --model.name gpt2).
-The CPU grid of the README: simcot sweep --config launchers/recipes/sweep-toy.yaml
-"""
+    config: str = opt("", "Base run config (YAML), optionally with a grid: section")
+    methods: list[str] = opt([], "Methods (empty: the config's grid, else every method a sweep runs)")
+    latents: list[int] = opt([], "Latent budgets L (Coconut: ceil(L/S) latents per step over S stages; empty: the "
+                             "config's grid, else 1,2,4,8,16)")
+    seeds: list[int] = opt([], "Seeds (empty: the config's grid, else 0,1,2)")
+    stages: int = opt(0, "Coconut's curriculum stages S (0 = the task's step count: data.steps for arith, "
+                      "data.digits for mult; else coconut.max_latent_stage)")
+    out: str = opt("sweep", "Output folder (cells, runs, table, plots)")
+    quick: bool = opt(False, "Fewer cells: latents 1,4 and seed 0")
 
 
-def sweep(config: str = "", methods="", latents="", seeds="", out: str = "sweep",
-          quick: bool = False, stages: int = 0, **overrides):
-    """Run a methods x latents x seeds grid (see --help)."""
-    if _help_requested(overrides):
-        print(SWEEP_HELP)
-        return
+@command(SweepOptions, run_config=True)
+def sweep(o: SweepOptions, overrides: dict):
     from simcot.train.sweep import run_sweep
 
-    try:
-        ints = lambda v: [int(x) for x in _names(v)]  # noqa: E731
-        # empty: the config's grid, else run_sweep's defaults
-        lat, sd = ([1, 4], [0]) if quick else (ints(latents) or None, ints(seeds) or None)
-        summary = run_sweep(config, _names(methods) or None, lat, sd, str(out), overrides, int(stages))
-    except (ConfigError, ValueError) as e:
-        _fail(e)
+    latents, seeds = ([1, 4], [0]) if o.quick else (o.latents or None, o.seeds or None)
+    summary = run_sweep(o.config, o.methods or None, latents, seeds, o.out, overrides, o.stages)
     print(open(summary["table"]).read())
     print(json.dumps(summary, indent=2))
 
@@ -419,7 +405,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         fire.Fire(COMMANDS, command=argv, name="simcot")
-    except EXPECTED_ERRORS as e:  # raised where a command has no handler of its own
+    except EXPECTED_ERRORS as e:  # from a command: one line (train has its own, for the other ranks)
         _fail(e)
     except KeyboardInterrupt:
         if _debug():

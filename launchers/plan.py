@@ -17,12 +17,49 @@ The estimate is deliberately simple: it is an order-of-magnitude planner, and sa
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from simcot.train.methods import METHODS
+from simcot.options import opt
 
 GiB = 2**30
+
+
+@dataclass
+class PlanInputs:
+    """What a memory plan is computed from: ``make_plan``'s arguments and ``simcot plan``'s flags
+    (``plan_inputs`` reads all but the layout and the GPU size from a run config)."""
+
+    model: str = opt("llama-3.1-8b", "Preset or HF path/name (only its config is read)")
+    gpus: int = opt(8, "GPUs per node")
+    nodes: int = opt(1, "Nodes")
+    zero: int = opt(3, "ZeRO stage 0..3")
+    offload: str = opt("none", "none | optimizer | all (optimizer and parameters, ZeRO-3)")
+    lora: int = opt(0, "LoRA rank (0 = full fine-tuning)")
+    micro_batch: int = opt(4, "Samples per forward pass per GPU")
+    seq_len: int = opt(256, "Tokens per sample (question, steps and answer)")
+    n_latents: int = opt(6, "Latents of the rollout")
+    method: str = opt("codi", "The objective (CODI adds a teacher pass, SIM-CoT a decoder)")
+    decoder: str = opt("copy", "SIM-CoT step decoder: copy doubles the model states")
+    gpu_memory: float = opt(80.0, "GiB per GPU")
+    checkpointing: bool = opt(False, "Activation checkpointing")
+
+
+def plan_inputs(cfg) -> dict:
+    """The PlanInputs a run config decides: the model, the ZeRO stage and offload of the ds_config
+    the run builds, LoRA, micro-batch, sequence length (data.max_tokens, when it caps it), the
+    method and its latent budget (the method's own ``latents_in``), the step decoder, checkpointing."""
+    from simcot.train.config import RunShape
+    from simcot.train.engines.ds_engine import build_ds_config
+    from simcot.train.methods import METHODS
+
+    zero = build_ds_config(cfg, 1, RunShape.accumulation(cfg.train), on_cpu=False)["zero_optimization"]
+    offloaded = {k for k in ("offload_optimizer", "offload_param") if zero.get(k, {}).get("device", "none") != "none"}
+    # the planner counts offloaded parameters as 'all' (it has no parameters-only layout)
+    out = {"model": cfg.model.name, "zero": zero["stage"], "lora": cfg.model.lora_r,
+           "offload": "all" if "offload_param" in offloaded else "optimizer" if offloaded else "none",
+           "micro_batch": cfg.train.micro_batch_size, "n_latents": METHODS[cfg.method].latents_in(cfg),
+           "method": cfg.method, "decoder": cfg.simcot.decoder, "checkpointing": cfg.model.gradient_checkpointing}
+    return {**out, "seq_len": cfg.data.max_tokens} if cfg.data.max_tokens > 0 else out
 
 
 @dataclass
@@ -81,6 +118,8 @@ def _dims(cfg) -> tuple[int, int, int, int]:
 
 
 def activation_bytes(cfg, micro_batch: int, seq_len: int, n_latents: int, method: str, checkpointing: bool) -> float:
+    from simcot.train.methods import METHODS
+
     h, inter, layers, kv = _dims(cfg)
     per_token_layer = (2 * h if checkpointing else 10 * h + 3 * inter) * 2  # bf16
     tokens = micro_batch * (seq_len + n_latents)
@@ -94,12 +133,15 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, n_latents: int, method
     return per_token_layer * layers * tokens + kv_cache
 
 
-def make_plan(model: str = "llama-3.1-8b", gpus: int = 8, nodes: int = 1, zero: int = 3, offload: str = "none",
-              lora: int = 0, micro_batch: int = 4, seq_len: int = 256, n_latents: int = 6, method: str = "codi",
-              decoder: str = "copy", gpu_memory: float = 80.0, checkpointing: bool = False) -> Plan:
+def make_plan(*args, **kw) -> Plan:
+    """The plan for ``PlanInputs(*args, **kw)``."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
+    from simcot.train.methods import METHODS
+
+    p = PlanInputs(*args, **kw)
+    model, gpus, nodes, zero, offload, lora, method = p.model, p.gpus, p.nodes, p.zero, p.offload, p.lora, p.method
     if offload not in ("none", "optimizer", "all"):
         raise ValueError("--offload is none | optimizer | all (optimizer and parameters)")
     if offload == "all" and zero != 3:
@@ -108,7 +150,7 @@ def make_plan(model: str = "llama-3.1-8b", gpus: int = 8, nodes: int = 1, zero: 
     n = gpus * nodes
     if method not in METHODS:
         raise ValueError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
-    copies = 2 if METHODS[method].decoder_pass and decoder == "copy" else 1  # a copy decoder trains a second model
+    copies = 2 if METHODS[method].decoder_pass and p.decoder == "copy" else 1  # a copy decoder trains a second model
     if lora:
         h, inter, layers, _ = _dims(cfg)
         trainable = layers * lora * (4 * (h + h) + 3 * (h + inter))  # q,k,v,o and the three MLP projections
@@ -125,13 +167,7 @@ def make_plan(model: str = "llama-3.1-8b", gpus: int = 8, nodes: int = 1, zero: 
             cpu, gpu = estimate_zero2_model_states_mem_needs(trainable, gpus, nodes, cpu_offload=offload != "none")
         else:
             cpu, gpu = 0.0, 18.0 * trainable  # plain data parallel: fp32 master, Adam moments, bf16 copy, grads
-    act = activation_bytes(cfg, micro_batch, seq_len, n_latents, method, checkpointing)
+    act = activation_bytes(cfg, p.micro_batch, p.seq_len, p.n_latents, method, p.checkpointing)
     gpu_total = (gpu + act) / GiB
     return Plan(model, total, largest, trainable, gpus, nodes, zero, offload, gpu / GiB, cpu / GiB, act / GiB,
-                gpu_total, gpu_memory, gpu_total <= gpu_memory)
-
-
-def plan_command(**kw) -> str:
-    as_json = kw.pop("json", False)
-    p = make_plan(**kw)
-    return json.dumps(asdict(p), indent=2) if as_json else p.table()
+                gpu_total, p.gpu_memory, gpu_total <= p.gpu_memory)

@@ -146,7 +146,7 @@ def test_help(capsys):
     cli.main(["--help"])
     assert "  compare   tracked runs side by side" in capsys.readouterr().out
     cli.main(["compare", "--help"])
-    assert capsys.readouterr().out.strip() == cli.COMPARE_HELP.strip()
+    assert capsys.readouterr().out.strip() == cli.command_help(cli.CompareOptions).strip()
 
 
 def _error(capsys, *args) -> str:
@@ -184,7 +184,7 @@ def test_error_messages(store, capsys, tmp_path, monkeypatch):
         "MLFLOW_TRACKING_URI)")
     assert not (tmp_path / "mlruns.db").exists()
     assert _error(capsys, "--sort", "-wall_s", "--tracking_uri", u) == (
-        "simcot: error: --sort needs a column; for descending order write --sort=-COLUMN")
+        "simcot: error: --sort needs a value (one that starts with '-' is written --sort=-VALUE)")
 
 
 # ------------------------------------------------------------------------------ a real server

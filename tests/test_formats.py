@@ -7,6 +7,7 @@ import pytest
 from conftest import SHARED_DATA
 from simcot.train.data.formats import (DataError, format_aug, parse_gsm8k_answer, read_file, sniff_format,
                                   write_records)
+from simcot.train.config import DataConfig
 from simcot.train.data.sources import load_source
 
 needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data not present")
@@ -38,7 +39,7 @@ def test_prosqa_test_split_reads_500_rows():
 
 @needs_shared
 def test_gsm8k_writes_as_aug_lines_and_reads_back(tmp_path):
-    records = load_source("gsm8k", "test")
+    records = load_source(DataConfig(source="gsm8k"), "test")
     out = tmp_path / "test.txt"
     assert write_records(records, out, "aug") == 1319
     back = read_file(out)  # sniffed as aug

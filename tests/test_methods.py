@@ -100,6 +100,21 @@ def test_eval_prompt_forced_latent_count_wins_over_the_method_and_eval_n_latents
     assert method("codi", **{"codi.n_latents": 3}).eval_prompt(E2, 0, n_latents=1).n_latents == 1
 
 
+@pytest.mark.parametrize("name", list(METHODS))
+def test_latents_in_reads_back_the_budget_latent_budget_sets(name):
+    """What `simcot plan` sizes the rollout by: the budget a config gives, for every method; for
+    Coconut c x max stage, which is L when L <= S or S divides L, and is the most a sample gets."""
+    from simcot.train.config import load_config as load_unchecked  # the budget needs no method checks
+
+    m = METHODS[name]
+    for latents in (1, 2, 3, 6):
+        cfg = load_unchecked(None, {"method": name, **m.latent_budget(latents, 3)})
+        assert m.latents_in(cfg) == (latents if m.latent_budget(1, 1) else 0)  # nocot, cot: none
+    if "coconut.c_thought" in m.latent_budget(1, 1):
+        cfg = load_config(None, {"method": name, "coconut.pad_latent_to_max": True, **m.latent_budget(4, 3)})
+        assert m.latents_in(cfg) == 6 == METHODS[name](cfg, None, SP).eval_latents(epoch=10)
+
+
 def test_coconut_uniform_prob_draws_a_stage_per_sample():
     m = method("coconut", **{"coconut.uniform_prob": 1.0, "coconut.max_latent_stage": 3})
     stages = {m.plan(E1, 0, random.Random(s))[0] for s in range(40)}

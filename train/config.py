@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import yaml
 
 from simcot.models.config import ModelConfig
-from simcot.options import opt
+from simcot.options import cast, field_types, help_lines, is_section, opt
 
 
 class ConfigError(ValueError):
@@ -225,51 +224,12 @@ class Config:
 # Loading, overriding, flattening
 
 
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML/CLI value to the field's declared type, or raise naming the key."""
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
-            return True
-        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
-            return False
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else int(value)
-            except ValueError:
-                pass
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif tp is str:
-        if isinstance(value, (list, tuple)):  # fire turns "a,b" into a tuple
-            return ",".join(str(v) for v in value)
-        return "" if value is None else str(value)
-    else:
-        return value
-    raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {value!r}")
+    try:
+        return cast(value, tp)
+    except ValueError as e:
+        raise ConfigError(f"config key '{key}': {e}") from None
 
 
 def _unknown(key: str, known: list[str]) -> ConfigError:
@@ -280,13 +240,13 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
 
 def apply_dict(obj: Any, values: dict, prefix: str = "") -> None:
     """Set fields of a dataclass instance from a (possibly nested) dict, strictly."""
-    types = _field_types(type(obj))
+    types = field_types(type(obj))
     for key, value in values.items():
         full = f"{prefix}{key}"
         if key not in types:
             raise _unknown(full, list(types))
         tp = types[key]
-        if _is_dataclass_type(tp):
+        if is_section(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{full}' is a section; give it a mapping, not {value!r}")
             apply_dict(getattr(obj, key), value, prefix=f"{full}.")
@@ -439,16 +399,4 @@ def validate(cfg: Config) -> None:
 
 
 def help_text(cls: type = Config, prefix: str = "") -> list[str]:
-    lines = []
-    inst = cls()
-    for f in dataclasses.fields(cls):
-        tp = _field_types(cls)[f.name]
-        if _is_dataclass_type(tp):
-            lines.append("")
-            lines.append(f"  [{prefix}{f.name}]")
-            lines.extend(help_text(tp, f"{prefix}{f.name}."))
-        else:
-            default = getattr(inst, f.name)
-            lines.append(f"  --{prefix}{f.name}={default!r}")
-            lines.append(f"        {f.metadata.get('doc', '')}")
-    return lines
+    return help_lines(cls, prefix)

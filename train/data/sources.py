@@ -21,7 +21,7 @@ import json
 import logging
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -301,23 +301,23 @@ def load_splits(cfg: DataConfig) -> Splits:
     raise DataError(f"unknown data source '{src}' (choose from arith, mult, {', '.join(NAMED)}, {', '.join(READERS)})")
 
 
-def load_source(source: str, split: str, *, n: int = 0, seed: int = 0, steps: int = 3, digits: int = 4,
-                data_dir_: str = "", gsm8k_steps: str = "equations", path: str = "") -> list[Record]:
-    """One split of one source, for `simcot data` (generators produce exactly `n` rows)."""
+def load_source(cfg: DataConfig, split: str, n: int = 0, path: str = "") -> list[Record]:
+    """One split of `cfg`'s source, for `simcot data`: `n` generated rows (default 1000), or a cap on
+    the split (0 = all); a file format reads `path`. The generators use their own defaults beyond
+    steps and digits."""
+    source = cfg.source
     if source in READERS or source == "auto":
         if not path:
             raise DataError(f"source '{source}' reads a file: pass --path")
-        return _cap(read_file(path, source, gsm8k_steps), n)
-    cfg = DataConfig(source=source, seed=seed, steps=steps, digits=digits, data_dir=data_dir_,
-                     gsm8k_steps=gsm8k_steps)
+        return _cap(read_file(path, source, cfg.gsm8k_steps), n)
     if source in ("arith", "mult"):
-        seeds = {"train": 3 * seed, "val": 3 * seed + 1, "test": 3 * seed + 2}
+        seeds = {"train": 3 * cfg.seed, "val": 3 * cfg.seed + 1, "test": 3 * cfg.seed + 2}
         if split not in seeds:
             raise DataError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
         n = n or 1000
         if source == "arith":
-            return generators.arith_chain(n, steps, seeds[split])
-        return generators.multiplication(n, digits, seeds[split])
-    cfg.n_train = cfg.n_val = cfg.n_test = 0
+            return generators.arith_chain(n, cfg.steps, seeds[split])
+        return generators.multiplication(n, cfg.digits, seeds[split])
+    cfg = replace(cfg, n_train=0, n_val=0, n_test=0)
     splits = load_splits(cfg)
     return _cap(splits[split], n)

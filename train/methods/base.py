@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import ClassVar
 
 import torch
@@ -66,6 +67,15 @@ class Method:
         """Config overrides that give this method `latents` continuous thoughts, for a task whose
         curriculum has `stages` stages (the latent budget, spelled in the method's own keys)."""
         return {}
+
+    @classmethod
+    def latents_in(cls, cfg) -> int:
+        """The latent budget `cfg` gives this method (what ``simcot plan`` sizes the rollout by): the
+        inverse of latent_budget, read from the one key it sets (0 when it sets none)."""
+        keys = list(cls.latent_budget(1, 1))
+        if len(keys) > 1:
+            raise NotImplementedError(f"{cls.name}: a budget spelled in several keys needs its own latents_in")
+        return int(attrgetter(keys[0])(cfg)) if keys else 0
 
     def __init__(self, cfg, tok, special: SpecialIds, inference: bool = False):
         self.cfg = cfg

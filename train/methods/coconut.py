@@ -38,6 +38,11 @@ class Coconut(LatentMethod):
                 "coconut.stage_offset": 1, "coconut.pad_latent_to_max": True}
 
     @classmethod
+    def latents_in(cls, cfg):
+        """The most latents a sample gets: c per step, every step up to max_latent_stage replaced."""
+        return cfg.coconut.c_thought * cfg.coconut.max_latent_stage
+
+    @classmethod
     def validate(cls, cfg):
         c = cfg.coconut
         if c.c_thought < 1 or c.max_latent_stage < 0 or c.epochs_per_stage < 1 or c.stage_offset < 0:
