@@ -10,7 +10,7 @@
 # Every step prints its estimated time before and its actual time after; its rc goes to summary.txt,
 # its output to checks.log, and every results file it wrote to results.tar.gz (with meta.json:
 # commit, date, machine), all in $OUT (default .gpu_checks/<part>, git-ignored). Land the numbers with
-# `python benchmarks/gpu_results.py results.tar.gz`. The benchmarks' own results folder is left as found.
+# `python benchmarks/gpu_results.py results.tar.gz`. The benchmarks' own results folder is not written.
 #
 # The install is the GPU image's: the wheels in .whl/ (benchmarks/make_wheels.sh: deepspeed, mlflow,
 # fire and what they need) and simcot itself go into one --target folder on PYTHONPATH, --no-index.
@@ -39,7 +39,7 @@ mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 rm -f "$OUT/summary.txt" "$OUT/checks.log" "$OUT/results.tar.gz"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/simcot-gpu-checks.XXXXXX")  # every step's working directory
 SITE=${SITE:-$WORK/site}
-mkdir -p "$SITE" "$WORK/results" "$WORK/results.bak"
+mkdir -p "$SITE" "$WORK/results"
 export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export MLFLOW_TRACKING_URI=sqlite:///$WORK/mlruns.db
@@ -54,9 +54,9 @@ status=0
 BUDGET=${BUDGET:-$([ "$DEVICE" = cpu ] && echo 0 || echo 420)}
 RESERVE=15  # seconds kept for packing the results
 
-# The benchmarks write into benchmarks/results/: keep a copy, pack what they write, put the copy back.
-cp -a "$REPO/benchmarks/results/." "$WORK/results.bak/"
-touch "$WORK/stamp"
+# The benchmarks write their results files into the archive's folder, never into benchmarks/results/
+# (whatever else writes there meanwhile, e.g. work beside a rehearsal, is none of this script's).
+export SIMCOT_RESULTS_DIR="$WORK/results"
 
 log() { echo "$*" | tee -a "$OUT/summary.txt" "$OUT/checks.log"; }
 
@@ -135,12 +135,7 @@ print(json.dumps(meta))
 "
 }
 
-collect() {  # results files written since the start -> the archive; the tracked copies put back
-    find "$REPO/benchmarks/results" -type f -newer "$WORK/stamp" | while read -r f; do
-        cp "$f" "$WORK/results/"
-        rel=${f#"$REPO/benchmarks/results/"}
-        if [ -f "$WORK/results.bak/$rel" ]; then cp -p "$WORK/results.bak/$rel" "$f"; else rm -f "$f"; fi
-    done
+collect() {  # the results files the steps wrote -> the archive
     tar czf "$OUT/results.tar.gz" -C "$WORK/results" .
     log "== results: $(tar tzf "$OUT/results.tar.gz" | grep -v '/$' | tr '\n' ' ')"
 }

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS_ENV = "SIMCOT_RESULTS_DIR"  # a folder that takes every results file instead (gpu_checks.sh: its archive)
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -63,8 +64,9 @@ def provenance(meta: dict) -> str:
 
 def write_results(name: str, data: dict, markdown: str, device: str = "cpu", meta: dict | None = None,
                   results_dir: Path | None = None) -> Path:
-    """Write <name>.json and <name>.md; returns the JSON path. ``meta`` defaults to this process's."""
-    out = Path(results_dir) if results_dir else RESULTS
+    """Write <name>.json and <name>.md into `results_dir`, else $SIMCOT_RESULTS_DIR, else
+    benchmarks/results; returns the JSON path. ``meta`` defaults to this process's."""
+    out = Path(results_dir or os.environ.get(RESULTS_ENV) or RESULTS)
     out.mkdir(parents=True, exist_ok=True)
     meta = meta or machine_meta(device)
     path = out / f"{name}.json"

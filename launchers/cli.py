@@ -169,7 +169,8 @@ def eval(o: EvalOptions, overrides: dict):  # noqa: A001 - the command's name
 
 
 # `simcot data` reads a source as a run's data section does: these options are its fields
-SourceOptions = fields_of(DataConfig, "source", "seed", "steps", "digits", "gsm8k_steps", "data_dir")
+SourceOptions = fields_of(DataConfig, "source", "seed", "steps", "min_steps", "max_operand", "max_value", "digits",
+                          "gsm8k_steps", "data_dir")
 
 
 @dataclass
@@ -177,7 +178,8 @@ class DataOptions(SourceOptions):
     """simcot data [--source NAME] [--split] [--n] [--format] [--out] [options]
 
     Preview a data source, or write any source as jsonl, GSM8K-Aug text (aug) or iCoT text (icot).
-    --source, --seed, --steps, --digits, --gsm8k_steps and --data_dir are the run config's data.* keys."""
+    --source, --seed, --steps, --min_steps, --max_operand, --max_value, --digits, --gsm8k_steps and
+    --data_dir are the run config's data.* keys: a generator previews the rows a run makes."""
 
     split: str = opt("train", "train | val | test")
     n: int = opt(0, "Rows (generators: how many to make, default 1000; files: a cap, 0 = all)")

@@ -26,6 +26,16 @@ def _mlflow_store(tmp_path_factory):
     yield
 
 
+@pytest.fixture(autouse=True)
+def _tracking_uri_kept():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI: a test that points a tracker at a
+    store of its own (a server, a folder) must not hand it to the subprocesses of later tests
+    (test_compare's server before test_cli's training subprocess: a connection error)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def tiny_overrides(tmp_path, **extra) -> dict:
     """Overrides for a seconds-long run: a 2-layer 32-wide llama on 3-step arithmetic."""
     base = {

@@ -65,7 +65,8 @@ def test_data_source_options_are_the_data_sections_own():
     data_fields = {f.name: f for f in dataclasses.fields(DataConfig)}
     own = {f.name: f for f in dataclasses.fields(cli.DataOptions)}
     shared = own.keys() & data_fields.keys()
-    assert shared == {"source", "seed", "steps", "digits", "gsm8k_steps", "data_dir"}
+    assert shared == {"source", "seed", "steps", "min_steps", "max_operand", "max_value", "digits", "gsm8k_steps",
+                      "data_dir"}
     for k in shared:
         assert own[k].metadata == data_fields[k].metadata and own[k].default == data_fields[k].default
 

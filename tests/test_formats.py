@@ -159,3 +159,14 @@ def test_hub_rows_are_checked_like_file_rows():
     assert svamp_row(dict(row, Equation="( 6.0 + 4.0 )", Answer="10.0"), where)["answer"] == "10"
     with pytest.raises(DataError, match=r"^x: field 'answer' must be a string or a number, got list$"):
         gsm8k_aug_row({"question": "q", "cot": "", "answer": [7]}, "x")
+
+
+def test_simcot_data_previews_the_rows_a_run_generates():
+    """`simcot data --source arith` makes the test rows a run with the same data settings makes
+    (before: the generator's own max_value of 99 against the run's 9)."""
+    from simcot.train.data.sources import load_splits
+
+    cfg = DataConfig(source="arith", n_train=10, n_val=0, n_test=40)
+    assert load_source(cfg, "test", n=40) == load_splits(cfg).test
+    wide = DataConfig(source="arith", max_value=99, n_train=10, n_val=0, n_test=40)
+    assert load_source(wide, "test", n=40) == load_splits(wide).test != load_splits(cfg).test

@@ -144,3 +144,20 @@ def test_gpu_results_lands_an_archive_and_renders_a_readme(tmp_path):
     assert ts_md.endswith("`python benchmarks/bench_train_step.py`\n\n| b |\n|---|\n| 2 |\n")
     assert "<!-- results:latent_feedback_cuda -->\n" + lf_md + "<!-- /results:latent_feedback_cuda -->" in \
         readme.read_text()
+
+
+def test_the_checks_write_results_only_into_their_archive(tmp_path, monkeypatch):
+    """The steps' results files go to the archive's folder ($SIMCOT_RESULTS_DIR), never into
+    benchmarks/results/: the old script backed that folder up and put it back at the end, which
+    undid whatever else had written there meanwhile (a results file landed beside a rehearsal)."""
+    text = SCRIPT.read_text()
+    assert 'export SIMCOT_RESULTS_DIR="$WORK/results"' in text
+    assert "benchmarks/results" not in text.replace("never into benchmarks/results/", "")
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import results_io
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    monkeypatch.setenv("SIMCOT_RESULTS_DIR", str(tmp_path))
+    path = results_io.write_results("probe_cpu", {"rows": []}, "| a |", meta={**results_io.machine_meta(), "command": "x"})
+    assert path == tmp_path / "probe_cpu.json" and (tmp_path / "probe_cpu.md").is_file()

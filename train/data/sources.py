@@ -99,19 +99,21 @@ def _hold_out(records: list[Record], n: int, seed: int) -> tuple[list[Record], l
     return [r for i, r in enumerate(records) if i not in held], [records[i] for i in sorted(held)]
 
 
-def _generated(cfg: DataConfig) -> Splits:
-    def make(n: int, seed: int) -> list[Record]:
-        if cfg.source == "arith":
-            return generators.arith_chain(n, cfg.steps, seed, min_steps=cfg.min_steps,
-                                          max_operand=cfg.max_operand, max_value=cfg.max_value)
-        return generators.multiplication(n, cfg.digits, seed)
+def generate(cfg: DataConfig, n: int, seed: int) -> list[Record]:
+    """`n` rows of a generated source (arith, mult) as `cfg` sets it up."""
+    if cfg.source == "arith":
+        return generators.arith_chain(n, cfg.steps, seed, min_steps=cfg.min_steps,
+                                      max_operand=cfg.max_operand, max_value=cfg.max_value)
+    return generators.multiplication(n, cfg.digits, seed)
 
+
+def _generated(cfg: DataConfig) -> Splits:
     # Evaluation splits first, then training rows that collide with them are dropped, so a
     # memorising model cannot score on the held-out splits.
-    test = make(cfg.n_test, 3 * cfg.seed + 2)
-    val = make(cfg.n_val, 3 * cfg.seed + 1)
+    test = generate(cfg, cfg.n_test, 3 * cfg.seed + 2)
+    val = generate(cfg, cfg.n_val, 3 * cfg.seed + 1)
     seen = {r["question"] for r in test + val}
-    train = [r for r in make(int(cfg.n_train * 1.25) + 16, 3 * cfg.seed) if r["question"] not in seen]
+    train = [r for r in generate(cfg, int(cfg.n_train * 1.25) + 16, 3 * cfg.seed) if r["question"] not in seen]
     return Splits(train[: cfg.n_train], val, test, cfg.source)
 
 
@@ -303,8 +305,8 @@ def load_splits(cfg: DataConfig) -> Splits:
 
 def load_source(cfg: DataConfig, split: str, n: int = 0, path: str = "") -> list[Record]:
     """One split of `cfg`'s source, for `simcot data`: `n` generated rows (default 1000), or a cap on
-    the split (0 = all); a file format reads `path`. The generators use their own defaults beyond
-    steps and digits."""
+    the split (0 = all); a file format reads `path`. A generator makes the rows a run with `cfg`
+    makes (the same settings and seeds)."""
     source = cfg.source
     if source in READERS or source == "auto":
         if not path:
@@ -314,10 +316,7 @@ def load_source(cfg: DataConfig, split: str, n: int = 0, path: str = "") -> list
         seeds = {"train": 3 * cfg.seed, "val": 3 * cfg.seed + 1, "test": 3 * cfg.seed + 2}
         if split not in seeds:
             raise DataError(f"unknown split '{split}' (choose from {', '.join(SPLITS)})")
-        n = n or 1000
-        if source == "arith":
-            return generators.arith_chain(n, cfg.steps, seeds[split])
-        return generators.multiplication(n, cfg.digits, seeds[split])
+        return generate(cfg, n or 1000, seeds[split])  # the run's rows (its train split also drops test/val questions)
     cfg = replace(cfg, n_train=0, n_val=0, n_test=0)
     splits = load_splits(cfg)
     return _cap(splits[split], n)
