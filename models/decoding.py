@@ -93,7 +93,8 @@ def prefill_ids(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Prefill
         out = lm(input_ids=i, attention_mask=m, position_ids=p, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], cache_of(out)
 
-    logits, cache = by_length(forward, ids, mask, pos, prefix_groups(lm, ids.shape[0]))
+    logits, cache = by_length(forward, ids, mask, pos, prefix_groups(lm, ids.shape[0]),
+                              capacity=ids.shape[1] + CACHE_CHUNK if ready_masks(lm) else 0)
     return Prefill(logits, cache, mask, pos[:, -1] + 1)
 
 
@@ -112,7 +113,7 @@ def prefix_groups(lm: nn.Module, rows: int) -> int:
     return 1 if groups > 1 and any_partitioned(unwrap(lm).get_input_embeddings()) else groups
 
 
-def by_length(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, groups: int):
+def by_length(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, groups: int, capacity: int = 0):
     """`forward(ids, mask, positions) -> (out at the last column (b, X), KV cache)` over a
     left-padded batch, run in `groups` groups of rows of similar length, each cut to its own
     longest row; returns (out (B, X), one cache for the whole batch, as wide as `ids`).
@@ -121,10 +122,16 @@ def by_length(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
     from the first real token), so the groups' caches are put back side by side, right-aligned,
     with zeros in the columns left of a group's width (padding, masked by every later step). Caches of another kind than
     transformers' DynamicLayer (sliding windows, quantised) are not merged: one forward instead.
+    `capacity` > 0: the cache comes back reserved (`ReservedLayer`) with room for that many
+    positions, the groups written straight into its buffers (no second copy of the prompt's cache).
     """
     if groups <= 1:
-        return forward(ids, mask, pos)
+        out, cache = forward(ids, mask, pos)
+        if capacity:
+            reserve(cache, capacity)
+        return out, cache
     bsz, width = ids.shape
+    room = max(capacity, width)
     lengths = mask.sum(1)  # (B,)
     order = lengths.argsort(descending=True, stable=True)  # (B,)
     out, cache, layers = None, None, None
@@ -133,18 +140,21 @@ def by_length(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
         o, c = forward(ids[rows, width - w:], mask[rows, width - w:], pos[rows, width - w:])
         if cache is None:
             if any(type(layer) is not DynamicLayer for layer in getattr(c, "layers", [None])):
-                return forward(ids, mask, pos)
+                return by_length(forward, ids, mask, pos, 1, capacity)
             out = o.new_empty(bsz, *o.shape[1:])
             cache = c
-            layers = [(lay.keys.new_zeros(bsz, *lay.keys.shape[1:2], width, lay.keys.shape[-1]),  # (B, heads, T, D)
-                       lay.values.new_zeros(bsz, *lay.values.shape[1:2], width, lay.values.shape[-1]))
+            layers = [(lay.keys.new_zeros(bsz, *lay.keys.shape[1:2], room, lay.keys.shape[-1]),  # (B, heads, room, D)
+                       lay.values.new_zeros(bsz, *lay.values.shape[1:2], room, lay.values.shape[-1]))
                       for lay in c.layers]
         out[rows] = o
         for (k, v), lay in zip(layers, c.layers):
-            k[rows, :, width - w:] = lay.keys
-            v[rows, :, width - w:] = lay.values
-    for lay, (k, v) in zip(cache.layers, layers):
-        lay.keys, lay.values = k, v
+            k[rows, :, width - w:width] = lay.keys
+            v[rows, :, width - w:width] = lay.values
+    if capacity:
+        cache.layers = [ReservedLayer(k, v, capacity, length=width) for k, v in layers]
+    else:
+        for lay, (k, v) in zip(cache.layers, layers):
+            lay.keys, lay.values = k, v
     return out, cache
 
 
@@ -170,12 +180,18 @@ class ReservedLayer(DynamicLayer):
     written part would be no better on CPU (attention over a strided view costs about that copy);
     a buffer sized for every token at once makes each step attend to all of it."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int):
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int, length: int | None = None):
+        """`keys`/`values` (B, heads, T, D) hold `length` written positions (default: all T); the
+        buffers are taken as they are when they already have room for `capacity` (no copy)."""
         super().__init__()
-        self.length = keys.shape[-2]
+        self.length = keys.shape[-2] if length is None else length
         self.keys, self.values = keys, values
         self.device, self.is_initialized = keys.device, True
         self.grow(capacity)
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[-2]
 
     def grow(self, capacity: int) -> None:
         """Make room for `capacity` positions (zeros beyond the written ones: masked scores meet
@@ -204,15 +220,37 @@ class ReservedLayer(DynamicLayer):
 
 def reserve(cache, capacity: int) -> bool:
     """Move every layer of a transformers DynamicCache into a `ReservedLayer` with room for
-    `capacity` positions (in place); False, leaving the cache alone, for any other kind of cache."""
+    `capacity` positions (in place); True as well for a cache already reserved (grown to
+    `capacity` if smaller); False, leaving the cache alone, for any other kind of cache."""
     layers = getattr(cache, "layers", None)
+    if layers and all(type(layer) is ReservedLayer for layer in layers):
+        for layer in layers:
+            layer.grow(capacity)
+        return True
     if not layers or any(type(layer) is not DynamicLayer or not layer.is_initialized for layer in layers):
         return False
     cache.layers = [ReservedLayer(layer.keys, layer.values, capacity) for layer in layers]
     return True
 
 
-def _ready_masks(lm: nn.Module | None) -> str | None:
+def reserved_masks(lm: nn.Module, cache, capacity: int, dtype: torch.dtype):
+    """Reserve `cache` for `capacity` positions when `lm` takes ready masks; then a function
+    (B, T) 0/1 mask over the written positions -> the 4-D mask over the whole buffer that a
+    single-position forward on this cache needs (positions not written yet hidden). None (the
+    cache left as it is, 2-D masks) otherwise."""
+    impl = ready_masks(lm)
+    if impl is None or not reserve(cache, capacity):
+        return None
+
+    def attend(mask: torch.Tensor) -> torch.Tensor:
+        width = cache.layers[0].capacity
+        full = mask.new_zeros(mask.shape[0], width, dtype=torch.bool)  # (B, capacity)
+        full[:, :mask.shape[1]] = mask.bool()
+        return _mask_4d(full, impl, dtype)
+    return attend
+
+
+def ready_masks(lm: nn.Module | None) -> str | None:
     """The attention implementation of `lm` when `_mask_4d` can hand it a ready mask, else None."""
     impl = getattr(getattr(unwrap(lm), "config", None), "_attn_implementation", None) if lm is not None else None
     return impl if impl in ("sdpa", "eager") else None
@@ -293,9 +331,13 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     full = torch.cat([mask, mask.new_ones(bsz, n_new)], 1)  # (B, T + new): every position once written
     pos = state.next_pos.clone() if state.next_pos is not None else None
     fdtype = logits.dtype if logits.is_floating_point() else torch.float32
-    impl = _ready_masks(lm)
+    impl = ready_masks(lm)
     capacity = width + min(n_new, CACHE_CHUNK)
     reserved = impl is not None and cached == width and reserve(cache, capacity)
+    if reserved:
+        capacity = cache.layers[0].capacity  # a cache reserved at the prompt may have more room
+        if capacity > full.shape[1]:  # room no step writes: hidden
+            full = torch.cat([full, full.new_zeros(bsz, capacity - full.shape[1])], 1)
     written = torch.arange(full.shape[1], device=device)  # (T + new,)
     compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
     steps = 0

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from simcot.kernels import latent_feedback
-from simcot.models.decoding import Prefill, body, by_length, cache_of, head, positions, prefix_groups, with_cache
+from simcot.models.decoding import (CACHE_CHUNK, Prefill, body, by_length, cache_of, head, positions, prefix_groups,
+                                    ready_masks, reserved_masks, with_cache)
 from simcot.parallel import is_partitioned, rank_max
 
 
@@ -36,6 +37,7 @@ class Rollout:
     fed: list[torch.Tensor]  # L tensors (B, H): the embeddings fed at the latent slots
     thinking: torch.Tensor  # (B, L) bool: slot j of row i is a real latent
     h_final: torch.Tensor  # (B, H) hidden state after each row's last latent (at <bot> when n_i = 0)
+    attend: object = None  # reserved cache: (B, T) mask -> the 4-D mask of a one-position step (else None)
 
     @property
     def latents(self) -> torch.Tensor:
@@ -73,11 +75,13 @@ def feedback_params(model) -> dict:
 
 
 def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
-                max_latents: int, groups: int = 1) -> Rollout:
+                max_latents: int, groups: int = 1, room: int = 0) -> Rollout:
     """Prefix forward with a cache, then `max_latents` single-position latent steps for the batch.
 
     `n_latents` (B,) on the model's device; `max_latents` a Python int (>= n_latents.max()).
-    `groups` > 1 runs the prefix in that many length groups (`decoding.by_length`; evaluation).
+    Evaluation (no gradients): `groups` > 1 runs the prefix in that many length groups
+    (`decoding.by_length`), and `room` > 0 reserves the cache at the prefix for the latents plus
+    `room` more positions, so no step copies it (transformers' cache makes a new one per step).
     """
     stack = body(model.lm)
     dtype = model.lm.get_input_embeddings().weight.dtype
@@ -88,7 +92,13 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
         out = stack(input_ids=i, attention_mask=m, position_ids=p, use_cache=True)
         return out.last_hidden_state[:, -1], cache_of(out)
 
-    h, cache = by_length(forward, prefix_ids, prefix_mask, pos, groups)
+    capacity = prefix_ids.shape[1] + max_latents + room if room else 0
+    attend = None
+    if capacity and ready_masks(model.lm):
+        h, cache = by_length(forward, prefix_ids, prefix_mask, pos, groups, capacity)
+        attend = reserved_masks(model.lm, cache, capacity, dtype)
+    else:
+        h, cache = by_length(forward, prefix_ids, prefix_mask, pos, groups)
     mask, next_pos = prefix_mask, pos[:, -1] + 1
     h_final = h
     pad_ids = torch.full_like(n_latents, model.lm.config.pad_token_id or 0)
@@ -97,8 +107,8 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
         thinking = n_latents > j
         e = feed_back(model, h, thinking, pad_ids)
         mask = torch.cat([mask, thinking.to(mask.dtype)[:, None]], dim=1)
-        out = stack(inputs_embeds=e[:, None].to(dtype), attention_mask=mask, position_ids=next_pos[:, None],
-                    use_cache=True, **with_cache(stack, cache))
+        out = stack(inputs_embeds=e[:, None].to(dtype), attention_mask=attend(mask) if attend else mask,
+                    position_ids=next_pos[:, None], use_cache=True, **with_cache(stack, cache))
         cache = cache_of(out)
         h = out.last_hidden_state[:, -1]
         h_final = torch.where(thinking[:, None], h, h_final)
@@ -107,12 +117,15 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
         thinking_all.append(thinking)
     thinking_t = (torch.stack(thinking_all, 1) if thinking_all
                   else torch.zeros(h.shape[0], 0, dtype=torch.bool, device=h.device))
-    return Rollout(cache, mask, next_pos, fed, thinking_t, h_final)
+    return Rollout(cache, mask, next_pos, fed, thinking_t, h_final, attend)
 
 
 def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, output_hidden_states: bool = False):
     """One forward of right-padded tokens on the rollout's cache (teacher forcing)."""
     full_mask = torch.cat([ro.mask, mask], dim=1)
+    if ro.attend is not None:  # a reserved cache: one position at a time (evaluation's <eot>)
+        assert ids.shape[1] == 1, "a reserved rollout cache continues one token per forward"
+        full_mask = ro.attend(full_mask)
     pos = ro.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
     stack = body(model.lm)
     return stack(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
@@ -124,7 +137,7 @@ def prefill_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, 
                     max_latents: int, eot_id: int) -> tuple[Prefill, Rollout]:
     """Evaluation: prefix, latents, then ``<eot>``; returns the state greedy decoding continues from."""
     ro = run_latents(model, prefix_ids, prefix_mask, n_latents, max_latents,
-                     prefix_groups(model.lm, prefix_ids.shape[0]))
+                     prefix_groups(model.lm, prefix_ids.shape[0]), room=1 + CACHE_CHUNK)  # <eot>, then decoding
     eot = torch.full((prefix_ids.shape[0], 1), eot_id, dtype=torch.long, device=prefix_ids.device)
     ones = torch.ones_like(eot)
     out = continue_tokens(model, ro, eot, ones)

@@ -179,3 +179,30 @@ def test_mlp_checkpointing_keeps_the_rollout_exact():
     # recomputed in backward (torch stops the recompute early, once it has what backward needs)
     assert len(calls) == 2 * forward_calls == 14
     assert all(torch.allclose(g1[k], g2[k], rtol=1e-12, atol=1e-15) for k in g1)
+
+
+def test_evaluation_reserves_the_cache_at_the_prefix():
+    """The latent steps, <eot> and up to CACHE_CHUNK answer tokens write into the buffers reserved
+    right after the prefix: no step makes a new cache (transformers' cache concatenates per step)."""
+    from simcot.models import decoding
+    from simcot.models.rollout import prefill_latents
+
+    model = _model("tiny-llama", True)
+    prefixes, n_latents, _, _ = _batch()
+    ids, mask = left_pad(prefixes, PAD)
+    made = []
+    grow = decoding.ReservedLayer.grow
+    try:
+        decoding.ReservedLayer.grow = lambda self, cap: (made.append(cap) if cap > self.keys.shape[-2] else None,
+                                                         grow(self, cap))
+        state, _ = prefill_latents(model, ids, mask, torch.tensor(n_latents), max(n_latents), EOT)
+        layers = state.cache.layers
+        assert all(type(layer) is decoding.ReservedLayer for layer in layers)
+        width = ids.shape[1] + max(n_latents) + 1  # prefix, latents, <eot>
+        assert [layer.length for layer in layers] == [width] * len(layers)
+        buffers = [layer.keys.data_ptr() for layer in layers]
+        decoding.greedy_decode(model.lm, state, decoding.CACHE_CHUNK, eos_id=-1, pad_id=PAD)
+    finally:
+        decoding.ReservedLayer.grow = grow
+    assert made == [width + decoding.CACHE_CHUNK] * len(layers)  # one buffer per layer, made at the prefix
+    assert [layer.keys.data_ptr() for layer in layers] == buffers
