@@ -120,8 +120,9 @@ def by_length(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
 
     A row's keys and values do not depend on the padding to its left (masked, and positions count
     from the first real token), so the groups' caches are put back side by side, right-aligned,
-    with zeros in the columns left of a group's width (padding, masked by every later step). Caches of another kind than
-    transformers' DynamicLayer (sliding windows, quantised) are not merged: one forward instead.
+    with zeros in the columns left of a group's width (padding, masked by every later step).
+    Caches of another kind than transformers' DynamicLayer (sliding windows, quantised) are not
+    merged: one forward instead.
     `capacity` > 0: the cache comes back reserved (`ReservedLayer`) with room for that many
     positions, the groups written straight into its buffers (no second copy of the prompt's cache).
     """
