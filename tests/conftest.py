@@ -8,10 +8,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import weakref  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+from torch.utils._pytree import tree_leaves  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SIMCOT_DATA_DIR", REPO.parent / "shared" / "data"))
@@ -97,3 +100,23 @@ def crash_at(monkeypatch, step: int, cfg) -> None:
             run_training(cfg)
     finally:
         monkeypatch.setattr(loop_mod.Trainer, "train_step", real_step)
+
+
+class Created(TorchDispatchMode):
+    """Weak references to every tensor an ATen op returns, with its dtype and shape (what a kernel
+    or a backward makes, e.g. whether a V x H gradient ever exists)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []  # (weakref, dtype, shape)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((weakref.ref(t), t.dtype, tuple(t.shape)))
+        return out
+
+    @property
+    def shapes(self) -> list[tuple]:
+        return [shape for _, _, shape in self.made]

@@ -11,14 +11,13 @@ by recomputing the logits ($SIMCOT_CE_HOLD_MIB=0) and made in forward and held (
 these shapes; "none" recomputes in both).
 """
 
-import weakref
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import simcot.kernels.linear_cross_entropy_triton as tri
+from conftest import Created
 from simcot.kernels import default_impl, fused_linear_cross_entropy, linear_cross_entropy_reference, set_default_impl
 from simcot.kernels.dispatch import resolve
 from simcot.kernels.linear_cross_entropy import HOLD_ENV, chunk_rows, hold_budget_mib, hold_gradients
@@ -213,19 +212,6 @@ def test_chunked_path_never_builds_the_logits(reduction):
             assert probe.numel >= n * v  # the probe sees the reference's logits
 
 
-class Created(TorchDispatchMode):
-    """Weak references to every tensor an ATen op returns, with its dtype and shape."""
-
-    def __init__(self):
-        super().__init__()
-        self.made = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.made.append((weakref.ref(t), t.dtype, tuple(t.shape)))
-        return out
 
 
 @pytest.mark.parametrize("impl", IMPLS)

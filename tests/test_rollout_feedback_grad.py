@@ -7,8 +7,8 @@ import importlib
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+
+from conftest import Created
 
 from simcot.kernels import latent_feedback, latent_feedback_reference
 from simcot.models import rollout
@@ -23,17 +23,6 @@ lf = importlib.import_module("simcot.kernels.latent_feedback")  # the package re
 V, H, PAD, BOT, EOT = 40, 32, 0, 2, 3
 
 
-class Shapes(TorchDispatchMode):
-    """The shape of every tensor an ATen op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.shapes += [tuple(t.shape) for t in tree_leaves(out) if isinstance(t, torch.Tensor)]
-        return out
 
 
 def _model(projection: bool) -> LatentLM:
@@ -101,7 +90,7 @@ def test_a_detached_embedding_allocates_no_weight_sized_gradient(impl):
         e = emb if wanted else emb.detach()
         out = latent_feedback(hidden, thinking, ids, e, norm=norm, impl=impl)
         up = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
-        with Shapes() as probe:
+        with Created() as probe:
             grads = torch.autograd.grad(out, [hidden, *norm[:2]] + ([emb] if wanted else []), up)
         assert ((v, h) in probe.shapes) == wanted
         ref = latent_feedback_reference(hidden, thinking, ids, e, norm=norm)
