@@ -261,7 +261,7 @@ def step_attention(impl: str | None, device: torch.device) -> str | None:
     """The attention a single-token step runs: the model's own, except sdpa on the CPU, where the
     step runs eager attention (the same math). One query row against the cache is two small
     matmuls; the CPU's fused sdpa kernel (flash attention for CPU) tiles it as if the query were
-    long and costs ~1.3x as much per step at batch 256 (benchmarks/bench_rollout.py)."""
+    long and is several times slower per call at batch 256 (benchmarks/README.md, rollout)."""
     return "eager" if impl == "sdpa" and device.type == "cpu" else impl
 
 
