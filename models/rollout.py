@@ -92,13 +92,10 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
         out = stack(input_ids=i, attention_mask=m, position_ids=p, use_cache=True)
         return out.last_hidden_state[:, -1], cache_of(out)
 
-    capacity = prefix_ids.shape[1] + max_latents + room if room else 0
-    attend = None
-    if capacity and ready_masks(model.lm):
-        h, cache = by_length(forward, prefix_ids, prefix_mask, pos, groups, capacity)
-        attend = reserved_masks(model.lm, cache, capacity, dtype)
-    else:
-        h, cache = by_length(forward, prefix_ids, prefix_mask, pos, groups)
+    # 0: transformers' own cache (no room asked, or an attention that takes no ready 4-D masks)
+    capacity = prefix_ids.shape[1] + max_latents + room if room and ready_masks(model.lm) else 0
+    h, cache = by_length(forward, prefix_ids, prefix_mask, pos, groups, capacity)
+    attend = reserved_masks(model.lm, cache, capacity, dtype) if capacity else None
     mask, next_pos = prefix_mask, pos[:, -1] + 1
     h_final = h
     pad_ids = torch.full_like(n_latents, model.lm.config.pad_token_id or 0)

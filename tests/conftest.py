@@ -36,7 +36,10 @@ def _tracking_uri_kept():
     (test_compare's server before test_cli's training subprocess: a connection error)."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     yield
-    os.environ["MLFLOW_TRACKING_URI"] = before
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
 
 
 def tiny_overrides(tmp_path, **extra) -> dict:
