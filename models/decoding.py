@@ -234,21 +234,29 @@ def reserve(cache, capacity: int) -> bool:
     return True
 
 
-def reserved_masks(lm: nn.Module, cache, capacity: int, dtype: torch.dtype):
-    """Reserve `cache` for `capacity` positions when `lm` takes ready masks; then a function
-    (B, T) 0/1 mask over the written positions -> the 4-D mask over the whole buffer that a
-    single-position forward on this cache needs (positions not written yet hidden). None (the
-    cache left as it is, 2-D masks) otherwise."""
+class StepMasks:
+    """Single-position forwards on a reserved cache (the latent steps, `<eot>`): the attention
+    they run (`impl`, see `step_attention`) and, called with a (B, T) 0/1 mask over the written
+    positions, the 4-D mask over the whole buffer such a step needs (positions not written yet
+    hidden), in that attention's format."""
+
+    def __init__(self, cache, impl: str, dtype: torch.dtype):
+        self.cache, self.impl, self.dtype = cache, impl, dtype
+
+    def __call__(self, mask: torch.Tensor) -> torch.Tensor:
+        width = self.cache.layers[0].capacity
+        full = mask.new_zeros(mask.shape[0], width, dtype=torch.bool)  # (B, capacity)
+        full[:, :mask.shape[1]] = mask.bool()
+        return _mask_4d(full, self.impl, self.dtype)
+
+
+def reserved_masks(lm: nn.Module, cache, capacity: int, dtype: torch.dtype) -> StepMasks | None:
+    """Reserve `cache` for `capacity` positions when `lm` takes ready masks, and return the
+    `StepMasks` of single-position steps on it; None (the cache left as it is, 2-D masks) otherwise."""
     impl = ready_masks(lm)
     if impl is None or not reserve(cache, capacity):
         return None
-
-    def attend(mask: torch.Tensor) -> torch.Tensor:
-        width = cache.layers[0].capacity
-        full = mask.new_zeros(mask.shape[0], width, dtype=torch.bool)  # (B, capacity)
-        full[:, :mask.shape[1]] = mask.bool()
-        return _mask_4d(full, impl, dtype)
-    return attend
+    return StepMasks(cache, step_attention(impl, cache.layers[0].keys.device), dtype)
 
 
 def ready_masks(lm: nn.Module | None) -> str | None:

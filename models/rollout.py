@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 
 from simcot.kernels import latent_feedback
-from simcot.models.decoding import (CACHE_CHUNK, Prefill, body, by_length, cache_of, head, positions, prefix_groups,
-                                    ready_masks, reserved_masks, with_cache)
+from simcot.models.decoding import (CACHE_CHUNK, Prefill, StepMasks, attention_as, body, by_length, cache_of, head,
+                                    positions, prefix_groups, ready_masks, reserved_masks, with_cache)
 from simcot.parallel import is_partitioned, rank_max
 
 
@@ -37,7 +37,7 @@ class Rollout:
     fed: list[torch.Tensor]  # L tensors (B, H): the embeddings fed at the latent slots
     thinking: torch.Tensor  # (B, L) bool: slot j of row i is a real latent
     h_final: torch.Tensor  # (B, H) hidden state after each row's last latent (at <bot> when n_i = 0)
-    attend: object = None  # reserved cache: (B, T) mask -> the 4-D mask of a one-position step (else None)
+    attend: StepMasks | None = None  # reserved cache: the attention and 4-D masks of one-position steps
 
     @property
     def latents(self) -> torch.Tensor:
@@ -100,18 +100,19 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
     h_final = h
     pad_ids = torch.full_like(n_latents, model.lm.config.pad_token_id or 0)
     fed, thinking_all = [], []
-    for j in range(max_latents):
-        thinking = n_latents > j
-        e = feed_back(model, h, thinking, pad_ids)
-        mask = torch.cat([mask, thinking.to(mask.dtype)[:, None]], dim=1)
-        out = stack(inputs_embeds=e[:, None].to(dtype), attention_mask=attend(mask) if attend else mask,
-                    position_ids=next_pos[:, None], use_cache=True, **with_cache(stack, cache))
-        cache = cache_of(out)
-        h = out.last_hidden_state[:, -1]
-        h_final = torch.where(thinking[:, None], h, h_final)
-        next_pos = next_pos + thinking.long()
-        fed.append(e)
-        thinking_all.append(thinking)
+    with attention_as(model.lm, attend.impl if attend else None):  # the steps' attention, then the model's own
+        for j in range(max_latents):
+            thinking = n_latents > j
+            e = feed_back(model, h, thinking, pad_ids)
+            mask = torch.cat([mask, thinking.to(mask.dtype)[:, None]], dim=1)
+            out = stack(inputs_embeds=e[:, None].to(dtype), attention_mask=attend(mask) if attend else mask,
+                        position_ids=next_pos[:, None], use_cache=True, **with_cache(stack, cache))
+            cache = cache_of(out)
+            h = out.last_hidden_state[:, -1]
+            h_final = torch.where(thinking[:, None], h, h_final)
+            next_pos = next_pos + thinking.long()
+            fed.append(e)
+            thinking_all.append(thinking)
     thinking_t = (torch.stack(thinking_all, 1) if thinking_all
                   else torch.zeros(h.shape[0], 0, dtype=torch.bool, device=h.device))
     return Rollout(cache, mask, next_pos, fed, thinking_t, h_final, attend)
@@ -125,8 +126,9 @@ def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, o
         full_mask = ro.attend(full_mask)
     pos = ro.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
     stack = body(model.lm)
-    return stack(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
-                 output_hidden_states=output_hidden_states, **with_cache(stack, ro.cache))
+    with attention_as(model.lm, ro.attend.impl if ro.attend is not None else None):
+        return stack(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
+                     output_hidden_states=output_hidden_states, **with_cache(stack, ro.cache))
 
 
 @torch.no_grad()

@@ -206,3 +206,28 @@ def test_evaluation_reserves_the_cache_at_the_prefix():
         decoding.ReservedLayer.grow = grow
     assert made == [width + decoding.CACHE_CHUNK] * len(layers)  # one buffer per layer, made at the prefix
     assert [layer.keys.data_ptr() for layer in layers] == buffers
+
+
+def test_evaluation_latent_steps_run_the_step_attention_and_training_the_models_own():
+    """Evaluation's latent steps and <eot> are single-position forwards on a reserved cache: on the
+    CPU they run eager attention, as decoding's steps do (the CPU's sdpa kernel is slower for one
+    query row); the prefix and every training forward keep the model's sdpa, restored after."""
+    from simcot.models.rollout import prefill_latents
+
+    model = _model("tiny-llama", True)
+    stack = model.lm.get_decoder()
+    prefixes, n_latents, conts, labels = _batch()
+    ids, mask = left_pad(prefixes, PAD)
+    seen = []
+    hook = stack.register_forward_pre_hook(lambda m, a, kw: seen.append(
+        (m.config._attn_implementation, (kw.get("input_ids") if kw.get("input_ids") is not None
+                                         else kw["inputs_embeds"]).shape[1])), with_kwargs=True)
+    try:
+        prefill_latents(model, ids, mask, torch.tensor(n_latents), max(n_latents), EOT)
+        evaluation, seen[:] = list(seen), []
+        _batched_loss(model, prefixes, n_latents, conts, labels)
+    finally:
+        hook.remove()
+    assert evaluation == [("sdpa", ids.shape[1])] + [("eager", 1)] * (max(n_latents) + 1)  # prefix, latents, <eot>
+    assert {impl for impl, _ in seen} == {"sdpa"}
+    assert model.lm.config._attn_implementation == "sdpa"
