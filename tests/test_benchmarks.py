@@ -51,3 +51,33 @@ def test_land_sweep_cells_tabulates_the_chosen_methods_cells(tmp_path):
     assert data["meta"]["commit"] == "abc123" and data["meta"]["command"] == "simcot sweep X"
     md = (tmp_path / "cells.md").read_text()
     assert "| cot | 0 | 1 | 20 | 90.0 | 11 |" in md and "| cot: mean over 2 |  |  |  | 95.0 +- 7.1 (min 90.0) |  |" in md
+
+
+def test_land_sweep_grid_remakes_the_sweeps_tables_from_its_cells(tmp_path):
+    """--grid: the sweep's tables re-made from its cell files (intervals, paired gains with their
+    significance), headed by the sweep's commit and command, with the plots and one line per cell."""
+    sweep = tmp_path / "sweep"
+    (sweep / "cells").mkdir(parents=True)
+    accuracy = {("coconut", 0): 0.40, ("coconut", 1): 0.50, ("coconut", 2): 0.45,
+                ("simcot-coconut", 0): 0.60, ("simcot-coconut", 1): 0.72, ("simcot-coconut", 2): 0.64}
+    for (method, seed), acc in accuracy.items():
+        (sweep / "cells" / f"{method}-L4-s{seed}.json").write_text(json.dumps(
+            {"method": method, "latents": 4, "seed": seed, "train_seconds": 30.0, "run_id": "x",
+             "metrics": {"test/accuracy": acc, "test/samples_per_s": 99.0, "test/latent_cos_within": 0.5}}))
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / "land_sweep_cells.py"), str(sweep), "--grid",
+                        "--name", "grid", "--commit", "abc123", "--command", "simcot sweep X", "--title", "Toy grid.",
+                        "--results-dir", str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = tmp_path / "grid"
+    md = (out / "results.md").read_text().splitlines()
+    assert md[0].startswith("Measured ") and "`abc123`" in md[0] and md[0].endswith("`simcot sweep X`")
+    assert md[2] == "Toy grid."
+    # gains 0.20, 0.22, 0.19: mean 20.3 points, t interval 20.3 +- 4.303 * 1.53 / sqrt(3)
+    assert "| simcot-coconut | coconut | 4 | 3 | +20.3 | [+16.5, +24.1] | yes |" in md
+    assert "| coconut | 45.0 [40.0, 50.0] |" in md
+    cells = [json.loads(line) for line in (out / "cells.jsonl").read_text().splitlines()]
+    assert [(c["cell"], c["accuracy"]) for c in cells][:2] == [("coconut-L4-s0", 0.4), ("coconut-L4-s1", 0.5)]
+    assert "samples_per_s" not in cells[0] and len(cells) == 6
+    assert {f.name for f in out.iterdir()} == {"results.md", "results.json", "results.csv", "cells.jsonl",
+                                              "accuracy_vs_latents.png", "latent_cos_vs_latents.png"}
+    assert json.loads((out / "results.json").read_text())["meta"]["commit"] == "abc123"
