@@ -10,10 +10,12 @@ Evaluation (samples/s at batch 1, 32 and 256, same weights, a fixed number of ge
   baseline  Coconut's reference generate: one sample at a time, no KV cache (re-runs the sequence
             per token), `rollout_reference.naive_generate`; the generations are compared token
             for token with the batched ones (column "identical")
+  compiled  (--compiled) batched, its single-token step through torch.compile (`--eval.compile`);
+            the compile happens in the warm-up call, outside the timed rounds
 
 Every figure is the median of interleaved rounds (each round times every variant once), in one
 process with a set thread count (default 1). Results: benchmarks/results/rollout_<device>[_quick].{json,md}.
-    python benchmarks/bench_rollout.py [--device cpu|cuda] [--quick] [--threads N]
+    python benchmarks/bench_rollout.py [--device cpu|cuda] [--quick] [--threads N] [--compiled]
 """
 
 from __future__ import annotations
@@ -106,9 +108,10 @@ def interleaved(fns: dict, device, rounds: int) -> tuple[dict[str, float], dict[
 
 
 @torch.no_grad()
-def eval_batched(model, b, new_tokens):
+def eval_batched(model, b, new_tokens, compile=False):
     state, _ = prefill_latents(model, b["ids"], b["mask"], b["n_latents"], b["n"], EOT)
-    return greedy_decode(model.lm, state, new_tokens, eos_id=-1, pad_id=PAD)  # eos -1: always new_tokens steps
+    # eos -1: always new_tokens steps
+    return greedy_decode(model.lm, state, new_tokens, eos_id=-1, pad_id=PAD, compile=compile)
 
 
 def eval_baseline(model, b, new_tokens, limit):
@@ -127,6 +130,7 @@ def main():
                     "(64 is Coconut's evaluation setting)")
     ap.add_argument("--baseline-samples", type=int, default=8, help="samples the per-sample baseline runs per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (the median counts)")
+    ap.add_argument("--compiled", action="store_true", help="also time evaluation with the compiled decode step")
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
     new_tokens_list = [32] if args.quick else [int(x) for x in str(args.new_tokens).split(",")]
@@ -158,6 +162,8 @@ def main():
             for bs in (int(x) for x in args.eval_batches.split(",")):
                 batches[bs] = b = batch_of(bs, args.latents, device, seed=1)
                 fns[bs] = lambda b=b: eval_batched(model, b, new_tokens)
+                if args.compiled:
+                    fns[f"{bs}c"] = lambda b=b: eval_batched(model, b, new_tokens, compile=True)
             fns["baseline"] = lambda: eval_baseline(model, batches[max(batches)], new_tokens, limit)
             wall, cpu = interleaved(fns, device, rounds)
             t = cpu if use_cpu_time else wall
@@ -172,6 +178,10 @@ def main():
                 evals.append({"model": size, "batch": bs, "latents": args.latents, "new_tokens": new_tokens,
                               "batched_samples_per_s": sps, "baseline_samples_per_s": sps_ref,
                               "speedup": sps / sps_ref, "speedup_wall": wall_speedup, "identical": same})
+                if args.compiled:
+                    gen_c = eval_batched(model, b, new_tokens, compile=True)
+                    evals[-1].update(compiled_samples_per_s=bs / t[f"{bs}c"], compiled_over_eager=t[bs] / t[f"{bs}c"],
+                                     compiled_identical=torch.equal(gen_c, gen))
                 print(f"eval        {size:5s} B={bs:3d} L={args.latents}, {new_tokens} new tokens: batched "
                       f"{sps:.1f} samples/s | per-sample no cache {sps_ref:.2f} samples/s | {sps / sps_ref:.1f}x "
                       f"(wall clock {wall_speedup:.1f}x) | identical {same}", flush=True)
@@ -188,6 +198,13 @@ def main():
            f"{e['baseline_samples_per_s']:.2f} | {e['speedup']:.1f}x | {e['speedup_wall']:.1f}x | "
            f"{'yes' if e['identical'] else 'NO'} |"
            for e in evals]
+    if args.compiled:
+        md += ["", "Compiled single-token step (`--eval.compile`) against the eager one, same batches and rounds:", "",
+               "| batch | new tokens | compiled (samples/s) | eager (samples/s) | compiled / eager | identical |",
+               "|---:|---:|---:|---:|---:|---|"]
+        md += [f"| {e['batch']} | {e['new_tokens']} | {e['compiled_samples_per_s']:.1f} | "
+               f"{e['batched_samples_per_s']:.1f} | {e['compiled_over_eager']:.2f}x | "
+               f"{'yes' if e['compiled_identical'] else 'NO'} |" for e in evals]
     path = write_results(name, {"train_step": rows, "eval": evals, "rounds": rounds, "clock": clock}, "\n".join(md),
                          device=str(device))
     print(f"wrote {path} and {path.with_suffix('.md').name}")

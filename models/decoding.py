@@ -298,8 +298,22 @@ def _mask_4d(mask: torch.Tensor, impl: str, dtype: torch.dtype) -> torch.Tensor:
 
 def lm_step(lm: nn.Module):
     """The single-token forward of a causal LM for `decode`: tokens (b,) -> next-token logits (b, V)."""
+    cache_kw = _cache_keyword(type(unwrap(lm)))  # outside the step: torch.compile traces the step
+
     def step(tok: torch.Tensor, cache, **kw) -> torch.Tensor:
-        return lm(input_ids=tok[:, None], use_cache=True, **with_cache(lm, cache), **kw).logits[:, -1]
+        return lm(input_ids=tok[:, None], use_cache=True, **{cache_kw: cache}, **kw).logits[:, -1]
+    return step
+
+
+def compiled_step(lm: nn.Module, backend: str = "inductor"):
+    """`lm_step(lm)` through torch.compile, made once per model and kept on it. Dynamic shapes:
+    the batch shrinks as rows finish and the reserved cache grows by chunks, so after the first
+    recompile one graph serves every step. Whether it pays depends on the device: the rollout
+    benchmark's "compiled step" rows measure it (benchmarks/README.md)."""
+    key = f"_simcot_compiled_step_{backend}"
+    step = lm.__dict__.get(key)
+    if step is None:
+        step = lm.__dict__[key] = torch.compile(lm_step(lm), dynamic=True, backend=backend)
     return step
 
 
@@ -389,10 +403,11 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
 @torch.no_grad()
 def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int,
                   group=None, synced: bool = False, temperature: float = 0.0, top_p: float = 1.0,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """`decode` of a causal LM's continuation of `state` (see there)."""
-    return decode(lm_step(lm), state, max_new_tokens, eos_id, pad_id, group, synced, temperature, top_p,
-                  generator, lm=lm)
+                  generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
+    """`decode` of a causal LM's continuation of `state` (see there); `compile`: its single-token
+    step through torch.compile (`compiled_step`)."""
+    return decode(compiled_step(lm) if compile else lm_step(lm), state, max_new_tokens, eos_id, pad_id, group,
+                  synced, temperature, top_p, generator, lm=lm)
 
 
 def trim_at_eos(ids: list[int], eos_id: int) -> list[int]:

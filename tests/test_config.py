@@ -49,3 +49,10 @@ def test_help_lists_every_field_with_default_and_doc():
     text = "\n".join(help_text(Config))
     assert "--train.lr=0.003" in text and "Peak learning rate" in text
     assert "--data.source='arith'" in text and "--model.name='tiny-llama'" in text
+
+
+def test_compiled_decoding_is_refused_under_zero3():
+    with pytest.raises(ConfigError, match=r"^eval.compile does not run under deepspeed.zero_stage=3 \(its parameters "
+                                          r"are gathered by hooks inside every forward\); drop --eval.compile$"):
+        load_config(None, {"eval.compile": True, "deepspeed.zero_stage": 3})
+    assert load_config(None, {"eval.compile": True, "deepspeed.zero_stage": 2}).eval.compile

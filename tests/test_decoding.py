@@ -240,3 +240,21 @@ def test_cpu_steps_run_eager_attention_and_the_model_keeps_its_own():
     with pytest.raises(RuntimeError, match="boom"):
         decoding.decode(lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")), state, 3, -1, 0, lm=model)
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_compiled_step_decodes_what_the_eager_step_does(monkeypatch):
+    """`--eval.compile` hands decode the torch.compile'd step (made once per model, dynamic shapes:
+    the batch shrinks as rows finish and the cache grows). Traced here with the "eager" backend,
+    which checks the tracing and leaves inductor's code generation to the benchmark."""
+    model = _model("tiny-llama")
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 9, 5, 1, 7, 4)]
+    ids, mask = left_pad(prompts, pad_id=0)
+    free = greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=-1, pad_id=0)
+    eos = int(free[0, 5])  # a token some rows make early: rows finish at different steps
+    want = greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=eos, pad_id=0)
+    made, real = [], decoding.compiled_step
+    monkeypatch.setattr(decoding, "compiled_step", lambda lm: made.append(lm) or real(lm, backend="eager"))
+    got = greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=eos, pad_id=0, compile=True)
+    assert made == [model] and torch.equal(got, want) and (got[:, :-1] == eos).any()  # some rows stopped early
+    assert real(model, backend="eager") is real(model, backend="eager")  # one compiled step per model

@@ -103,6 +103,9 @@ class EvalConfig:
     temperature_sweep: str = opt("", "Also evaluate sampling at these temperatures, e.g. '0.1,0.3,0.5,0.7,0.9' "
                                  "(SemCoT's reference reports one accuracy per temperature; logged per temperature)")
     seed: int = opt(0, "Seed of sampled decoding")
+    compile: bool = opt(False, "Run decoding's single-token step through torch.compile (dynamic shapes; the "
+                        "first batches pay the compile, tens of seconds). It pays where a step is overhead-bound "
+                        "(small batches, GPUs), not where it is matrix-bound (benchmarks/README.md, rollout)")
 
 
 @dataclass
@@ -378,6 +381,9 @@ def validate(cfg: Config) -> None:
     ds = cfg.deepspeed
     if ds.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"config key 'deepspeed.zero_stage': {ds.zero_stage} is not one of 0, 1, 2, 3")
+    if cfg.eval.compile and ds.zero_stage == 3:
+        raise ConfigError("eval.compile does not run under deepspeed.zero_stage=3 (its parameters are gathered by "
+                          "hooks inside every forward); drop --eval.compile")
     if ds.offload_params != "none" and ds.zero_stage != 3:
         raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage=3")
     if ds.offload_optimizer != "none" and ds.zero_stage == 0:

@@ -126,7 +126,8 @@ def evaluate(model, method, examples: list[Example], tok, ecfg, answer_prefix: s
         idx = batches[min(b, len(batches) - 1)] if batches else order[:1]  # extra batches: re-run, discard
         state = method.prefill(model, [prompts[i] for i in idx], device)
         gen = greedy_decode(model.lm, state, ecfg.max_new_tokens, method.special.eos, method.special.pad,
-                            synced=world > 1, temperature=temperature, top_p=ecfg.top_p, generator=gen_rng)
+                            synced=world > 1, temperature=temperature, top_p=ecfg.top_p, generator=gen_rng,
+                            compile=ecfg.compile)
         if b >= len(batches):
             continue
         for k, v in state.metrics.items():  # a batch may lack a metric (no sample has a step for slot k)
