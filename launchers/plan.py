@@ -17,6 +17,8 @@ The estimate is deliberately simple: it is an order-of-magnitude planner, and sa
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 
 from simcot.options import opt
@@ -135,8 +137,9 @@ def activation_bytes(cfg, micro_batch: int, seq_len: int, n_latents: int, method
 
 def make_plan(*args, **kw) -> Plan:
     """The plan for ``PlanInputs(*args, **kw)``."""
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout on import; plan's stdout is its report
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     from simcot.train.methods import METHODS
 

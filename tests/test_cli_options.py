@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,9 +160,19 @@ def test_plan_with_a_recipe_equals_plan_with_the_same_flags(capsys):
                        "flags+flag": flags + ["--zero", "3"]}.items():
         code, out, err = _main(capsys, "plan", *argv, "--json")
         assert code == 0, err
-        runs[name] = json.loads(out[out.index("{"):])  # after DeepSpeed's import-time log line, when it prints one
+        runs[name] = json.loads(out)
     assert runs["config"] == runs["flags"] and runs["config"]["zero"] == 2 and runs["config"]["gpus"] == 4
     assert runs["config+flag"] == runs["flags+flag"] and runs["config+flag"]["zero"] == 3  # a flag wins
     out = _main(capsys, "plan", "--json")[1]
-    default = json.loads(out[out.index("{"):])  # no config: the planner's own defaults
+    default = json.loads(out)  # no config: the planner's own defaults
     assert default["model"] == "llama-3.1-8b" and default["gpus"] == 8 and default["zero"] == 3
+
+
+def test_plan_json_is_the_whole_of_stdout_in_a_fresh_process(tmp_path):
+    """DeepSpeed logs its accelerator detection to stdout when first imported: `simcot plan --json`
+    keeps that on stderr, so its stdout parses as JSON (`| jq`)."""
+    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
+    p = subprocess.run([sys.executable, "-m", "simcot.launchers.cli", "plan", "--model", "tiny-llama", "--json"],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert json.loads(p.stdout)["model"] == "tiny-llama"
