@@ -32,3 +32,26 @@ def test_two_measurements_of_the_default_row_give_identical_numbers(tmp_path):
     assert run["seed"] == 3 and run["steps"] == 4 and len(run["loss_digest"]) == 16 and run["test_n"] == 8
     md = (tmp_path / "a" / "results" / "d.md").read_text()
     assert md.startswith("Measured ") and "| 3 | " in md and "mean ± std over 1 seed(s)" in md
+
+
+def test_each_benchmark_row_runs_the_command_its_committed_figure_records(monkeypatch):
+    """`make measure` regenerates the README's figures: each benchmark it runs gets the options
+    (and run folders) that the committed results file says its figure was measured with. (It
+    used to pass bench_rollout.py an option the script does not have.)"""
+    import os
+    import shlex
+
+    ran = []
+    monkeypatch.setattr(measure, "_run", lambda cmd, *a, **k: ran.append(cmd) or ("", "", 0.0))
+    args = types.SimpleNamespace(threads=1)
+    workdir = REPO / "runs" / "measure"
+    for row in (measure.measure_kernels, measure.measure_rollout, measure.measure_semcot):
+        row(args, workdir)
+    results = {"bench_linear_cross_entropy.py": "linear_cross_entropy_cpu", "bench_latent_feedback.py":
+               "latent_feedback_cpu", "bench_rollout.py": "rollout_cpu", "bench_semcot.py": "semcot_cpu"}
+    benches = [cmd for cmd in ran if cmd[1].endswith(".py")]
+    assert sorted(Path(cmd[1]).name for cmd in benches) == sorted(results)
+    for cmd in benches:
+        recorded = json.loads((REPO / "benchmarks" / "results" / f"{results[Path(cmd[1]).name]}.json").read_text())
+        command = "python " + " ".join(shlex.quote(c) for c in [os.path.relpath(cmd[1], REPO), *cmd[2:]])
+        assert command == recorded["meta"]["command"]
