@@ -354,19 +354,12 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     full = torch.cat([mask, mask.new_ones(bsz, n_new)], 1)  # (B, T + new): every position once written
     pos = state.next_pos.clone() if state.next_pos is not None else None
     fdtype = logits.dtype if logits.is_floating_point() else torch.float32
-    impl = ready_masks(lm)
-    capacity = width + min(n_new, CACHE_CHUNK)
-    reserved = impl is not None and cached == width and reserve(cache, capacity)
-    if reserved:
-        capacity = cache.layers[0].capacity  # a cache reserved at the prompt may have more room
-        if capacity > full.shape[1]:  # room no step writes: hidden
-            full = torch.cat([full, full.new_zeros(bsz, capacity - full.shape[1])], 1)
-    written = torch.arange(full.shape[1], device=device)  # (T + new,)
+    attend = reserved_masks(lm, cache, width + min(n_new, CACHE_CHUNK), fdtype) if cached == width else None
+    reserved = attend is not None
+    capacity = cache.layers[0].capacity if reserved else 0  # a cache reserved at the prompt may have more room
     compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
     steps = 0
-    if reserved:
-        impl = step_attention(impl, device)  # the masks below are made for it
-    with attention_as(lm, impl if reserved else None):
+    with attention_as(lm, attend.impl if reserved else None):
         for t in range(max_new_tokens):
             nxt = sample_top_p(logits, temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
             tok = torch.where(done, torch.full_like(nxt, pad_id), nxt)
@@ -385,12 +378,12 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
                 pos = pos[keep] if pos is not None else None
             end = width + t + 1  # cache length once this step's token is in
             kw = {}
-            if reserved:  # the whole buffer is attended: hide what is not written yet
+            if reserved:  # the whole buffer is attended: what is not written yet is hidden
                 if end > capacity:
                     capacity = min(end + CACHE_CHUNK - 1, width + n_new)
                     for layer in cache.layers:
                         layer.grow(capacity)
-                kw["attention_mask"] = _mask_4d(full[:, :capacity] & (written[:capacity] < end), impl, fdtype)
+                kw["attention_mask"] = attend(full[:, :end])
             elif state.mask is not None:
                 kw["attention_mask"] = full[:, :end].long()
             if pos is not None:
