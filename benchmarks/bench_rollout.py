@@ -12,6 +12,10 @@ Evaluation (samples/s at batch 1, 32 and 256, same weights, a fixed number of ge
             for token with the batched ones (column "identical")
   compiled  (--compiled) batched, its single-token step through torch.compile (`--eval.compile`);
             the compile happens in the warm-up call, outside the timed rounds
+  floor     (CPU) one more batched call at the largest batch under torch.profiler: the share of its
+            CPU time in matrix multiplies (the linear layers' `mm`, attention's `bmm`), the linear
+            layers' GFLOP/s against a 1024^3 fp32 GEMM timed in the same process, and the speed-up
+            the batched path would reach if nothing but its matrix multiplies took time
 
 Every figure is the median of interleaved rounds (each round times every variant once), in one
 process with a set thread count (default 1). Results: benchmarks/results/rollout_<device>[_quick].{json,md}.
@@ -114,6 +118,39 @@ def eval_batched(model, b, new_tokens, compile=False):
     return greedy_decode(model.lm, state, new_tokens, eos_id=-1, pad_id=PAD, compile=compile)
 
 
+LINEAR, ATTENTION = ("aten::mm", "aten::addmm"), ("aten::bmm", "aten::baddbmm")
+
+
+def matmul_shares(fn) -> dict:
+    """One call of `fn` under torch.profiler (CPU): the shares of its self CPU time spent in the
+    linear layers' matrix multiplies and in attention's batched ones, and the linear layers' GFLOP/s.
+    The profiler's own per-op cost lands in the rest, so the shares are slight underestimates."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+        fn()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)  # us
+    linear = [e for e in events if e.key in LINEAR]
+    linear_us = sum(e.self_cpu_time_total for e in linear)
+    attention_us = sum(e.self_cpu_time_total for e in events if e.key in ATTENTION)
+    return {"linear_share": linear_us / total, "attention_share": attention_us / total,
+            "linear_gflops": sum(e.flops for e in linear) / linear_us / 1e3}
+
+
+def gemm_peak_gflops(device, n: int = 1024, repeats: int = 10) -> float:
+    """GFLOP/s of one large fp32 matrix multiply (n^3), the best of `repeats` (load only slows it):
+    what this device does at this thread count when a multiply is big enough to run at full speed."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * n ** 3 / min(times) / 1e9
+
+
 def eval_baseline(model, b, new_tokens, limit):
     return [naive_generate(model, p, b["n"], EOT, new_tokens, eos_id=-1) for p in b["prefixes"][:limit]]
 
@@ -138,7 +175,7 @@ def main():
     torch.set_num_threads(args.threads)
     use_cpu_time = device.type == "cpu" and args.threads == 1  # else the wall clock (GPU work is not CPU time)
     clock = "CPU time" if use_cpu_time else "wall clock"
-    rows, evals = [], []
+    rows, evals, floors = [], [], []
     for size in (["tiny"] if args.quick else ["tiny", "small"]):
         model = model_of(size, device)
         for n in (6, 16):
@@ -185,6 +222,18 @@ def main():
                 print(f"eval        {size:5s} B={bs:3d} L={args.latents}, {new_tokens} new tokens: batched "
                       f"{sps:.1f} samples/s | per-sample no cache {sps_ref:.2f} samples/s | {sps / sps_ref:.1f}x "
                       f"(wall clock {wall_speedup:.1f}x) | identical {same}", flush=True)
+            if device.type == "cpu":  # where the largest batch's time goes (a profile: self CPU time per op)
+                bs = max(batches)
+                shares = matmul_shares(lambda: eval_batched(model, batches[bs], new_tokens))
+                peak = gemm_peak_gflops(device)
+                speedup = next(e["speedup"] for e in evals if e["batch"] == bs and e["new_tokens"] == new_tokens)
+                floors.append({"batch": bs, "new_tokens": new_tokens, "speedup": speedup, **shares,
+                               "peak_gflops": peak,
+                               "bound_matmuls_only": speedup / (shares["linear_share"] + shares["attention_share"])})
+                print(f"floor       B={bs} {new_tokens} new tokens: linear layers {shares['linear_share']:.0%} of the "
+                      f"time at {shares['linear_gflops']:.0f} GFLOP/s (a {peak:.0f} GFLOP/s GEMM), attention matmuls "
+                      f"{shares['attention_share']:.0%}: at most {floors[-1]['bound_matmuls_only']:.1f}x "
+                      f"if nothing else cost", flush=True)
     name = f"rollout_{device.type}{'_quick' if args.quick else ''}"
     md = [f"Times: medians of {rounds} interleaved rounds, {clock}.", "",
           "| model | batch | latents | batched (s) | multi-pass (s) | vs batched | per-sample (s) | vs batched |",
@@ -205,7 +254,17 @@ def main():
         md += [f"| {e['batch']} | {e['new_tokens']} | {e['compiled_samples_per_s']:.1f} | "
                f"{e['batched_samples_per_s']:.1f} | {e['compiled_over_eager']:.2f}x | "
                f"{'yes' if e['compiled_identical'] else 'NO'} |" for e in evals]
-    path = write_results(name, {"train_step": rows, "eval": evals, "rounds": rounds, "clock": clock}, "\n".join(md),
+    if floors:
+        md += ["", "Where the largest batch's time goes (one more call under torch.profiler, self CPU time per op; "
+               "GFLOP/s against a 1024^3 fp32 GEMM in the same process):", "",
+               "| batch | new tokens | speed-up | linear layers' matmuls | their GFLOP/s (GEMM's) "
+               "| attention's matmuls | rest | speed-up if only the matmuls cost |",
+               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        md += [f"| {f['batch']} | {f['new_tokens']} | {f['speedup']:.1f}x | {f['linear_share']:.0%} | "
+               f"{f['linear_gflops']:.0f} ({f['peak_gflops']:.0f}) | {f['attention_share']:.0%} | "
+               f"{1 - f['linear_share'] - f['attention_share']:.0%} | {f['bound_matmuls_only']:.1f}x |" for f in floors]
+    path = write_results(name, {"train_step": rows, "eval": evals, "floor": floors, "rounds": rounds, "clock": clock},
+                         "\n".join(md),
                          device=str(device))
     print(f"wrote {path} and {path.with_suffix('.md').name}")
 

@@ -81,3 +81,23 @@ def test_land_sweep_grid_remakes_the_sweeps_tables_from_its_cells(tmp_path):
     assert {f.name for f in out.iterdir()} == {"results.md", "results.json", "results.csv", "cells.jsonl",
                                               "accuracy_vs_latents.png", "latent_cos_vs_latents.png"}
     assert json.loads((out / "results.json").read_text())["meta"]["commit"] == "abc123"
+
+
+def test_rollout_floor_counts_linear_and_attention_matmuls_apart():
+    """The rollout benchmark's floor table splits a profiled call's CPU time into the linear
+    layers' matmuls (mm/addmm, with their FLOPs) and attention's batched ones (bmm)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_rollout
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import torch
+    x, w, q, k = torch.randn(256, 192), torch.randn(512, 192), torch.randn(64, 1, 48), torch.randn(64, 48, 40)
+
+    only_linear = bench_rollout.matmul_shares(lambda: [torch.nn.functional.linear(x, w) for _ in range(20)])
+    assert only_linear["linear_share"] > 0.8 and only_linear["attention_share"] == 0.0
+    assert 1.0 < only_linear["linear_gflops"] < 1e4  # 20 x 2*256*192*512 FLOPs counted, over their time
+
+    mixed = bench_rollout.matmul_shares(lambda: ([q @ k for _ in range(50)], torch.nn.functional.linear(x, w)))
+    assert mixed["attention_share"] > 0.05 and mixed["linear_share"] > 0.05
+    assert mixed["linear_share"] + mixed["attention_share"] <= 1.0
