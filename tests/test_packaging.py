@@ -51,3 +51,29 @@ def test_installed_transformers_is_within_the_declared_range():
 
     assert version(floor.group(1)) >= (5, 0)  # tokenizer.py passes replace_extra_special_tokens (5.x)
     assert version(md.version("transformers")) >= version(floor.group(1))
+
+
+def test_from_the_repository_root_import_kernels_is_hugging_faces_package():
+    """`python -m` / `-c` in a checkout put its root on sys.path, where `import kernels` finds the
+    repository's kernels/ folder. transformers 5.25+ imports Hugging Face's `kernels` (one of its
+    dependencies) with every model: the folder hands the import over to that package."""
+    import importlib.metadata as md
+
+    import pytest
+    try:
+        md.version("kernels")
+    except md.PackageNotFoundError:
+        pytest.skip("Hugging Face's kernels package is not installed (transformers < 5.25)")
+    code = "import kernels, simcot.kernels as k; from transformers import LlamaForCausalLM; print(kernels.__file__, k.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    theirs, ours = out.stdout.split()
+    assert Path(theirs).parent.parent != REPO and ours == str(REPO / "kernels" / "__init__.py")
+
+
+def test_without_another_kernels_package_the_folder_says_so_in_one_line():
+    code = f"import sys; sys.path.insert(0, {str(REPO)!r}); import kernels"
+    out = subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines()[-1] == ("ImportError: No module named 'kernels' outside the simcot "
+                                                   "repository (its kernels/ folder is imported as simcot.kernels)")
