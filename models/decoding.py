@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -144,8 +145,8 @@ def by_length(forward, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor,
                 return by_length(forward, ids, mask, pos, 1, capacity)
             out = o.new_empty(bsz, *o.shape[1:])
             cache = c
-            layers = [(lay.keys.new_zeros(bsz, *lay.keys.shape[1:2], room, lay.keys.shape[-1]),  # (B, heads, room, D)
-                       lay.values.new_zeros(bsz, *lay.values.shape[1:2], room, lay.values.shape[-1]))
+            layers = [(cache_zeros(lay.keys, bsz, lay.keys.shape[1], room, lay.keys.shape[-1]),  # (B, heads, room, D)
+                       cache_zeros(lay.values, bsz, lay.values.shape[1], room, lay.values.shape[-1]))
                       for lay in c.layers]
         out[rows] = o
         for (k, v), lay in zip(layers, c.layers):
@@ -168,6 +169,66 @@ def sample_top_p(logits: torch.Tensor, temperature: float, top_p: float, generat
     sorted_p = sorted_p.masked_fill(drop, 0.0)
     pick = torch.multinomial(sorted_p.cpu(), 1, generator=generator).to(logits.device)
     return order.gather(-1, pick).squeeze(-1)
+
+
+class CpuCacheBuffers:
+    """Zeroed CPU buffers for reserved KV caches, reused once no tensor views them any more: on the
+    CPU what CUDA's caching allocator does on a GPU. A batch-256 cache layer is megabytes, and glibc
+    hands a freed block that large back to the OS (unmapped, or trimmed off the heap), so without
+    reuse every batch faults in each page of its cache again: ~7 % of a batch-256 evaluation
+    (benchmarks/README.md, rollout). A buffer shares the storage of a pooled flat tensor, which is
+    free when that storage has no user but the pool. `release` (end of an evaluation) drops them all."""
+
+    HEADROOM = 8  # a new flat has 1/8 more room: the next batch's prompts may be a little longer
+    FREE_BYTES = 256 << 20  # free flats kept beyond what is in use, on a miss
+
+    def __init__(self):
+        self.flats: list[torch.Tensor] = []
+
+    @staticmethod
+    def _free(flat: torch.Tensor) -> bool:
+        return torch._C._storage_Use_Count(flat.untyped_storage()._cdata) <= 2  # the flat and this call's wrapper
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        n = math.prod(shape)
+        fits = [f for f in self.flats if f.dtype == dtype and f.numel() >= n and self._free(f)]
+        if fits:
+            flat = min(fits, key=torch.Tensor.numel)
+        else:
+            self._trim()
+            flat = torch.empty(n + n // self.HEADROOM, dtype=dtype)
+            self.flats.append(flat)
+        # an alias of the flat's storage, not a view of it: autograd treats it as any new tensor
+        # (a view made under no_grad may not be written in place under grad mode)
+        return torch.empty(0, dtype=dtype).set_(flat.untyped_storage(), 0, shape).zero_()
+
+    def _trim(self) -> None:
+        """Drop free flats, oldest first, while they hold more than max(FREE_BYTES, bytes in use)."""
+        size = lambda f: f.numel() * f.element_size()  # noqa: E731
+        free = [f for f in self.flats if self._free(f)]
+        used = sum(size(f) for f in self.flats) - sum(size(f) for f in free)
+        held = sum(size(f) for f in free)
+        dropped = set()
+        for f in free:
+            if held <= max(self.FREE_BYTES, used):
+                break
+            dropped.add(id(f))
+            held -= size(f)
+        self.flats = [f for f in self.flats if id(f) not in dropped]
+
+    def release(self) -> None:
+        self.flats = []
+
+
+CPU_CACHE_BUFFERS = CpuCacheBuffers()
+
+
+def cache_zeros(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """A zeroed buffer for a reserved KV cache, of `like`'s dtype and device: from
+    `CPU_CACHE_BUFFERS` on the CPU, a new tensor elsewhere (CUDA's allocator already reuses)."""
+    if like.device.type == "cpu" and hasattr(torch._C, "_storage_Use_Count"):
+        return CPU_CACHE_BUFFERS.zeros(shape, like.dtype)
+    return like.new_zeros(shape)
 
 
 CACHE_CHUNK = 16  # positions a reserved cache grows by: one copy per 16 tokens, at most 15 attended for nothing
@@ -200,8 +261,8 @@ class ReservedLayer(DynamicLayer):
         if capacity <= self.keys.shape[-2]:
             return
         k, v = self.keys, self.values
-        self.keys = k.new_zeros(*k.shape[:-2], capacity, k.shape[-1])  # (B, heads, capacity, D)
-        self.values = v.new_zeros(*v.shape[:-2], capacity, v.shape[-1])
+        self.keys = cache_zeros(k, *k.shape[:-2], capacity, k.shape[-1])  # (B, heads, capacity, D)
+        self.values = cache_zeros(v, *v.shape[:-2], capacity, v.shape[-1])
         self.keys[..., :self.length, :] = k[..., :self.length, :]
         self.values[..., :self.length, :] = v[..., :self.length, :]
 

@@ -87,9 +87,11 @@ def test_eval_metrics_average_over_the_batches_that_report_them():
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens=False: "")
     model = torch.nn.Module()
     model.lm = torch.nn.Linear(1, 1)
+    decoding.CPU_CACHE_BUFFERS.zeros((8,), torch.float32)  # a cache buffer left by earlier decoding
     res = evaluate(model, Fake(), examples, tok, EvalConfig(batch_size=2, max_new_tokens=1), "### ",
                    "test", torch.device("cpu"))
     assert res.metrics == {"cos": 0.5, "slot_2": 0.25}
+    assert decoding.CPU_CACHE_BUFFERS.flats == []  # evaluation hands its cache buffers back when it ends
 
 
 def _no_cache(model, prompt, n, eos_id):
@@ -258,3 +260,54 @@ def test_compiled_step_decodes_what_the_eager_step_does(monkeypatch):
     got = greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=eos, pad_id=0, compile=True)
     assert made == [model] and torch.equal(got, want) and (got[:, :-1] == eos).any()  # some rows stopped early
     assert real(model, backend="eager") is real(model, backend="eager")  # one compiled step per model
+
+
+def test_cpu_cache_buffers_are_reused_only_once_nothing_holds_them():
+    pool = decoding.CpuCacheBuffers()
+    a = pool.zeros((2, 3, 5), torch.float32)
+    a.fill_(7.0)
+    held = pool.zeros((2, 3, 5), torch.float32)  # `a` is alive: another flat
+    assert held.data_ptr() != a.data_ptr() and len(pool.flats) == 2
+    ptr = a.data_ptr()
+    del a
+    again = pool.zeros((3, 11), torch.float32)  # 33 = 30 + 30 // 8 elements: fits the first flat, zeroed
+    assert again.data_ptr() == ptr and len(pool.flats) == 2 and not again.any()
+    view = again[0]
+    del again
+    assert pool.zeros((2, 3, 5), torch.float32).data_ptr() not in (ptr, held.data_ptr())  # a view keeps it in use
+    assert pool.zeros((4, 10), torch.float64).dtype == torch.float64
+    pool.release()
+    assert pool.flats == [] and not view.any()
+
+
+def test_cpu_cache_buffers_keep_free_flats_up_to_what_is_in_use(monkeypatch):
+    monkeypatch.setattr(decoding.CpuCacheBuffers, "FREE_BYTES", 100)
+    pool = decoding.CpuCacheBuffers()
+    in_use = pool.zeros((100,), torch.float32)  # a flat of 112 elements: 448 bytes in use
+    for n in (10, 20, 40, 80):  # each dropped at once, each a miss: free flats of 11, 22, 45, 90 elements
+        pool.zeros((n,), torch.float32)
+    assert [f.numel() for f in pool.flats] == [112, 11, 22, 45, 90]  # 4 x (44 .. 360) = 672 bytes free
+    pool.zeros((500,), torch.float32)  # a miss: free flats dropped, oldest first, until <= 448 bytes
+    assert [f.numel() for f in pool.flats] == [112, 90, 562] and in_use.data_ptr() == pool.flats[0].data_ptr()
+    pool.zeros((1000,), torch.float32)
+    assert [f.numel() for f in pool.flats] == [112, 1125]
+
+
+def test_batches_of_a_decode_reuse_the_cache_buffers_and_decode_the_same():
+    """The second batch's reserved cache (prompt groups, then a grown buffer) takes the flats the
+    first batch's dropped; the tokens equal a decode with fresh buffers."""
+    model = _model("tiny-llama")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(2, 40, (int(n),), generator=g).tolist() for n in torch.randint(3, 12, (64,), generator=g)]
+    ids, mask = left_pad(prompts, 0)
+    decoding.CPU_CACHE_BUFFERS.release()
+    with torch.no_grad():
+        first = greedy_decode(model, prefill_ids(model, ids, mask), 40, eos_id=-1, pad_id=0)
+        flats = len(decoding.CPU_CACHE_BUFFERS.flats)
+        second = greedy_decode(model, prefill_ids(model, ids, mask), 40, eos_id=-1, pad_id=0)
+    assert flats > 0 and len(decoding.CPU_CACHE_BUFFERS.flats) == flats
+    decoding.CPU_CACHE_BUFFERS.release()
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(decoding, "cache_zeros", lambda like, *shape: like.new_zeros(shape))
+        fresh = greedy_decode(model, prefill_ids(model, ids, mask), 40, eos_id=-1, pad_id=0)
+    assert torch.equal(first, fresh) and torch.equal(second, fresh)

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from simcot import parallel
-from simcot.models.decoding import greedy_decode, trim_at_eos
+from simcot.models.decoding import CPU_CACHE_BUFFERS, greedy_decode, trim_at_eos
 from simcot.parallel import gather_objects, rank_max
 from simcot.train.data.answers import extract, is_correct
 from simcot.train.data.examples import Example
@@ -146,6 +146,7 @@ def evaluate(model, method, examples: list[Example], tok, ecfg, answer_prefix: s
     progress.close()
     _sync(device)
     seconds = time.perf_counter() - t0
+    CPU_CACHE_BUFFERS.release()  # the last batch's cache buffers: training does not need them
     if was_training:
         model.train()
     parts = gather_objects(local)
