@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import DynamicLayer
 
+from simcot.models.step_attention import step_attention
 from simcot.parallel import any_partitioned, decoding_done
 
 
@@ -317,21 +318,14 @@ def reserved_masks(lm: nn.Module, cache, capacity: int, dtype: torch.dtype) -> S
     impl = ready_masks(lm)
     if impl is None or not reserve(cache, capacity):
         return None
-    return StepMasks(cache, step_attention(impl, cache.layers[0].keys.device), dtype)
+    model_type = getattr(unwrap(lm).config, "model_type", None)
+    return StepMasks(cache, step_attention(impl, cache.layers[0].keys.device, model_type), dtype)
 
 
 def ready_masks(lm: nn.Module | None) -> str | None:
     """The attention implementation of `lm` when `_mask_4d` can hand it a ready mask, else None."""
     impl = getattr(getattr(unwrap(lm), "config", None), "_attn_implementation", None) if lm is not None else None
     return impl if impl in ("sdpa", "eager") else None
-
-
-def step_attention(impl: str | None, device: torch.device) -> str | None:
-    """The attention a single-token step runs: the model's own, except sdpa on the CPU, where the
-    step runs eager attention (the same math). One query row against the cache is two small
-    matmuls; the CPU's fused sdpa kernel (flash attention for CPU) tiles it as if the query were
-    long and is several times slower per call at batch 256 (benchmarks/README.md, rollout)."""
-    return "eager" if impl == "sdpa" and device.type == "cpu" else impl
 
 
 @contextlib.contextmanager

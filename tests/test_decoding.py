@@ -9,6 +9,7 @@ import pytest
 from simcot.models import decoding
 from simcot.models.decoding import greedy_decode, left_pad, prefill_ids
 from simcot.models.presets import PRESETS
+from simcot.models.step_attention import STEP_ATTENTION
 from transformers import AutoModelForCausalLM
 
 
@@ -225,9 +226,10 @@ def test_prompt_groups_follow_the_batch_and_stay_one_under_zero3():
     assert decoding.prefix_groups(model, 256) == 1  # every rank must make the same number of forwards
 
 
-def test_cpu_steps_run_eager_attention_and_the_model_keeps_its_own():
-    """On the CPU an sdpa model's single-token steps run eager attention (cheaper for one query
-    row); its config names sdpa again afterwards, also when a step raises."""
+def test_cpu_steps_run_the_step_attention_and_the_model_keeps_its_own():
+    """On the CPU an sdpa model's single-token steps run the step attention (eager math, cheaper
+    for one query row: models/step_attention.py); its config names sdpa again afterwards, also
+    when a step raises."""
     model = _model("tiny-llama")
     seen = []
     hook = model.register_forward_pre_hook(lambda m, a: seen.append(m.config._attn_implementation))
@@ -235,7 +237,7 @@ def test_cpu_steps_run_eager_attention_and_the_model_keeps_its_own():
         _decode(model, [[5, 6, 7], [8]], n=3, eos_id=-1)
     finally:
         hook.remove()
-    assert seen == ["sdpa", "eager", "eager"]  # the prompt, then two steps
+    assert seen == ["sdpa", STEP_ATTENTION, STEP_ATTENTION]  # the prompt, then two steps
     assert model.config._attn_implementation == "sdpa"
     ids, mask = left_pad([[5, 6]], 0)
     state = prefill_ids(model, ids, mask)

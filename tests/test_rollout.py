@@ -14,6 +14,7 @@ from simcot.models.latent_lm import LatentLM
 from simcot.models.presets import PRESETS
 from simcot.models.projection import LatentProjection
 from simcot.models.rollout import continue_tokens, run_latents
+from simcot.models.step_attention import STEP_ATTENTION
 from simcot.models.rollout_reference import multipass_hidden, per_sample_hidden
 from simcot.train.methods.base import IGNORE, right_pad, shifted_ce
 
@@ -210,8 +211,9 @@ def test_evaluation_reserves_the_cache_at_the_prefix():
 
 def test_evaluation_latent_steps_run_the_step_attention_and_training_the_models_own():
     """Evaluation's latent steps and <eot> are single-position forwards on a reserved cache: on the
-    CPU they run eager attention, as decoding's steps do (the CPU's sdpa kernel is slower for one
-    query row); the prefix and every training forward keep the model's sdpa, restored after."""
+    CPU they run the step attention (`models/step_attention.py`), as decoding's steps do (the
+    CPU's sdpa kernel is slower for one query row); the prefix and every training forward keep
+    the model's sdpa, restored after."""
     from simcot.models.rollout import prefill_latents
 
     model = _model("tiny-llama", True)
@@ -228,6 +230,7 @@ def test_evaluation_latent_steps_run_the_step_attention_and_training_the_models_
         _batched_loss(model, prefixes, n_latents, conts, labels)
     finally:
         hook.remove()
-    assert evaluation == [("sdpa", ids.shape[1])] + [("eager", 1)] * (max(n_latents) + 1)  # prefix, latents, <eot>
+    steps = [(STEP_ATTENTION, 1)] * (max(n_latents) + 1)  # latents, <eot>
+    assert evaluation == [("sdpa", ids.shape[1])] + steps
     assert {impl for impl, _ in seen} == {"sdpa"}
     assert model.lm.config._attn_implementation == "sdpa"
