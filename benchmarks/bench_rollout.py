@@ -4,14 +4,16 @@ Training step (forward + backward of a Coconut loss, same weights, same batch):
   batched   the simcot rollout: prefix once with a KV cache, one single-position forward per latent
   multipass Coconut's algorithm on the padded batch: every latent re-runs the whole prefix, no cache
   per-sample a Python loop over samples, each running the multi-pass algorithm unpadded
-Evaluation (samples/s at batch 1, 32 and 256, same weights, a fixed number of generated tokens):
+Evaluation (samples/s at batch 1, 32 and 256, same weights, a fixed number of generated tokens; the
+tiny Llama and the tiny GPT-2 the issue measured with, `--eval-models`):
   batched   the batched latent rollout + simcot's decode loop (prompt in length groups, reserved
             KV cache, ready masks; on the CPU the single-token steps run eager attention)
   baseline  Coconut's reference generate: one sample at a time, no KV cache (re-runs the sequence
             per token), `rollout_reference.naive_generate`; the generations are compared token
             for token with the batched ones (column "identical")
   compiled  (--compiled) batched, its single-token step through torch.compile (`--eval.compile`);
-            the compile happens in the warm-up call, outside the timed rounds
+            the compile happens in the warm-up call, outside the timed rounds; on the CPU the
+            step attention stays one op (`models/step_attention.py`) and inductor fuses the rest
   floor     (CPU) one more batched call at the largest batch under torch.profiler: the share of its
             CPU time in matrix multiplies (the linear layers' `mm`, attention's `bmm`), the linear
             layers' GFLOP/s against a 1024^3 fp32 GEMM timed in the same process, and the speed-up
@@ -40,14 +42,16 @@ from simcot.models.rollout_reference import multipass_hidden, naive_generate, pe
 from simcot.train.methods.base import IGNORE, right_pad, shifted_ce
 
 V, PAD, BOT, EOT, EOS = 384, 0, 4, 5, 3
-SIZES = {"tiny": dict(hidden_size=192, num_layers=4, num_heads=4),  # the tiny-llama preset
-         "small": dict(hidden_size=512, num_layers=8, num_heads=8)}
+MODELS = {"tiny": ("tiny-llama", dict(hidden_size=192, num_layers=4, num_heads=4)),  # the tiny-llama preset
+          "small": ("tiny-llama", dict(hidden_size=512, num_layers=8, num_heads=8)),
+          "tiny-gpt2": ("tiny-gpt2", dict(hidden_size=192, num_layers=4, num_heads=4))}  # the issue's measurement
 
 
 def model_of(size: str, device) -> LatentLM:
     torch.manual_seed(0)
-    cfg = PRESETS["tiny-llama"].hf_config(vocab_size=V, **SIZES[size])
-    cfg.pad_token_id = PAD
+    preset, shape = MODELS[size]
+    cfg = PRESETS[preset].hf_config(vocab_size=V, **shape)
+    cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id = PAD, EOS, EOS
     return LatentLM(AutoModelForCausalLM.from_config(cfg).to(device))
 
 
@@ -168,6 +172,8 @@ def main():
     ap.add_argument("--baseline-samples", type=int, default=8, help="samples the per-sample baseline runs per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (the median counts)")
     ap.add_argument("--compiled", action="store_true", help="also time evaluation with the compiled decode step")
+    ap.add_argument("--eval-models", default="tiny,tiny-gpt2", help=f"models evaluated, comma-separated, of {list(MODELS)} "
+                    "(--quick: the first)")
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
     new_tokens_list = [32] if args.quick else [int(x) for x in str(args.new_tokens).split(",")]
@@ -190,8 +196,9 @@ def main():
             print(f"train step  {size:5s} B={args.batch} L={n:2d}: batched {t['batched']:.3f}s | multipass "
                   f"{t['multipass']:.3f}s ({rows[-1]['multipass_over_batched']:.1f}x) | per-sample "
                   f"{t['per_sample']:.3f}s ({rows[-1]['per_sample_over_batched']:.1f}x)", flush=True)
-        if size != "tiny":
-            continue  # evaluation: the tiny model (the small one only adds minutes)
+    eval_models = str(args.eval_models).split(",")[:1 if args.quick else None]
+    for size in eval_models:  # evaluation: tiny models (the small one only adds minutes)
+        model = model_of(size, device)
         model.eval()
         limit = min(args.baseline_samples, 4 if args.quick else args.baseline_samples)
         for new_tokens in new_tokens_list:
@@ -226,11 +233,12 @@ def main():
                 bs = max(batches)
                 shares = matmul_shares(lambda: eval_batched(model, batches[bs], new_tokens))
                 peak = gemm_peak_gflops(device)
-                speedup = next(e["speedup"] for e in evals if e["batch"] == bs and e["new_tokens"] == new_tokens)
-                floors.append({"batch": bs, "new_tokens": new_tokens, "speedup": speedup, **shares,
+                speedup = next(e["speedup"] for e in evals
+                               if (e["model"], e["batch"], e["new_tokens"]) == (size, bs, new_tokens))
+                floors.append({"model": size, "batch": bs, "new_tokens": new_tokens, "speedup": speedup, **shares,
                                "peak_gflops": peak,
                                "bound_matmuls_only": speedup / (shares["linear_share"] + shares["attention_share"])})
-                print(f"floor       B={bs} {new_tokens} new tokens: linear layers {shares['linear_share']:.0%} of the "
+                print(f"floor       {size:5s} B={bs} {new_tokens} new tokens: linear layers {shares['linear_share']:.0%} of the "
                       f"time at {shares['linear_gflops']:.0f} GFLOP/s (a {peak:.0f} GFLOP/s GEMM), attention matmuls "
                       f"{shares['attention_share']:.0%}: at most {floors[-1]['bound_matmuls_only']:.1f}x "
                       f"if nothing else cost", flush=True)
@@ -249,18 +257,18 @@ def main():
            for e in evals]
     if args.compiled:
         md += ["", "Compiled single-token step (`--eval.compile`) against the eager one, same batches and rounds:", "",
-               "| batch | new tokens | compiled (samples/s) | eager (samples/s) | compiled / eager | identical |",
-               "|---:|---:|---:|---:|---:|---|"]
-        md += [f"| {e['batch']} | {e['new_tokens']} | {e['compiled_samples_per_s']:.1f} | "
+               "| model | batch | new tokens | compiled (samples/s) | eager (samples/s) | compiled / eager | identical |",
+               "|---|---:|---:|---:|---:|---:|---|"]
+        md += [f"| {e['model']} | {e['batch']} | {e['new_tokens']} | {e['compiled_samples_per_s']:.1f} | "
                f"{e['batched_samples_per_s']:.1f} | {e['compiled_over_eager']:.2f}x | "
                f"{'yes' if e['compiled_identical'] else 'NO'} |" for e in evals]
     if floors:
         md += ["", "Where the largest batch's time goes (one more call under torch.profiler, self CPU time per op; "
                "GFLOP/s against a 1024^3 fp32 GEMM in the same process):", "",
-               "| batch | new tokens | speed-up | linear layers' matmuls | their GFLOP/s (GEMM's) "
+               "| model | batch | new tokens | speed-up | linear layers' matmuls | their GFLOP/s (GEMM's) "
                "| attention's matmuls | rest | speed-up if only the matmuls cost |",
-               "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-        md += [f"| {f['batch']} | {f['new_tokens']} | {f['speedup']:.1f}x | {f['linear_share']:.0%} | "
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        md += [f"| {f['model']} | {f['batch']} | {f['new_tokens']} | {f['speedup']:.1f}x | {f['linear_share']:.0%} | "
                f"{f['linear_gflops']:.0f} ({f['peak_gflops']:.0f}) | {f['attention_share']:.0%} | "
                f"{1 - f['linear_share'] - f['attention_share']:.0%} | {f['bound_matmuls_only']:.1f}x |" for f in floors]
     path = write_results(name, {"train_step": rows, "eval": evals, "floor": floors, "rounds": rounds, "clock": clock},
