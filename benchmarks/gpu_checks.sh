@@ -180,7 +180,8 @@ case "$PART" in
         # the open-ended benchmark last: it gets what the budget leaves, the others surely finish
         step latent_feedback "$(est 30 90)" "$(lim 90)" py "$REPO/benchmarks/bench_latent_feedback.py" \
             --device "$DEVICE" ${QUICK:+--iters 3}
-        step rollout "$(est 60 420)" "$(lim 120)" py "$REPO/benchmarks/bench_rollout.py" --device "$DEVICE" $quick
+        step rollout "$(est 60 420)" "$(lim 120)" py "$REPO/benchmarks/bench_rollout.py" --device "$DEVICE" $quick \
+            --eval-models tiny  # the budget: the Llama alone, as the estimate was made
         step linear_cross_entropy "$(est 150 200)" "$(lim 240)" py "$REPO/benchmarks/bench_linear_cross_entropy.py" \
             --device "$DEVICE" $quick
         ;;

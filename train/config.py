@@ -105,7 +105,8 @@ class EvalConfig:
     seed: int = opt(0, "Seed of sampled decoding")
     compile: bool = opt(False, "Run decoding's single-token step through torch.compile (dynamic shapes; the "
                         "first batches pay the compile, tens of seconds). It pays where a step is overhead-bound "
-                        "(small batches, GPUs), not where it is matrix-bound (benchmarks/README.md, rollout)")
+                        "(small batches, GPUs); on the CPU at batch 256 it costs about what the eager step does "
+                        "(benchmarks/README.md, rollout)")
 
 
 @dataclass
