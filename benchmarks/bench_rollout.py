@@ -155,6 +155,13 @@ def gemm_peak_gflops(device, n: int = 1024, repeats: int = 10) -> float:
     return 2 * n ** 3 / min(times) / 1e9
 
 
+def baseline_samples(asked: int, quick: bool, batch_sizes: list[int]) -> int:
+    """How many samples the per-sample baseline runs per round: the largest batch's first rows
+    (so its generations can be compared with every batch's), as many as asked (4 at most with
+    --quick) and as that batch holds: its samples/s divide by this count."""
+    return min(asked, 4 if quick else asked, max(batch_sizes))
+
+
 def eval_baseline(model, b, new_tokens, limit):
     return [naive_generate(model, p, b["n"], EOT, new_tokens, eos_id=-1) for p in b["prefixes"][:limit]]
 
@@ -172,8 +179,8 @@ def main():
     ap.add_argument("--baseline-samples", type=int, default=8, help="samples the per-sample baseline runs per round")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timed rounds (the median counts)")
     ap.add_argument("--compiled", action="store_true", help="also time evaluation with the compiled decode step")
-    ap.add_argument("--eval-models", default="tiny,tiny-gpt2", help=f"models evaluated, comma-separated, of {list(MODELS)} "
-                    "(--quick: the first)")
+    ap.add_argument("--eval-models", default="tiny,tiny-gpt2",
+                    help=f"models evaluated, comma-separated, of {list(MODELS)} (--quick: the first)")
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
     new_tokens_list = [32] if args.quick else [int(x) for x in str(args.new_tokens).split(",")]
@@ -200,10 +207,11 @@ def main():
     for size in eval_models:  # evaluation: tiny models (the small one only adds minutes)
         model = model_of(size, device)
         model.eval()
-        limit = min(args.baseline_samples, 4 if args.quick else args.baseline_samples)
+        eval_batches = [int(x) for x in args.eval_batches.split(",")]
+        limit = baseline_samples(args.baseline_samples, args.quick, eval_batches)
         for new_tokens in new_tokens_list:
             fns, batches = {}, {}
-            for bs in (int(x) for x in args.eval_batches.split(",")):
+            for bs in eval_batches:
                 batches[bs] = b = batch_of(bs, args.latents, device, seed=1)
                 fns[bs] = lambda b=b: eval_batched(model, b, new_tokens)
                 if args.compiled:
@@ -238,9 +246,10 @@ def main():
                 floors.append({"model": size, "batch": bs, "new_tokens": new_tokens, "speedup": speedup, **shares,
                                "peak_gflops": peak,
                                "bound_matmuls_only": speedup / (shares["linear_share"] + shares["attention_share"])})
-                print(f"floor       {size:5s} B={bs} {new_tokens} new tokens: linear layers {shares['linear_share']:.0%} of the "
-                      f"time at {shares['linear_gflops']:.0f} GFLOP/s (a {peak:.0f} GFLOP/s GEMM), attention matmuls "
-                      f"{shares['attention_share']:.0%}: at most {floors[-1]['bound_matmuls_only']:.1f}x "
+                print(f"floor       {size:5s} B={bs} {new_tokens} new tokens: linear layers "
+                      f"{shares['linear_share']:.0%} of the time at {shares['linear_gflops']:.0f} GFLOP/s "
+                      f"(a {peak:.0f} GFLOP/s GEMM), attention matmuls {shares['attention_share']:.0%}: "
+                      f"at most {floors[-1]['bound_matmuls_only']:.1f}x "
                       f"if nothing else cost", flush=True)
     name = f"rollout_{device.type}{'_quick' if args.quick else ''}"
     md = [f"Times: medians of {rounds} interleaved rounds, {clock}.", "",
@@ -257,8 +266,8 @@ def main():
            for e in evals]
     if args.compiled:
         md += ["", "Compiled single-token step (`--eval.compile`) against the eager one, same batches and rounds:", "",
-               "| model | batch | new tokens | compiled (samples/s) | eager (samples/s) | compiled / eager | identical |",
-               "|---|---:|---:|---:|---:|---:|---|"]
+               "| model | batch | new tokens | compiled (samples/s) | eager (samples/s) | compiled / eager "
+               "| identical |", "|---|---:|---:|---:|---:|---:|---|"]
         md += [f"| {e['model']} | {e['batch']} | {e['new_tokens']} | {e['compiled_samples_per_s']:.1f} | "
                f"{e['batched_samples_per_s']:.1f} | {e['compiled_over_eager']:.2f}x | "
                f"{'yes' if e['compiled_identical'] else 'NO'} |" for e in evals]

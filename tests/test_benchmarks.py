@@ -101,3 +101,18 @@ def test_rollout_floor_counts_linear_and_attention_matmuls_apart():
     mixed = bench_rollout.matmul_shares(lambda: ([q @ k for _ in range(50)], torch.nn.functional.linear(x, w)))
     assert mixed["attention_share"] > 0.05 and mixed["linear_share"] > 0.05
     assert mixed["linear_share"] + mixed["attention_share"] <= 1.0
+
+
+def test_rollout_baseline_runs_no_more_samples_than_its_batch_holds():
+    """The baseline's samples/s divide by the samples it ran: the largest batch's first rows. With
+    batches smaller than the samples asked (--eval-batches 1), the count used to stay at what was
+    asked, and the baseline looked 4x faster than it was."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_rollout
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    assert bench_rollout.baseline_samples(8, False, [1, 32, 256]) == 8
+    assert bench_rollout.baseline_samples(8, True, [1, 32, 256]) == 4
+    assert bench_rollout.baseline_samples(8, True, [1]) == 1
+    assert bench_rollout.baseline_samples(8, False, [1, 2]) == 2
