@@ -248,8 +248,9 @@ def test_cpu_steps_run_the_step_attention_and_the_model_keeps_its_own():
 
 def test_compiled_step_decodes_what_the_eager_step_does(monkeypatch):
     """`--eval.compile` hands decode the torch.compile'd step (made once per model, dynamic shapes:
-    the batch shrinks as rows finish and the cache grows). Traced here with the "eager" backend,
-    which checks the tracing and leaves inductor's code generation to the benchmark."""
+    the batch shrinks as rows finish and the cache grows). Traced here with the "aot_eager"
+    backend, which checks the tracing, fake-tensor shapes included (the step attention's op has a
+    fake of its own), and leaves inductor's code generation to the benchmark."""
     model = _model("tiny-llama")
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 40, (n,), generator=g).tolist() for n in (3, 9, 5, 1, 7, 4)]
@@ -258,10 +259,10 @@ def test_compiled_step_decodes_what_the_eager_step_does(monkeypatch):
     eos = int(free[0, 5])  # a token some rows make early: rows finish at different steps
     want = greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=eos, pad_id=0)
     made, real = [], decoding.compiled_step
-    monkeypatch.setattr(decoding, "compiled_step", lambda lm: made.append(lm) or real(lm, backend="eager"))
+    monkeypatch.setattr(decoding, "compiled_step", lambda lm: made.append(lm) or real(lm, backend="aot_eager"))
     got = greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=eos, pad_id=0, compile=True)
     assert made == [model] and torch.equal(got, want) and (got[:, :-1] == eos).any()  # some rows stopped early
-    assert real(model, backend="eager") is real(model, backend="eager")  # one compiled step per model
+    assert real(model, backend="aot_eager") is real(model, backend="aot_eager")  # one compiled step per model
 
 
 def test_cpu_cache_buffers_are_reused_only_once_nothing_holds_them():
