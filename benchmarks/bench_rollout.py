@@ -204,11 +204,11 @@ def main():
                   f"{t['multipass']:.3f}s ({rows[-1]['multipass_over_batched']:.1f}x) | per-sample "
                   f"{t['per_sample']:.3f}s ({rows[-1]['per_sample_over_batched']:.1f}x)", flush=True)
     eval_models = str(args.eval_models).split(",")[:1 if args.quick else None]
+    eval_batches = [int(x) for x in args.eval_batches.split(",")]
+    limit = baseline_samples(args.baseline_samples, args.quick, eval_batches)
     for size in eval_models:  # evaluation: tiny models (the small one only adds minutes)
         model = model_of(size, device)
         model.eval()
-        eval_batches = [int(x) for x in args.eval_batches.split(",")]
-        limit = baseline_samples(args.baseline_samples, args.quick, eval_batches)
         for new_tokens in new_tokens_list:
             fns, batches = {}, {}
             for bs in eval_batches:
