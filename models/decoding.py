@@ -5,7 +5,8 @@ hides it) and a cache already holding the prompt (the latent rollout fills one),
 single-token forward per step for the rows still running. What a step costs is the model's
 math, not bookkeeping: the KV cache grows in place by chunks (no per-token copy of the
 whole cache), the attention mask is handed over ready in 4-D (transformers builds none), and
-rows that hit eos leave the batch. Finished rows emit pad. Under ZeRO-3 every rank must make the
+rows that hit eos leave the batch. Finished rows emit pad. On the CPU a tanh-GELU model's
+activation runs as the same function in a cheaper form (`tanh_gelu.cpu_tanh_gelu`). Under ZeRO-3 every rank must make the
 same number of forward passes, so the stop decision is all-reduced across the data-parallel
 group when one is given.
 """
@@ -23,6 +24,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from simcot.models.step_attention import step_attention
+from simcot.models.tanh_gelu import cpu_tanh_gelu
 from simcot.parallel import any_partitioned, decoding_done
 
 
@@ -95,8 +97,9 @@ def prefill_ids(lm: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> Prefill
         out = lm(input_ids=i, attention_mask=m, position_ids=p, use_cache=True, logits_to_keep=1)
         return out.logits[:, -1], cache_of(out)
 
-    logits, cache = by_length(forward, ids, mask, pos, prefix_groups(lm, ids.shape[0]),
-                              capacity=ids.shape[1] + CACHE_CHUNK if ready_masks(lm) else 0)
+    with cpu_tanh_gelu(unwrap(lm), ids.device):
+        logits, cache = by_length(forward, ids, mask, pos, prefix_groups(lm, ids.shape[0]),
+                                  capacity=ids.shape[1] + CACHE_CHUNK if ready_masks(lm) else 0)
     return Prefill(logits, cache, mask, pos[:, -1] + 1)
 
 
@@ -414,7 +417,8 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     capacity = cache.layers[0].capacity if reserved else 0  # a cache reserved at the prompt may have more room
     compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
     steps = 0
-    with attention_as(lm, attend.impl if reserved else None):
+    activations = cpu_tanh_gelu(unwrap(lm), device) if lm is not None else contextlib.nullcontext()
+    with attention_as(lm, attend.impl if reserved else None), activations:
         for t in range(max_new_tokens):
             nxt = sample_top_p(logits, temperature, top_p, generator) if temperature > 0 else logits.argmax(-1)
             tok = torch.where(done, torch.full_like(nxt, pad_id), nxt)

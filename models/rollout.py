@@ -25,7 +25,8 @@ import torch
 
 from simcot.kernels import latent_feedback
 from simcot.models.decoding import (CACHE_CHUNK, Prefill, StepMasks, attention_as, body, by_length, cache_of, head,
-                                    positions, prefix_groups, ready_masks, reserved_masks, with_cache)
+                                    positions, prefix_groups, ready_masks, reserved_masks, unwrap, with_cache)
+from simcot.models.tanh_gelu import cpu_tanh_gelu
 from simcot.parallel import is_partitioned, rank_max
 
 
@@ -135,11 +136,12 @@ def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, o
 def prefill_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
                     max_latents: int, eot_id: int) -> tuple[Prefill, Rollout]:
     """Evaluation: prefix, latents, then ``<eot>``; returns the state greedy decoding continues from."""
-    ro = run_latents(model, prefix_ids, prefix_mask, n_latents, max_latents,
-                     prefix_groups(model.lm, prefix_ids.shape[0]), room=1 + CACHE_CHUNK)  # <eot>, then decoding
-    eot = torch.full((prefix_ids.shape[0], 1), eot_id, dtype=torch.long, device=prefix_ids.device)
-    ones = torch.ones_like(eot)
-    out = continue_tokens(model, ro, eot, ones)
+    with cpu_tanh_gelu(unwrap(model.lm), prefix_ids.device):
+        ro = run_latents(model, prefix_ids, prefix_mask, n_latents, max_latents,
+                         prefix_groups(model.lm, prefix_ids.shape[0]), room=1 + CACHE_CHUNK)  # <eot>, then decoding
+        eot = torch.full((prefix_ids.shape[0], 1), eot_id, dtype=torch.long, device=prefix_ids.device)
+        ones = torch.ones_like(eot)
+        out = continue_tokens(model, ro, eot, ones)
     logits = head(model.lm)(out.last_hidden_state[:, -1])
     state = Prefill(logits, cache_of(out), torch.cat([ro.mask, ones], 1), ro.next_pos + 1)
     return state, ro
