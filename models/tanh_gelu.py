@@ -21,13 +21,16 @@ import math
 
 import torch
 from torch import nn
-from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
+from transformers import activations
 
 from simcot.parallel import any_partitioned
 
 C1 = 2 * math.sqrt(2.0 / math.pi)  # 2u = x (C1 + C3 x^2)
 C3 = C1 * 0.044715
-TANH_GELUS = (NewGELUActivation, FastGELUActivation, GELUTanh)  # exact types: a subclass may differ
+# exact types (a subclass may differ); by name, as transformers versions have them (GELUTanh was
+# PytorchGELUTanh before, now its alias)
+TANH_GELUS = tuple({c: None for c in (getattr(activations, n, None) for n in (
+    "NewGELUActivation", "FastGELUActivation", "GELUTanh", "PytorchGELUTanh")) if c is not None})
 
 
 def tanh_gelu(x: torch.Tensor) -> torch.Tensor:
