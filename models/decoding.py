@@ -6,9 +6,9 @@ single-token forward per step for the rows still running. What a step costs is t
 math, not bookkeeping: the KV cache grows in place by chunks (no per-token copy of the
 whole cache), the attention mask is handed over ready in 4-D (transformers builds none), and
 rows that hit eos leave the batch. Finished rows emit pad. On the CPU a tanh-GELU model's
-activation runs as the same function in a cheaper form (`tanh_gelu.cpu_tanh_gelu`). Under ZeRO-3 every rank must make the
-same number of forward passes, so the stop decision is all-reduced across the data-parallel
-group when one is given.
+activation runs as the same function in a cheaper form (`tanh_gelu.cpu_tanh_gelu`). Under ZeRO-3
+every rank must make the same number of forward passes, so the stop decision is all-reduced
+across the data-parallel group when one is given.
 """
 
 from __future__ import annotations

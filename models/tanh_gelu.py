@@ -2,11 +2,12 @@
 
 transformers' tanh GELUs (`gelu_new`: GPT-2, GPT-J, Phi-1/2; `gelu_fast`; `gelu_pytorch_tanh`:
 Gemma, StarCoder2) compute 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). On the CPU
-torch's tanh is the expensive part: ~3.4 ns an element on one AVX2 thread, four times a sigmoid,
-and `gelu_new` adds seven more elementwise passes: 15 % of a batch-256 GPT-2 evaluation
-(benchmarks/README.md, rollout). Since 1 + tanh(u) = 2 sigmoid(2u), the same function is
-x sigmoid(2u) = x sigmoid(x (c1 + c3 x^2)): one sigmoid and four cheap passes. It is no less
-accurate: 1 + tanh(u) cancels for u << 0, where the sigmoid keeps its relative precision.
+torch's tanh is the expensive part (several times a sigmoid), and `gelu_new` adds seven more
+elementwise passes: with them a batch-256 tiny GPT-2 evaluation spent 36 % of its time outside
+matrix multiplies, with this 26 % (benchmarks/README.md, rollout). Since 1 + tanh(u) =
+2 sigmoid(2u), the same function is x sigmoid(2u) = x sigmoid(x (c1 + c3 x^2)): one sigmoid and
+four cheap passes. It is no less accurate: 1 + tanh(u) cancels for u << 0, where the sigmoid
+keeps its relative precision.
 
 `cpu_tanh_gelu(lm, device)` puts it in place of a model's tanh-GELU modules for the duration of
 an evaluation forward (prefill, latent steps, decoding) on the CPU, for fp32/fp64 models not

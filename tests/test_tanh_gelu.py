@@ -22,7 +22,8 @@ def _exact(x: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("own", [NewGELUActivation(), FastGELUActivation(), GELUTanh()])
 def test_tanh_gelu_is_as_accurate_as_transformers_own(own):
-    x = torch.cat([torch.linspace(-12, 12, 200_001), torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 3])
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.linspace(-12, 12, 200_001), torch.randn(100_000, generator=g) * 3])
     ref = _exact(x)
     ours, theirs = tg.tanh_gelu(x), own(x)
     assert ours.dtype == torch.float32
