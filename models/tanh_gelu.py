@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from transformers import activations
 
-from simcot.parallel import any_partitioned
+from simcot.parallel import is_partitioned
 
 C1 = 2 * math.sqrt(2.0 / math.pi)  # 2u = x (C1 + C3 x^2)
 C3 = C1 * 0.044715
@@ -51,15 +51,27 @@ class TanhGELU(nn.Module):
 TANH_GELU = TanhGELU()  # one stateless instance: a compiled step sees the same module every call
 
 
+def _tanh_gelus(lm: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, module) of each of `lm`'s tanh-GELU modules: looked up once per model (a walk
+    of every module) and kept on it, looked up again when one of them was replaced."""
+    found = lm.__dict__.get("_simcot_tanh_gelus")
+    if found is None or any(parent._modules.get(name) not in (child, TANH_GELU) for parent, name, child in found):
+        found = [(parent, name, child) for parent in lm.modules() for name, child in parent.named_children()
+                 if type(child) in TANH_GELUS]
+        lm.__dict__["_simcot_tanh_gelus"] = found
+    return found
+
+
 @contextlib.contextmanager
 def cpu_tanh_gelu(lm: nn.Module, device: torch.device):
     """Inside the block, `lm`'s tanh-GELU modules (`TANH_GELUS`) are `TANH_GELU` when `device` is
-    the CPU and `lm` an fp32/fp64 model not under ZeRO-3; its own modules again after."""
+    the CPU and `lm` an fp32/fp64 model not under ZeRO-3; its own modules again after. Inside an
+    enclosing block (modules already swapped) it does nothing."""
     weight = next(lm.parameters(), None)
     use = (device.type == "cpu" and weight is not None and weight.dtype in (torch.float32, torch.float64)
-           and not any_partitioned(lm))
-    swaps = [(parent, name, child) for parent in lm.modules() for name, child in parent.named_children()
-             if type(child) in TANH_GELUS] if use else []
+           and not is_partitioned(weight))  # ZeRO-3 manages every parameter: one says it
+    swaps = [(parent, name, child) for parent, name, child in _tanh_gelus(lm)
+             if parent._modules.get(name) is child] if use else []
     for parent, name, _ in swaps:
         setattr(parent, name, TANH_GELU)
     try:

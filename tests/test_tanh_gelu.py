@@ -72,6 +72,15 @@ def test_cpu_tanh_gelu_swaps_the_modules_only_on_the_cpu_for_full_precision_and_
     bf16 = _gpt2(torch.bfloat16)
     with tg.cpu_tanh_gelu(bf16, torch.device("cpu")):
         assert all(type(block.mlp.act) is NewGELUActivation for block in bf16.transformer.h)
+    with tg.cpu_tanh_gelu(lm, torch.device("cpu")):  # nested: the inner block leaves the outer's swap
+        with tg.cpu_tanh_gelu(lm, torch.device("cpu")):
+            pass
+        assert all(block.mlp.act is tg.TANH_GELU for block in lm.transformer.h)
+    assert [block.mlp.act for block in lm.transformer.h] == own
+    lm.transformer.h[1].mlp.act = fresh = NewGELUActivation()  # replaced after the first look-up: found again
+    with tg.cpu_tanh_gelu(lm, torch.device("cpu")):
+        assert all(block.mlp.act is tg.TANH_GELU for block in lm.transformer.h)
+    assert lm.transformer.h[1].mlp.act is fresh
     other = _gpt2(activation="gelu")  # erf GELU: not a tanh one
     with tg.cpu_tanh_gelu(other, torch.device("cpu")):
         assert all(block.mlp.act is not tg.TANH_GELU for block in other.transformer.h)
