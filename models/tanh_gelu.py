@@ -4,7 +4,7 @@ transformers' tanh GELUs (`gelu_new`: GPT-2, GPT-J, Phi-1/2; `gelu_fast`; `gelu_
 Gemma, StarCoder2) compute 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3). On the CPU
 torch's tanh is the expensive part (several times a sigmoid), and `gelu_new` adds seven more
 elementwise passes: with them a batch-256 tiny GPT-2 evaluation spent 36 % of its time outside
-matrix multiplies, with this 26 % (benchmarks/README.md, rollout). Since 1 + tanh(u) =
+matrix multiplies, with this about a quarter (benchmarks/README.md, rollout). Since 1 + tanh(u) =
 2 sigmoid(2u), the same function is x sigmoid(2u) = x sigmoid(x (c1 + c3 x^2)): one sigmoid and
 four cheap passes. It is no less accurate: 1 + tanh(u) cancels for u << 0, where the sigmoid
 keeps its relative precision.
