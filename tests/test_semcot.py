@@ -163,6 +163,24 @@ def test_batched_loss_equals_a_per_sample_loop(tiny, cot_run):
     assert whole["semantic"].item() == pytest.approx(sum(s["semantic"] for s in singles).item() / 4, rel=1e-4)
 
 
+def test_evaluation_prefill_enters_the_cpu_activation_swap_for_both_models(tiny, cot_run, monkeypatch):
+    """SemCoT's prompt forward (its generator, then the answering model) runs inside `cpu_tanh_gelu`
+    for both models, as every other evaluation forward does (`tests/test_tanh_gelu.py`)."""
+    from simcot.models.decoding import unwrap
+    from simcot.train.methods import semcot as semcot_module
+
+    cfg, _ = semcot_cfg(tiny, cot_run)
+    built = build(cfg, Path(cfg.train.out_dir) / "probe_act", init_from=Path(cot_run["checkpoint"]))
+    method, model = built.method, built.model
+    model.eval()
+    entered, real = [], semcot_module.cpu_tanh_gelu
+    monkeypatch.setattr(semcot_module, "cpu_tanh_gelu", lambda m, d: entered.append(m) or real(m, d))
+    prompts = [method.eval_prompt(ex, cfg.train.epochs - 1) for ex in built.examples["train"][:2]]
+    with torch.no_grad():
+        method.prefill(model, prompts, torch.device("cpu"))
+    assert entered == [unwrap(model.lm), model.generator]
+
+
 def test_config_errors_name_the_problem(tiny):
     with pytest.raises(ConfigError, match=r"^semcot needs a trained answering model: set train.init_from to a CoT run"):
         tiny(**SEM)

@@ -36,9 +36,10 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
-from simcot.models.decoding import Prefill, body, cache_of, left_pad, positions
+from simcot.models.decoding import Prefill, body, cache_of, left_pad, positions, unwrap
 from simcot.models.loading import is_random_init
 from simcot.models.sentence_encoder import MiniLMEncoder, SliceEncoder, info_nce, n_layers, parse_slice
+from simcot.models.tanh_gelu import cpu_tanh_gelu
 from simcot.models.thought_generator import ThoughtGenerator, build_generator_lm, hidden_size
 from simcot.train.config import ConfigError
 from simcot.train.data.examples import Example
@@ -302,11 +303,14 @@ class SemCoT(Method):
             raise ValueError("semcot evaluates a batch with one implicit-token count")
         ids, mask = left_pad([p.ids for p in prompts], self.special.pad)
         ids, mask = ids.to(device), mask.to(device)
-        emb = model.embed(ids)
-        if n > 0:
-            gen_ids, gen_mask = left_pad([p.ex["q"] + [self.special.latent] * n for p in prompts], self.special.pad)
-            implicit = model.generator(gen_ids.to(device), gen_mask.to(device), self.special.latent, n)
-            emb = emb.masked_scatter((ids == self.special.latent).unsqueeze(-1), implicit.to(emb.dtype))
-        pos = positions(mask)
-        out = model.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        with cpu_tanh_gelu(unwrap(model.lm), device), cpu_tanh_gelu(model.generator, device):  # as every eval forward
+            emb = model.embed(ids)
+            if n > 0:
+                gen_ids, gen_mask = left_pad([p.ex["q"] + [self.special.latent] * n for p in prompts],
+                                             self.special.pad)
+                implicit = model.generator(gen_ids.to(device), gen_mask.to(device), self.special.latent, n)
+                emb = emb.masked_scatter((ids == self.special.latent).unsqueeze(-1), implicit.to(emb.dtype))
+            pos = positions(mask)
+            out = model.lm(inputs_embeds=emb, attention_mask=mask, position_ids=pos, use_cache=True,
+                           logits_to_keep=1)
         return Prefill(out.logits[:, -1], cache_of(out), mask, pos[:, -1] + 1)
