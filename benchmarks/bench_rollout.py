@@ -11,7 +11,8 @@ tiny Llama and the tiny GPT-2 the issue measured with, `--eval-models`):
   baseline  Coconut's reference generate: one sample at a time, no KV cache (re-runs the sequence
             per token), `rollout_reference.naive_generate`; the generations are compared token
             for token with the batched ones (column "identical")
-  compiled  (--compiled) batched, its single-token step through torch.compile (`--eval.compile`);
+  compiled  (--compiled) batched, its single-position steps (latents, <eot>, answer tokens) through
+            torch.compile (`--eval.compile`);
             the compile happens in the warm-up call, outside the timed rounds; on the CPU the
             step attention stays one op (`models/step_attention.py`) and inductor fuses the rest
   floor     (CPU) one more batched call at the largest batch under torch.profiler: the share of its
@@ -117,7 +118,7 @@ def interleaved(fns: dict, device, rounds: int) -> tuple[dict[str, float], dict[
 
 @torch.no_grad()
 def eval_batched(model, b, new_tokens, compile=False):
-    state, _ = prefill_latents(model, b["ids"], b["mask"], b["n_latents"], b["n"], EOT)
+    state, _ = prefill_latents(model, b["ids"], b["mask"], b["n_latents"], b["n"], EOT, compile=compile)
     # eos -1: always new_tokens steps
     return greedy_decode(model.lm, state, new_tokens, eos_id=-1, pad_id=PAD, compile=compile)
 
@@ -265,7 +266,8 @@ def main():
            f"{'yes' if e['identical'] else 'NO'} |"
            for e in evals]
     if args.compiled:
-        md += ["", "Compiled single-token step (`--eval.compile`) against the eager one, same batches and rounds:", "",
+        md += ["", "Compiled single-position steps (`--eval.compile`: latents, `<eot>`, answer tokens) against "
+               "the eager ones, same batches and rounds:", "",
                "| model | batch | new tokens | compiled (samples/s) | eager (samples/s) | compiled / eager "
                "| identical |", "|---|---:|---:|---:|---:|---:|---|"]
         md += [f"| {e['model']} | {e['batch']} | {e['new_tokens']} | {e['compiled_samples_per_s']:.1f} | "

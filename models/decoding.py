@@ -363,15 +363,30 @@ def lm_step(lm: nn.Module):
     return step
 
 
-def compiled_step(lm: nn.Module, backend: str = "inductor"):
-    """`lm_step(lm)` through torch.compile, made once per model and kept on it. Dynamic shapes:
-    the batch shrinks as rows finish and the reserved cache grows by chunks, so after the first
-    recompile one graph serves every step. Whether it pays depends on the device: the rollout
-    benchmark's "compiled step" rows measure it (benchmarks/README.md)."""
-    key = f"_simcot_compiled_step_{backend}"
+def body_step(lm: nn.Module):
+    """The single-position forward of evaluation's latent steps and `<eot>`: input embeddings
+    (b, 1, H) -> the final hidden state (b, H), on the cache, with the mask and positions given."""
+    stack = body(lm)
+    cache_kw = _cache_keyword(type(unwrap(stack)))  # outside the step: torch.compile traces the step
+
+    def step(embeds: torch.Tensor, cache, **kw) -> torch.Tensor:
+        return stack(inputs_embeds=embeds, use_cache=True, **{cache_kw: cache}, **kw).last_hidden_state[:, -1]
+    return step
+
+
+STEPS = {"lm": lm_step, "body": body_step}
+
+
+def compiled_step(lm: nn.Module, backend: str = "inductor", kind: str = "lm"):
+    """`lm_step(lm)` (kind "lm": decoding) or `body_step(lm)` ("body": latent steps, `<eot>`)
+    through torch.compile, made once per model and kept on it. Dynamic shapes: the batch shrinks
+    as rows finish and the reserved cache grows by chunks, so after the first recompile one graph
+    serves every step. Whether it pays depends on the device: the rollout benchmark's "compiled"
+    rows measure it (benchmarks/README.md)."""
+    key = f"_simcot_compiled_{kind}_step_{backend}"
     step = lm.__dict__.get(key)
     if step is None:
-        step = lm.__dict__[key] = torch.compile(lm_step(lm), dynamic=True, backend=backend)
+        step = lm.__dict__[key] = torch.compile(STEPS[kind](lm), dynamic=True, backend=backend)
     return step
 
 

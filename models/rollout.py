@@ -24,8 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from simcot.kernels import latent_feedback
-from simcot.models.decoding import (CACHE_CHUNK, Prefill, StepMasks, attention_as, body, by_length, cache_of, head,
-                                    positions, prefix_groups, ready_masks, reserved_masks, unwrap, with_cache)
+from simcot.models.decoding import (CACHE_CHUNK, Prefill, StepMasks, attention_as, body, body_step, by_length,
+                                    cache_of, compiled_step, head, positions, prefix_groups, ready_masks,
+                                    reserved_masks, unwrap, with_cache)
 from simcot.models.tanh_gelu import cpu_tanh_gelu
 from simcot.parallel import is_partitioned, rank_max
 
@@ -76,15 +77,17 @@ def feedback_params(model) -> dict:
 
 
 def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
-                max_latents: int, groups: int = 1, room: int = 0) -> Rollout:
+                max_latents: int, groups: int = 1, room: int = 0, step=None) -> Rollout:
     """Prefix forward with a cache, then `max_latents` single-position latent steps for the batch.
 
     `n_latents` (B,) on the model's device; `max_latents` a Python int (>= n_latents.max()).
     Evaluation (no gradients): `groups` > 1 runs the prefix in that many length groups
     (`decoding.by_length`), and `room` > 0 reserves the cache at the prefix for the latents plus
-    `room` more positions, so no step copies it (transformers' cache makes a new one per step).
+    `room` more positions, so no step copies it (transformers' cache makes a new one per step);
+    `step` is the latent steps' forward (`decoding.body_step`, the default, or its compiled form).
     """
     stack = body(model.lm)
+    step = body_step(model.lm) if step is None else step
     dtype = model.lm.get_input_embeddings().weight.dtype
     max_latents = rank_max(max_latents)
     pos = positions(prefix_mask)
@@ -106,10 +109,8 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
             thinking = n_latents > j
             e = feed_back(model, h, thinking, pad_ids)
             mask = torch.cat([mask, thinking.to(mask.dtype)[:, None]], dim=1)
-            out = stack(inputs_embeds=e[:, None].to(dtype), attention_mask=attend(mask) if attend else mask,
-                        position_ids=next_pos[:, None], use_cache=True, **with_cache(stack, cache))
-            cache = cache_of(out)
-            h = out.last_hidden_state[:, -1]
+            h = step(e[:, None].to(dtype), cache, attention_mask=attend(mask) if attend else mask,  # (B, H)
+                     position_ids=next_pos[:, None])  # the cache grows in place
             h_final = torch.where(thinking[:, None], h, h_final)
             next_pos = next_pos + thinking.long()
             fed.append(e)
@@ -122,7 +123,7 @@ def run_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_la
 def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, output_hidden_states: bool = False):
     """One forward of right-padded tokens on the rollout's cache (teacher forcing)."""
     full_mask = torch.cat([ro.mask, mask], dim=1)
-    if ro.attend is not None:  # a reserved cache: one position at a time (evaluation's <eot>)
+    if ro.attend is not None:  # a reserved cache (evaluation's): one position at a time
         assert ids.shape[1] == 1, "a reserved rollout cache continues one token per forward"
         full_mask = ro.attend(full_mask)
     pos = ro.next_pos[:, None] + torch.arange(ids.shape[1], device=ids.device)[None]
@@ -134,14 +135,18 @@ def continue_tokens(model, ro: Rollout, ids: torch.Tensor, mask: torch.Tensor, o
 
 @torch.no_grad()
 def prefill_latents(model, prefix_ids: torch.Tensor, prefix_mask: torch.Tensor, n_latents: torch.Tensor,
-                    max_latents: int, eot_id: int) -> tuple[Prefill, Rollout]:
-    """Evaluation: prefix, latents, then ``<eot>``; returns the state greedy decoding continues from."""
+                    max_latents: int, eot_id: int, compile: bool = False) -> tuple[Prefill, Rollout]:
+    """Evaluation: prefix, latents, then ``<eot>``; returns the state greedy decoding continues from.
+    `compile`: the latent steps and ``<eot>`` run through torch.compile (`compiled_step(kind="body")`)."""
+    step = compiled_step(model.lm, kind="body") if compile else body_step(model.lm)
     with cpu_tanh_gelu(unwrap(model.lm), prefix_ids.device):
         ro = run_latents(model, prefix_ids, prefix_mask, n_latents, max_latents,
-                         prefix_groups(model.lm, prefix_ids.shape[0]), room=1 + CACHE_CHUNK)  # <eot>, then decoding
+                         prefix_groups(model.lm, prefix_ids.shape[0]), room=1 + CACHE_CHUNK, step=step)
         eot = torch.full((prefix_ids.shape[0], 1), eot_id, dtype=torch.long, device=prefix_ids.device)
-        ones = torch.ones_like(eot)
-        out = continue_tokens(model, ro, eot, ones)
-    logits = head(model.lm)(out.last_hidden_state[:, -1])
-    state = Prefill(logits, cache_of(out), torch.cat([ro.mask, ones], 1), ro.next_pos + 1)
+        mask = torch.cat([ro.mask, torch.ones_like(eot)], 1)  # (B, T + 1)
+        with attention_as(model.lm, ro.attend.impl if ro.attend is not None else None):
+            h = step(model.lm.get_input_embeddings()(eot), ro.cache,  # (B, H): the <eot> step, as a latent one
+                     attention_mask=ro.attend(mask) if ro.attend is not None else mask,
+                     position_ids=ro.next_pos[:, None])
+    state = Prefill(head(model.lm)(h), ro.cache, mask, ro.next_pos + 1)
     return state, ro

@@ -326,6 +326,27 @@ def test_cot_direct_mix_drops_the_steps_of_a_seeded_share_of_examples():
         method("cot", **{"cot.direct_ratio": 1.5})
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_latent_prefill_follows_eval_compile(compile, monkeypatch):
+    """`eval.compile` reaches the latent steps and `<eot>` (`prefill_latents(compile=...)`), not only
+    the answer tokens' step."""
+    from simcot.train.methods import latent
+
+    seen = []
+
+    class Seen(Exception):
+        pass
+
+    def prefill_latents(model, ids, mask, n, max_n, eot, compile=False):
+        seen.append(compile)
+        raise Seen  # what comes after needs a model
+    monkeypatch.setattr(latent, "prefill_latents", prefill_latents)
+    m = method("coconut", **{"eval.compile": compile})
+    with pytest.raises(Seen):
+        m.prefill(None, [m.eval_prompt(E1, 9)], torch.device("cpu"))
+    assert seen == [compile]
+
+
 def test_cot_direct_eval_prompts_with_the_answer_prefix():
     e = ex([10, 11], [[20]], [30, 31])
     assert method("cot").eval_prompt(e).ids == [10, 11]

@@ -234,3 +234,31 @@ def test_evaluation_latent_steps_run_the_step_attention_and_training_the_models_
     assert evaluation == [("sdpa", ids.shape[1])] + steps
     assert {impl for impl, _ in seen} == {"sdpa"}
     assert model.lm.config._attn_implementation == "sdpa"
+
+
+def test_compiled_latent_steps_and_eot_generate_what_the_eager_ones_do(monkeypatch):
+    """`--eval.compile` runs the latent steps and `<eot>` through the compiled body step, and the
+    answer tokens through the compiled LM step (each traced here with "aot_eager"; inductor's code
+    is the benchmark's business): same logits at `<eot>`, same tokens, every step compiled."""
+    from simcot.models import decoding, rollout
+    from simcot.models.decoding import greedy_decode
+    from simcot.models.rollout import prefill_latents
+
+    model = _model("tiny-llama", True, init_std=0.2)
+    prefixes, n_latents, _, _ = _batch()
+    ids, mask = left_pad(prefixes, PAD)
+    n = torch.tensor(n_latents)
+    want_state, _ = prefill_latents(model, ids, mask, n, max(n_latents), EOT)
+    want = greedy_decode(model.lm, want_state, 10, eos_id=-1, pad_id=PAD)
+    calls, real = [], decoding.compiled_step
+
+    def traced(lm, backend="inductor", kind="lm"):
+        step = real(lm, backend="aot_eager", kind=kind)
+        return lambda *a, **k: calls.append(kind) or step(*a, **k)
+    monkeypatch.setattr(rollout, "compiled_step", traced)
+    monkeypatch.setattr(decoding, "compiled_step", traced)
+    state, _ = prefill_latents(model, ids, mask, n, max(n_latents), EOT, compile=True)
+    got = greedy_decode(model.lm, state, 10, eos_id=-1, pad_id=PAD, compile=True)
+    assert calls == ["body"] * (max(n_latents) + 1) + ["lm"] * 9  # 5 latent steps, <eot>; 9 more tokens
+    assert torch.allclose(state.logits, want_state.logits, rtol=0, atol=1e-12)
+    assert torch.equal(got, want)

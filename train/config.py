@@ -103,8 +103,9 @@ class EvalConfig:
     temperature_sweep: str = opt("", "Also evaluate sampling at these temperatures, e.g. '0.1,0.3,0.5,0.7,0.9' "
                                  "(SemCoT's reference reports one accuracy per temperature; logged per temperature)")
     seed: int = opt(0, "Seed of sampled decoding")
-    compile: bool = opt(False, "Run decoding's single-token step through torch.compile (dynamic shapes; the "
-                        "first batches pay the compile, tens of seconds). It pays where a step is overhead-bound "
+    compile: bool = opt(False, "Run evaluation's single-position steps (latent steps, <eot>, each answer token) "
+                        "through torch.compile (dynamic shapes; the first batches pay the compile, tens of "
+                        "seconds). It pays where a step is overhead-bound "
                         "(small batches, GPUs); on the CPU at batch 256 it costs about what the eager step does "
                         "(benchmarks/README.md, rollout)")
 

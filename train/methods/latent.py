@@ -30,7 +30,7 @@ class LatentMethod(Method):
         ids, mask = left_pad([p.ids for p in prompts], self.special.pad)
         n = torch.tensor([p.n_latents for p in prompts], device=device)
         state, ro = prefill_latents(model, ids.to(device), mask.to(device), n, max(p.n_latents for p in prompts),
-                                    self.special.eot)
+                                    self.special.eot, compile=self.cfg.eval.compile)
         state.metrics = latent_health(ro.latents, ro.thinking)
         state.metrics.update(self.eval_metrics(model, prompts, ro))
         return state
