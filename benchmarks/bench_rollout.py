@@ -22,6 +22,7 @@ tiny Llama and the tiny GPT-2 the issue measured with, `--eval-models`):
 
 Every figure is the median of interleaved rounds (each round times every variant once), in one
 process with a set thread count (default 1). Results: benchmarks/results/rollout_<device>[_quick].{json,md}.
+On a GPU the compiled decode is static (`decoding.decode(static=True)`) and its step runs as CUDA graphs.
     python benchmarks/bench_rollout.py [--device cpu|cuda] [--quick] [--threads N] [--compiled]
 """
 
@@ -35,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from results_io import write_results
+from simcot.models import decoding
 from simcot.models.decoding import greedy_decode, left_pad
 from simcot.models.latent_lm import LatentLM
 from simcot.models.presets import PRESETS
@@ -182,11 +184,18 @@ def main():
     ap.add_argument("--compiled", action="store_true", help="also time evaluation with the compiled decode step")
     ap.add_argument("--eval-models", default="tiny,tiny-gpt2",
                     help=f"models evaluated, comma-separated, of {list(MODELS)} (--quick: the first)")
+    ap.add_argument("--static", action="store_true",
+                    help="the compiled rows decode with static shapes on this device too (a GPU's do anyway, as "
+                         "CUDA graphs): on the CPU, gpu_checks.sh's rehearsal of the GPU's path")
+    ap.add_argument("--results-base", default="rollout",
+                    help="results file name before _<device>[_quick] (gpu_checks.sh decode: rollout_compiled)")
     args = ap.parse_args()
     rounds = 2 if args.quick else args.rounds
     new_tokens_list = [32] if args.quick else [int(x) for x in str(args.new_tokens).split(",")]
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
+    if args.static:
+        decoding.STATIC_DEVICES = (device.type,)
     use_cpu_time = device.type == "cpu" and args.threads == 1  # else the wall clock (GPU work is not CPU time)
     clock = "CPU time" if use_cpu_time else "wall clock"
     rows, evals, floors = [], [], []
@@ -252,7 +261,7 @@ def main():
                       f"(a {peak:.0f} GFLOP/s GEMM), attention matmuls {shares['attention_share']:.0%}: "
                       f"at most {floors[-1]['bound_matmuls_only']:.1f}x "
                       f"if nothing else cost", flush=True)
-    name = f"rollout_{device.type}{'_quick' if args.quick else ''}"
+    name = f"{args.results_base}_{device.type}{'_quick' if args.quick else ''}"
     md = [f"Times: medians of {rounds} interleaved rounds, {clock}.", "",
           "| model | batch | latents | batched (s) | multi-pass (s) | vs batched | per-sample (s) | vs batched |",
           "|---|---:|---:|---:|---:|---:|---:|---:|"]

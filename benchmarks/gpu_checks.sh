@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Every GPU check of the project, in two parts that each fit one `run` of the device tool (<= 8 min
+# Every GPU check of the project, in parts that each fit one `run` of the device tool (<= 8 min
 # on one H200) or any CUDA box; benchmarks/README.md "Running the GPU checks" has the exact calls.
 #
 #   bash benchmarks/gpu_checks.sh kernels   # CUDA kernel tests, fused CE, latent feedback, rollout
 #   bash benchmarks/gpu_checks.sh train     # one process: a measured step per method, 1B full FT, 8B LoRA ZeRO-3
+#   bash benchmarks/gpu_checks.sh decode    # --eval.compile's decode (CUDA graphs) against the eager one, ~3 min
 #   DEVICE=cpu QUICK=1 PYTHON=/path/to/bare/python bash benchmarks/gpu_checks.sh kernels   # the CPU rehearsal
 #   bash benchmarks/gpu_checks.sh where     # only install and check which simcot the steps import
 #
@@ -27,8 +28,8 @@ main() {  # the whole script is read before it runs: editing or checking out the
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 PART=${1:-}
 case "$PART" in
-    kernels | train | where) ;;
-    *) echo "usage: bash benchmarks/gpu_checks.sh kernels|train|where (got '${PART}')" >&2; exit 2 ;;
+    kernels | train | decode | where) ;;
+    *) echo "usage: bash benchmarks/gpu_checks.sh kernels|train|decode|where (got '${PART}')" >&2; exit 2 ;;
 esac
 DEVICE=${DEVICE:-cuda}
 QUICK=${QUICK:-}
@@ -196,6 +197,13 @@ case "$PART" in
         fi
         step train_step "$(est 340 600)" "$(lim 400)" py "$REPO/benchmarks/bench_train_step.py" --device "$DEVICE" \
             --setups "$setups" --setup-budget-s "$budgets" ${QUICK:+--warmup 1} $quick
+        ;;
+    decode)  # the compiled decode (static shapes, CUDA graphs on a GPU) beside the eager one, both tiny models
+        step imports "$(est 15 30)" "$(lim 60)" check_imports torch simcot.models.rollout simcot.models.decoding
+        write_meta
+        step rollout_compiled "$(est 180 240)" "$(lim 300)" py "$REPO/benchmarks/bench_rollout.py" \
+            --device "$DEVICE" $quick --compiled --new-tokens 32 --rounds 3 --results-base rollout_compiled \
+            $([ "$DEVICE" = cpu ] && echo --static)  # the rehearsal decodes as the GPU will, without CUDA graphs
         ;;
 esac
 

@@ -270,8 +270,27 @@ class ReservedLayer(DynamicLayer):
         self.keys[..., :self.length, :] = k[..., :self.length, :]
         self.values[..., :self.length, :] = v[..., :self.length, :]
 
+    position: torch.Tensor | None = None  # static mode: where the next step writes, a device tensor
+
+    def make_static(self, capacity: int, buffers: "StaticBuffers", slot: int) -> None:
+        """Static shapes, for CUDA graphs: from now on the buffers hold exactly `capacity` positions,
+        taken from `buffers` (the same addresses for every batch of this shape, `slot` = the layer),
+        and a step writes where `position`, a device tensor, says (index_copy_). A Python int
+        position would be a constant of the traced step: a new graph per token. `length` (the
+        written positions, a Python int) is then kept by the decode loop, outside the graph."""
+        self.keys = buffers.take(self.keys, slot, 0, capacity, self.length)
+        self.values = buffers.take(self.values, slot, 1, capacity, self.length)
+        self.position = buffers.position(self.keys, slot, self.length)
+        self.static = (buffers, slot)
+
     def update(self, key_states, value_states, *args, **kwargs):
         n = key_states.shape[-2]
+        if self.position is not None:  # static: the same ops on the same buffers at every step
+            at = self.position + torch.arange(n, device=self.position.device)  # (n,)
+            self.keys.index_copy_(-2, at, key_states)
+            self.values.index_copy_(-2, at, value_states)
+            self.position.add_(n)
+            return self.keys, self.values
         self.keys[..., self.length:self.length + n, :] = key_states
         self.values[..., self.length:self.length + n, :] = value_states
         self.length += n
@@ -281,6 +300,11 @@ class ReservedLayer(DynamicLayer):
         return self.length
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.position is not None:  # static: into the buffers of the smaller batch
+            buffers, slot = self.static
+            self.keys = buffers.select(self.keys, slot, 0, indices)
+            self.values = buffers.select(self.values, slot, 1, indices)
+            return
         self.keys, self.values = self.keys[indices], self.values[indices]
 
 
@@ -297,6 +321,62 @@ def reserve(cache, capacity: int) -> bool:
         return False
     cache.layers = [ReservedLayer(layer.keys, layer.values, capacity) for layer in layers]
     return True
+
+
+class StaticBuffers:
+    """The KV buffers of static decodes (`--eval.compile` on a GPU: CUDA graphs), one per layer,
+    keys or values, and batch size, reused by every later batch of the same shape. A CUDA graph
+    reads and writes fixed addresses: the graph recorded for the first batch then replays for the
+    next ones, where new buffers would make torch.compile record it again (and give up on CUDA
+    graphs after 128 such records). Buffers of another capacity than the one asked are dropped:
+    evaluation's batches come sorted by length, so the capacity only grows, a few times per
+    evaluation. What a reused buffer holds beyond a row's written positions is finite (an earlier
+    batch's keys, or zeros) and masked."""
+
+    def __init__(self):
+        self.buffers: dict[tuple, torch.Tensor] = {}
+        self.capacity: int | None = None
+
+    def _buffer(self, key: tuple, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        buf = self.buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[key] = like.new_zeros(shape)
+            torch._dynamo.mark_static_address(buf, guard=False)  # a new address records again, no recompile
+        return buf
+
+    def take(self, like: torch.Tensor, slot: int, kind: int, capacity: int, length: int) -> torch.Tensor:
+        """The buffer (B, heads, capacity, D) of layer `slot` (kind 0 keys, 1 values) holding the
+        first `length` positions of `like`."""
+        if capacity != self.capacity:
+            self.buffers, self.capacity = {}, capacity
+        shape = (*like.shape[:-2], capacity, like.shape[-1])
+        buf = self._buffer((slot, kind, shape[0]), shape, like)
+        buf[..., :length, :] = like[..., :length, :]
+        return buf
+
+    def select(self, buf: torch.Tensor, slot: int, kind: int, rows: torch.Tensor) -> torch.Tensor:
+        """`buf[rows]` (layer `slot`'s keys or values) in the pooled buffer of that batch size."""
+        out = self._buffer((slot, kind, len(rows)), (len(rows), *buf.shape[1:]), buf)
+        return torch.index_select(buf, 0, rows, out=out)
+
+    def position(self, like: torch.Tensor, slot: int, length: int) -> torch.Tensor:
+        pos = self._buffer((slot, "position"), (), torch.zeros((), dtype=torch.long, device=like.device))
+        pos.fill_(length)
+        return pos
+
+    def release(self) -> None:
+        self.buffers, self.capacity = {}, None
+
+
+STATIC_BUFFERS = StaticBuffers()
+STATIC_BUCKET = 64  # a static decode's capacity: a multiple of this, so batches of close lengths share graphs
+
+
+def static_rows(rows: int, live: int) -> int:
+    """The batch of a static decode once finished rows leave it: the smallest power of two that
+    holds the `live` rows (finished rows fill the rest, emitting pad), never more than `rows`.
+    A decode of batch B then runs at most log2(B) + 1 batch sizes, each its own CUDA graph."""
+    return min(rows, 1 << max(live - 1, 0).bit_length())
 
 
 class StepMasks:
@@ -377,16 +457,18 @@ def body_step(lm: nn.Module):
 STEPS = {"lm": lm_step, "body": body_step}
 
 
-def compiled_step(lm: nn.Module, backend: str = "inductor", kind: str = "lm"):
+def compiled_step(lm: nn.Module, backend: str = "inductor", kind: str = "lm", mode: str | None = None):
     """`lm_step(lm)` (kind "lm": decoding) or `body_step(lm)` ("body": latent steps, `<eot>`)
     through torch.compile, made once per model and kept on it. Dynamic shapes: the batch shrinks
     as rows finish and the reserved cache grows by chunks, so after the first recompile one graph
-    serves every step. Whether it pays depends on the device: the rollout benchmark's "compiled"
-    rows measure it (benchmarks/README.md)."""
-    key = f"_simcot_compiled_{kind}_step_{backend}"
+    serves every step. `mode` "reduce-overhead": inductor's CUDA graphs, for a static decode
+    (`decode(static=True)`: one shape per batch size). Whether it pays depends on the device: the
+    rollout benchmark's "compiled" rows measure it (benchmarks/README.md)."""
+    key = f"_simcot_compiled_{kind}_step_{backend}" + (f"_{mode}" if mode else "")
     step = lm.__dict__.get(key)
     if step is None:
-        step = lm.__dict__[key] = torch.compile(STEPS[kind](lm), dynamic=True, backend=backend)
+        step = lm.__dict__[key] = torch.compile(STEPS[kind](lm), dynamic=True, backend=backend,
+                                                **({"mode": mode} if mode else {}))
     return step
 
 
@@ -399,7 +481,8 @@ def _compact_at(rows: int) -> int:
 @torch.no_grad()
 def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, group=None,
            synced: bool = False, temperature: float = 0.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, lm: nn.Module | None = None) -> torch.Tensor:
+           generator: torch.Generator | None = None, lm: nn.Module | None = None,
+           static: bool = False) -> torch.Tensor:
     """The decode loop: continue `state` one token per row per `step` call; (B, <= max_new_tokens)
     ids, pad after each row's eos. Greedy, or top-p sampling from `generator` (CPU) with `temperature` > 0.
 
@@ -412,6 +495,13 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     from the batch (their cache rows too) once enough have, so they stop costing. `synced` forces
     every rank to run the same number of steps (ZeRO-3); the stop test is then an all-reduce over
     `group`, and a rank whose rows are all done keeps stepping its last rows.
+
+    `static` (a reserved cache only; for CUDA graphs): every step of a batch size has the same
+    shapes, buffers and ops. The cache is reserved once for the whole answer (a multiple of
+    STATIC_BUCKET positions, from `STATIC_BUFFERS`), a step writes at a position held in a device
+    tensor, and finished rows leave the batch only when the rows still running fit in a power of
+    two (`static_rows`). Each step attends to the whole reservation: on the CPU, where attention
+    reads the cache from memory, the chunked growth is cheaper.
     """
     bsz = state.logits.shape[0]
     device = state.logits.device
@@ -427,8 +517,14 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
     full = torch.cat([mask, mask.new_ones(bsz, n_new)], 1)  # (B, T + new): every position once written
     pos = state.next_pos.clone() if state.next_pos is not None else None
     fdtype = logits.dtype if logits.is_floating_point() else torch.float32
-    attend = reserved_masks(lm, cache, width + min(n_new, CACHE_CHUNK), fdtype) if cached == width else None
+    room = width if static else width + min(n_new, CACHE_CHUNK)
+    attend = reserved_masks(lm, cache, room, fdtype) if cached == width else None
     reserved = attend is not None
+    static = static and reserved
+    if static:
+        capacity = -(-(width + n_new) // STATIC_BUCKET) * STATIC_BUCKET
+        for i, layer in enumerate(cache.layers):
+            layer.make_static(capacity, STATIC_BUFFERS, i)
     capacity = cache.layers[0].capacity if reserved else 0  # a cache reserved at the prompt may have more room
     compactable = reserved or callable(getattr(cache, "batch_select_indices", None))
     steps = 0
@@ -445,8 +541,13 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
             all_done = bool(done.all())
             if decoding_done(done, synced, group):
                 break
-            if compactable and not all_done and int(done.sum()) >= _compact_at(len(rows)):
+            finished, keep = int(done.sum()), None
+            if static and not all_done and static_rows(len(rows), len(rows) - finished) < len(rows):
+                size = static_rows(len(rows), len(rows) - finished)  # running rows first, finished ones fill
+                keep = done.to(torch.int8).argsort(stable=True)[:size].sort().values  # (b',)
+            elif not static and compactable and not all_done and finished >= _compact_at(len(rows)):
                 keep = (~done).nonzero().squeeze(1)  # (b',)
+            if keep is not None:
                 cache.batch_select_indices(keep)
                 rows, tok, done, full = rows[keep], tok[keep], done[keep], full[keep]
                 pos = pos[keep] if pos is not None else None
@@ -463,7 +564,12 @@ def decode(step, state: Prefill, max_new_tokens: int, eos_id: int, pad_id: int, 
             if pos is not None:
                 kw["position_ids"] = pos[:, None]
                 pos = pos + 1
+            if static:  # a new step: the last one's outputs (read above) may be overwritten by its replay
+                torch.compiler.cudagraph_mark_step_begin()
             logits = step(tok, cache, **kw)
+            if static:
+                for layer in cache.layers:  # the graph wrote at `position`; the Python count follows
+                    layer.length += 1
     return out[:, :steps]
 
 
@@ -472,9 +578,14 @@ def greedy_decode(lm: nn.Module, state: Prefill, max_new_tokens: int, eos_id: in
                   group=None, synced: bool = False, temperature: float = 0.0, top_p: float = 1.0,
                   generator: torch.Generator | None = None, compile: bool = False) -> torch.Tensor:
     """`decode` of a causal LM's continuation of `state` (see there); `compile`: its single-token
-    step through torch.compile (`compiled_step`)."""
-    return decode(compiled_step(lm) if compile else lm_step(lm), state, max_new_tokens, eos_id, pad_id, group,
-                  synced, temperature, top_p, generator, lm=lm)
+    step through torch.compile (`compiled_step`), on a GPU as CUDA graphs over a static decode."""
+    static = compile and state.logits.device.type in STATIC_DEVICES
+    step = (compiled_step(lm, mode="reduce-overhead") if static else compiled_step(lm)) if compile else lm_step(lm)
+    return decode(step, state, max_new_tokens, eos_id, pad_id, group, synced, temperature, top_p, generator,
+                  lm=lm, static=static)
+
+
+STATIC_DEVICES = ("cuda",)  # where `--eval.compile` decodes with static shapes, as CUDA graphs
 
 
 def trim_at_eos(ids: list[int], eos_id: int) -> list[int]:

@@ -89,10 +89,12 @@ def test_eval_metrics_average_over_the_batches_that_report_them():
     model = torch.nn.Module()
     model.lm = torch.nn.Linear(1, 1)
     decoding.CPU_CACHE_BUFFERS.zeros((8,), torch.float32)  # a cache buffer left by earlier decoding
+    decoding.STATIC_BUFFERS.take(torch.zeros(1, 1, 2, 4), 0, 0, 4, 2)  # and a static decode's (a GPU's)
     res = evaluate(model, Fake(), examples, tok, EvalConfig(batch_size=2, max_new_tokens=1), "### ",
                    "test", torch.device("cpu"))
     assert res.metrics == {"cos": 0.5, "slot_2": 0.25}
     assert decoding.CPU_CACHE_BUFFERS.flats == []  # evaluation hands its cache buffers back when it ends
+    assert decoding.STATIC_BUFFERS.buffers == {}
 
 
 def _no_cache(model, prompt, n, eos_id):
@@ -314,3 +316,109 @@ def test_batches_of_a_decode_reuse_the_cache_buffers_and_decode_the_same():
         mp.setattr(decoding, "cache_zeros", lambda like, *shape: like.new_zeros(shape))
         fresh = greedy_decode(model, prefill_ids(model, ids, mask), 40, eos_id=-1, pad_id=0)
     assert torch.equal(first, fresh) and torch.equal(second, fresh)
+
+
+def _rows_ending_at_different_steps(model, n=20, seed=3, lengths=(3, 9, 5, 1, 7, 4, 6, 2, 8)):
+    """Prompts, an eos that some rows make early and others never, and what greedy_decode makes."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(2, 40, (k,), generator=g).tolist() for k in lengths]
+    ids, mask = left_pad(prompts, pad_id=0)
+    free = greedy_decode(model, prefill_ids(model, ids, mask), n, eos_id=-1, pad_id=0)
+    eos = _common_token([row.tolist() for row in free])
+    want = greedy_decode(model, prefill_ids(model, ids, mask), n, eos_id=eos, pad_id=0)
+    assert len({int((row == eos).nonzero()[0]) if (row == eos).any() else -1 for row in want}) > 2
+    return ids, mask, eos, want
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_static_decode_equals_the_growing_one_on_fixed_buffers(name, attn):
+    """A static decode (CUDA graphs' shapes): the same tokens; one cache reservation for the whole
+    answer, a multiple of STATIC_BUCKET; finished rows leave only down to powers of two; and the
+    next batch of the same shapes runs on the very same buffers (no new CUDA graph record)."""
+    model = _model(name, attn)
+    # eager: equal lengths (transformers' eager LLaMA gets a left-padded prompt wrong, see above)
+    ids, mask, eos, want = _rows_ending_at_different_steps(model, lengths=(3, 9, 5, 1, 7, 4, 6, 2, 8) if attn == "sdpa"
+                                                           else (5,) * 9)
+    decoding.STATIC_BUFFERS.release()
+    rows, shapes = [], set()
+
+    def seen(module, args, kw):
+        rows.append(kw["input_ids"].shape[0])
+        shapes.update(tuple(layer.keys.shape[2:]) for layer in kw["past_key_values" if "past_key_values" in kw
+                                                                   else "cache"].layers)
+    state = prefill_ids(model, ids, mask)
+    hook = model.register_forward_pre_hook(seen, with_kwargs=True)
+    try:
+        got = decoding.decode(decoding.lm_step(model), state, 20, eos, 0, lm=model, static=True)
+    finally:
+        hook.remove()
+    assert torch.equal(got, want)
+    capacity = -(-(ids.shape[1] + 20) // decoding.STATIC_BUCKET) * decoding.STATIC_BUCKET
+    assert shapes == {(capacity, state.cache.layers[0].keys.shape[-1])}  # one reservation, never grown
+    running = [int((want[:, :t + 1] != eos).all(1).sum()) for t in range(len(rows))]  # rows running after token t
+    sizes = [len(ids)]
+    for live in running:  # the step after token t runs the running rows, with finished ones up to a power of two
+        sizes.append(decoding.static_rows(sizes[-1], live))
+    assert rows == sizes[1:] and len(set(rows)) > 1 and all(r & (r - 1) == 0 for r in rows if r < len(ids)), (rows, running)
+    ptrs = {k: b.data_ptr() for k, b in decoding.STATIC_BUFFERS.buffers.items()}
+    again = decoding.decode(decoding.lm_step(model), prefill_ids(model, ids, mask), 20, eos, 0, lm=model, static=True)
+    assert torch.equal(again, want) and {k: b.data_ptr() for k, b in decoding.STATIC_BUFFERS.buffers.items()} == ptrs
+    decoding.STATIC_BUFFERS.release()
+    assert decoding.STATIC_BUFFERS.buffers == {}
+
+
+def test_static_compiled_decode_traces_once_and_runs_on_gpus_only(monkeypatch):
+    """`--eval.compile` decodes statically where CUDA graphs exist (STATIC_DEVICES), its step
+    compiled for them ("reduce-overhead"). Every step after the first runs the graph traced then,
+    and at one batch size every integer the graph takes is the same at every step: CUDA graphs
+    record one graph per value of each (a position kept as a Python int, or a growing cache, would
+    record one per token). Traced here with the "aot_eager" backend (inductor's CUDA graphs need a
+    GPU: benchmarks/gpu_checks.sh)."""
+    model = _model("tiny-llama")
+    ids, mask, eos, want = _rows_ending_at_different_steps(model)
+    traced, modes, steps, ints = [], [], [], []
+    aot_eager = torch._dynamo.lookup_backend("aot_eager")
+
+    def counting(gm, inputs):
+        traced.append(len(gm.graph.nodes))
+        run = aot_eager(gm, inputs)
+
+        def called(*args):
+            ints.append(tuple(a for a in args if isinstance(a, int)))  # the symbolic sizes' values
+            return run(*args)
+        return called
+
+    def compiled(lm, mode=None):
+        modes.append(mode)
+        if mode is None:  # the growing decode's compiled step: test_compiled_step_decodes_what_the_eager_step_does
+            return decoding.lm_step(lm)
+        step = torch.compile(decoding.lm_step(lm), dynamic=True, backend=counting)
+
+        def counted(tok, cache, **kw):
+            before = len(traced)
+            out = step(tok, cache, **kw)
+            steps.append((tok.shape[0], len(traced) - before))
+            return out
+        return counted
+    monkeypatch.setattr(decoding, "compiled_step", compiled)
+    torch._dynamo.reset()
+    monkeypatch.setattr(decoding, "STATIC_DEVICES", ("cpu",))
+    got = greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=eos, pad_id=0, compile=True)
+    assert torch.equal(got, want) and modes == ["reduce-overhead"]
+    assert steps[0][1] >= 1 and all(n == 0 for _, n in steps[1:]), steps  # traced at the first step only
+    assert len({b for b, _ in steps}) > 1  # though the batch shrank
+    by_batch = {}
+    for (b, _), values in zip(steps, ints):
+        by_batch.setdefault(b, set()).add(values)
+    assert all(len(v) == 1 for v in by_batch.values()), by_batch
+    monkeypatch.setattr(decoding, "STATIC_DEVICES", ("cuda",))
+    rows = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        assert torch.equal(greedy_decode(model, prefill_ids(model, ids, mask), 20, eos_id=eos, pad_id=0,
+                                         compile=True), want)
+    finally:
+        hook.remove()
+    assert modes == ["reduce-overhead", None]  # on the CPU: the growing decode, finished rows leave at once
+    assert rows[1] < len(ids) and any(r & (r - 1) for r in rows[1:])  # sizes that are not powers of two

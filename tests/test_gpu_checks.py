@@ -83,7 +83,7 @@ def test_every_python_process_starts_through_py():
 def test_an_unknown_part_is_refused(tmp_path):
     p = run_script("all", tmp_path, 30)
     assert p.returncode == 2
-    assert p.stderr.strip() == "usage: bash benchmarks/gpu_checks.sh kernels|train|where (got 'all')"
+    assert p.stderr.strip() == "usage: bash benchmarks/gpu_checks.sh kernels|train|decode|where (got 'all')"
 
 
 @pytest.mark.skipif(not os.environ.get("SIMCOT_REHEARSAL_PYTHON"),

@@ -105,9 +105,9 @@ class EvalConfig:
     seed: int = opt(0, "Seed of sampled decoding")
     compile: bool = opt(False, "Run evaluation's single-position steps (latent steps, <eot>, each answer token) "
                         "through torch.compile (dynamic shapes; the first batches pay the compile, tens of "
-                        "seconds). It pays where a step is overhead-bound "
-                        "(small batches, GPUs); on the CPU at batch 256 it costs about what the eager step does "
-                        "(benchmarks/README.md, rollout)")
+                        "seconds). On a GPU the answer tokens decode with static shapes as CUDA graphs "
+                        "(mode reduce-overhead; not measured on a GPU yet). On the CPU it pays most where a step is "
+                        "overhead-bound (small batches) and little at batch 256 (benchmarks/README.md, rollout)")
 
 
 @dataclass

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from simcot import parallel
-from simcot.models.decoding import CPU_CACHE_BUFFERS, greedy_decode, trim_at_eos
+from simcot.models.decoding import CPU_CACHE_BUFFERS, STATIC_BUFFERS, greedy_decode, trim_at_eos
 from simcot.parallel import gather_objects, rank_max
 from simcot.train.data.answers import extract, is_correct
 from simcot.train.data.examples import Example
@@ -147,6 +147,7 @@ def evaluate(model, method, examples: list[Example], tok, ecfg, answer_prefix: s
     _sync(device)
     seconds = time.perf_counter() - t0
     CPU_CACHE_BUFFERS.release()  # the last batch's cache buffers: training does not need them
+    STATIC_BUFFERS.release()  # a GPU's static decode buffers (--eval.compile), likewise
     if was_training:
         model.train()
     parts = gather_objects(local)
