@@ -198,3 +198,36 @@ def test_simcot_decoders_under_zero3_two_processes_match_one(tmp_path, decoder):
     torchrun(tmp_path, "one", 1, **extra)
     torchrun(tmp_path, "two", 2, **extra)
     same_losses(tmp_path, "one", "two", 6)
+
+
+def test_a_stale_extension_build_lock_is_named_before_deepspeed_starts(tmp_path, monkeypatch, capsys):
+    """A process killed while it JIT-built a DeepSpeed op leaves torch's build lock behind, and the
+    next DeepSpeed start waits on it forever, silently. init_distributed names it first (path and
+    age), and leaves a fresh lock (a build running now) alone."""
+    import types
+
+    import torch.distributed as dist
+
+    from simcot.train.config import Config
+    from simcot.train.engines import distributed
+
+    old, fresh = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "cpu_adam" / "lock"
+    for lock in (old, fresh):
+        lock.parent.mkdir()
+        lock.touch()
+    stamp = time.time() - 3600
+    os.utime(old, (stamp, stamp))
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+        monkeypatch.setenv(k, v)
+    started = []
+    monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=lambda **kw: started.append(
+        capsys.readouterr().err)))  # what was said before DeepSpeed started
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    cfg = Config()
+    cfg.deepspeed.enabled = True
+    distributed.init_distributed(cfg)
+    assert started == [f"simcot: warning: {old} is 60 minutes old: a build of the torch extension 'deepspeed_shm_comm' "
+                       "was killed while holding it, and DeepSpeed waits on it forever when it builds that op; delete "
+                       "the file if no build is running\n"]
+    assert distributed.warn_stale_build_locks(now=time.time() + 3600) == [fresh, old]  # an hour on, both are

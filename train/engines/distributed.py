@@ -10,8 +10,10 @@ from __future__ import annotations
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -44,6 +46,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+STALE_LOCK_MINUTES = 10  # a torch extension build holds its lock for a minute or two
+
+
+def extension_build_locks() -> list[Path]:
+    """The lock files of torch's JIT extension builds (DeepSpeed's ops): `$TORCH_EXTENSIONS_DIR/<op>/lock`,
+    else `~/.cache/torch_extensions/<python>_<accelerator>/<op>/lock` (torch.utils.cpp_extension)."""
+    env = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if env:
+        return sorted(Path(env).glob("*/lock"))
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return sorted(Path(get_default_build_root()).glob("*/*/lock"))
+
+
+def warn_stale_build_locks(now: float | None = None) -> list[Path]:
+    """One line on stderr per build lock older than STALE_LOCK_MINUTES; returns them.
+
+    A process killed while it JIT-builds an op (DeepSpeed builds its CPU shared-memory op in
+    `init_distributed`) leaves the lock behind, and every later build of that op waits for it
+    without end and without a word: a run that hangs at start-up. The lock is not removed here, as
+    another process may be building right now; the line says which file and how old it is."""
+    now = time.time() if now is None else now
+    stale = []
+    for lock in extension_build_locks():
+        try:
+            age = now - lock.stat().st_mtime
+        except OSError:  # removed meanwhile: its build ended
+            continue
+        if age > STALE_LOCK_MINUTES * 60:
+            stale.append(lock)
+            print(f"simcot: warning: {lock} is {age / 60:.0f} minutes old: a build of the torch extension "
+                  f"'{lock.parent.name}' was killed while holding it, and DeepSpeed waits on it forever when it "
+                  "builds that op; delete the file if no build is running", file=sys.stderr, flush=True)
+    return stale
+
+
 def init_distributed(cfg) -> DistInfo:
     """Start the process group when DeepSpeed is in use (gloo on CPU, nccl on GPU)."""
     info = dist_env()
@@ -60,6 +98,8 @@ def init_distributed(cfg) -> DistInfo:
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     if not dist.is_initialized():
+        if info.local_rank == 0:  # one line per machine, before DeepSpeed may wait on a stale lock
+            warn_stale_build_locks()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
