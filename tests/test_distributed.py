@@ -218,7 +218,8 @@ def test_a_stale_extension_build_lock_is_named_before_deepspeed_starts(tmp_path,
     stamp = time.time() - 3600
     os.utime(old, (stamp, stamp))
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}.items():
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": "1"}.items():
         monkeypatch.setenv(k, v)
     started = []
     monkeypatch.setitem(sys.modules, "deepspeed", types.SimpleNamespace(init_distributed=lambda **kw: started.append(
