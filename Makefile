@@ -9,7 +9,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ALLOW_NVIDIA ?= 0
 BIN := $(VENV)/bin
-PYTEST_ARGS ?= -q
+# the suite in parallel workers (pytest-xdist), at most 4, one torch thread each (tests/conftest.py): half of its
+# time is processes starting and waiting (DeepSpeed launches, CLI runs), which a second worker fills
+PYTEST_ARGS ?= -q -n auto --maxprocesses=4 --dist worksteal
 MEASURE_ARGS ?=
 
 .PHONY: setup run test measure bench clean

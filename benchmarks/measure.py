@@ -194,11 +194,13 @@ def measure_suite(args, workdir: Path) -> None:
             (Path(tmp) / "shared").symlink_to(REPO.parent / "shared")
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True).stdout.strip()
         out, err, wall = _run(["bash", ".ci/run"], workdir / "logs" / "suite.log", args.threads, cwd=clone)
+        pytest_args = re.search(r"^PYTEST_ARGS \?= (.*)$", (clone / "Makefile").read_text(), re.M).group(1)
     counts = dict((k, int(n)) for n, k in re.findall(r"(\d+) (passed|skipped|failed|errors?)", out + err))
-    data = {"clone_commit": head, "wall_seconds": wall, **counts}
-    md = ("| command | passed | skipped | wall (set-up of the venv included) |\n|---|---:|---:|---:|\n"
-          f"| `git clone ... && bash .ci/run` | {counts.get('passed', 0)} | {counts.get('skipped', 0)} | "
-          f"{wall / 60:.1f} min |")
+    data = {"clone_commit": head, "wall_seconds": wall, "pytest_args": pytest_args, **counts}
+    md = ("| command | pytest arguments | passed | skipped | wall (set-up of the venv included) |\n"
+          "|---|---|---:|---:|---:|\n"
+          f"| `git clone ... && bash .ci/run` | `{pytest_args}` | {counts.get('passed', 0)} | "
+          f"{counts.get('skipped', 0)} | {wall / 60:.1f} min |")
     write_results("suite_cpu", data, md, meta=meta)
 
 

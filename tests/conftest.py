@@ -19,7 +19,9 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SIMCOT_DATA_DIR", REPO.parent / "shared" / "data"))
 
-torch.set_num_threads(2)
+# two threads, or one in each of pytest-xdist's workers (`make test`: a worker per core; more threads than
+# cores spin-wait)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 @pytest.fixture(autouse=True, scope="session")
