@@ -11,7 +11,7 @@ ALLOW_NVIDIA ?= 0
 BIN := $(VENV)/bin
 # the suite in parallel workers (pytest-xdist), at most 4, one torch thread each (tests/conftest.py): half of its
 # time is processes starting and waiting (DeepSpeed launches, CLI runs), which a second worker fills
-PYTEST_ARGS ?= -q -n auto --maxprocesses=4 --dist worksteal
+PYTEST_ARGS ?= -q -n auto --maxprocesses=4
 MEASURE_ARGS ?=
 
 .PHONY: setup run test measure bench clean
