@@ -9,8 +9,9 @@ VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 ALLOW_NVIDIA ?= 0
 BIN := $(VENV)/bin
-# the suite in parallel workers (pytest-xdist), at most 4, one torch thread each (tests/conftest.py): half of its
-# time is processes starting and waiting (DeepSpeed launches, CLI runs), which a second worker fills
+# the suite in parallel workers (pytest-xdist), at most 4, one torch thread each (tests/conftest.py). Run in one
+# process it kept 2 cores two-thirds busy (12.2 CPU-minutes in 9.3 minutes): DeepSpeed launches and CLI runs
+# start processes and wait on them, time a second worker fills (7.0 minutes in two workers)
 PYTEST_ARGS ?= -q -n auto --maxprocesses=4
 MEASURE_ARGS ?=
 
