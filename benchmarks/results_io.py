@@ -23,12 +23,24 @@ RESULTS_ENV = "SIMCOT_RESULTS_DIR"  # a folder that takes every results file ins
 REPO = Path(__file__).resolve().parents[1]
 
 
+# What measuring itself writes: the results files and the README blocks rendered from them. A change
+# there is not a change of the code measured (`make measure`'s later rows find the earlier rows'
+# files written, and were all marked dirty).
+MEASURE_OUTPUTS = ("benchmarks/results", "README.md", "benchmarks/README.md")
+
+
 def _git(*args: str) -> str:
     try:
         p = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
         return p.stdout.strip() if p.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
         return ""
+
+
+def tree_dirty() -> bool:
+    """Tracked files differ from the commit, outside MEASURE_OUTPUTS (False outside a git checkout)."""
+    excluded = [f":(exclude){path}" for path in MEASURE_OUTPUTS]
+    return bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded))
 
 
 def machine_meta(device: str = "cpu", command: str | None = None) -> dict:
@@ -39,7 +51,7 @@ def machine_meta(device: str = "cpu", command: str | None = None) -> dict:
         "command": command or "python " + " ".join(shlex.quote(a) for a in
                                                    [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]]),
         "commit": _git("rev-parse", "HEAD") or "unknown",
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": tree_dirty(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "device": device,
         "machine": platform.machine(),

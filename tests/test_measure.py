@@ -55,3 +55,33 @@ def test_each_benchmark_row_runs_the_command_its_committed_figure_records(monkey
         recorded = json.loads((REPO / "benchmarks" / "results" / f"{results[Path(cmd[1]).name]}.json").read_text())
         command = "python " + " ".join(shlex.quote(c) for c in [os.path.relpath(cmd[1], REPO), *cmd[2:]])
         assert command == recorded["meta"]["command"]
+
+
+def test_a_tree_changed_only_in_what_measuring_writes_is_not_dirty(tmp_path, monkeypatch):
+    """`make measure` runs its rows one after the other: each later row found the results files and
+    README blocks of the rows before it changed, and its figures were marked `+dirty`."""
+    import subprocess
+    import sys
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import results_io
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    repo = tmp_path / "repo"
+    for path in ("README.md", "benchmarks/README.md", "benchmarks/results/x.json", "train/loop.py"):
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text("v1\n")
+    git = lambda *a: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *a], cwd=repo,  # noqa: E731
+                                    check=True, capture_output=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "one")
+    monkeypatch.setattr(results_io, "REPO", repo)
+    assert results_io.machine_meta()["dirty"] is False
+    for path in ("README.md", "benchmarks/README.md", "benchmarks/results/x.json"):  # what a row writes
+        (repo / path).write_text("v2\n")
+    (repo / "benchmarks" / "results" / "new.json").write_text("{}")  # untracked
+    assert results_io.machine_meta()["dirty"] is False
+    (repo / "train" / "loop.py").write_text("v2\n")  # the code measured
+    assert results_io.machine_meta()["dirty"] is True
