@@ -18,15 +18,17 @@ import sys
 import time
 from pathlib import Path
 
+from render_readme import READMES
+
 RESULTS = Path(__file__).resolve().parent / "results"
 RESULTS_ENV = "SIMCOT_RESULTS_DIR"  # a folder that takes every results file instead (gpu_checks.sh: its archive)
 REPO = Path(__file__).resolve().parents[1]
 
 
-# What measuring itself writes: the results files and the README blocks rendered from them. A change
-# there is not a change of the code measured (`make measure`'s later rows find the earlier rows'
-# files written, and were all marked dirty).
-MEASURE_OUTPUTS = ("benchmarks/results", "README.md", "benchmarks/README.md")
+# What measuring itself writes: the results files and the READMEs that render_readme.py renders from
+# them. A change there is not a change of the code measured (`make measure`'s later rows find the
+# earlier rows' files written, and were all marked dirty).
+MEASURE_OUTPUTS = tuple(str(path.relative_to(REPO)) for path in (RESULTS, *READMES))
 
 
 def _git(*args: str) -> str:
