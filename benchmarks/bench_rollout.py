@@ -17,8 +17,10 @@ tiny Llama and the tiny GPT-2 the issue measured with, `--eval-models`):
             step attention stays one op (`models/step_attention.py`) and inductor fuses the rest
   floor     (CPU) one more batched call at the largest batch under torch.profiler: the share of its
             CPU time in matrix multiplies (the linear layers' `mm`, attention's `bmm`), the linear
-            layers' GFLOP/s against a 1024^3 fp32 GEMM timed in the same process, and the speed-up
-            the batched path would reach if nothing but its matrix multiplies took time
+            layers' GFLOP/s against a 1024^3 fp32 GEMM timed in the same process, the speed-up
+            the batched path would reach if nothing but its matrix multiplies took time, and the
+            one it would reach if the single-position steps' attention (`step_attention`, all of
+            it: both matmuls, the mask, the softmax) took none: what any attention kernel could win
 
 Every figure is the median of interleaved rounds (each round times every variant once), in one
 process with a set thread count (default 1). Results: benchmarks/results/rollout_<device>[_quick].{json,md}.
@@ -29,6 +31,7 @@ On a GPU the compiled decode is static (`decoding.decode(static=True)`) and its 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 
@@ -36,7 +39,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from results_io import write_results
-from simcot.models import decoding
+from simcot.models import decoding, step_attention
 from simcot.models.decoding import greedy_decode, left_pad
 from simcot.models.latent_lm import LatentLM
 from simcot.models.presets import PRESETS
@@ -126,21 +129,43 @@ def eval_batched(model, b, new_tokens, compile=False):
 
 
 LINEAR, ATTENTION = ("aten::mm", "aten::addmm"), ("aten::bmm", "aten::baddbmm")
+STEP_ATTENTION = "simcot_step_attention"  # the profiler range of each call of the steps' attention
+
+
+@contextlib.contextmanager
+def labelled_step_attention():
+    """Inside the block each call of `step_attention.cached_step_attention` (the CPU steps' eager
+    attention) runs in a profiler range named STEP_ATTENTION, which holds its whole time."""
+    inner = step_attention.cached_step_attention
+
+    def labelled(*args, **kwargs):
+        with torch.profiler.record_function(STEP_ATTENTION):
+            return inner(*args, **kwargs)
+    step_attention.cached_step_attention = labelled
+    try:
+        yield
+    finally:
+        step_attention.cached_step_attention = inner
 
 
 def matmul_shares(fn) -> dict:
     """One call of `fn` under torch.profiler (CPU): the shares of its self CPU time spent in the
-    linear layers' matrix multiplies and in attention's batched ones, and the linear layers' GFLOP/s.
-    The profiler's own per-op cost lands in the rest, so the shares are slight underestimates."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
+    linear layers' matrix multiplies, in attention's batched ones, and in the single-position steps'
+    attention as a whole (`labelled_step_attention`: its matmuls, mask and softmax), and the linear
+    layers' GFLOP/s. The profiler's own per-op cost lands in the rest, so the shares are slight
+    underestimates."""
+    with labelled_step_attention(), torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
         fn()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)  # us
     linear = [e for e in events if e.key in LINEAR]
     linear_us = sum(e.self_cpu_time_total for e in linear)
     attention_us = sum(e.self_cpu_time_total for e in events if e.key in ATTENTION)
+    step_attention_us = sum(e.cpu_time_total for e in events if e.key == STEP_ATTENTION)  # inclusive
     return {"linear_share": linear_us / total, "attention_share": attention_us / total,
-            "linear_gflops": sum(e.flops for e in linear) / linear_us / 1e3}
+            "step_attention_share": step_attention_us / total,
+            "linear_gflops": sum(e.flops for e in linear) / linear_us / 1e3 if linear_us else 0.0}
 
 
 def gemm_peak_gflops(device, n: int = 1024, repeats: int = 10) -> float:
@@ -243,6 +268,7 @@ def main():
                 if args.compiled:
                     gen_c = eval_batched(model, b, new_tokens, compile=True)
                     evals[-1].update(compiled_samples_per_s=bs / t[f"{bs}c"], compiled_over_eager=t[bs] / t[f"{bs}c"],
+                                     compiled_speedup=bs / t[f"{bs}c"] / sps_ref,
                                      compiled_identical=torch.equal(gen_c, gen))
                 print(f"eval        {size:5s} B={bs:3d} L={args.latents}, {new_tokens} new tokens: batched "
                       f"{sps:.1f} samples/s | per-sample no cache {sps_ref:.2f} samples/s | {sps / sps_ref:.1f}x "
@@ -255,12 +281,14 @@ def main():
                                if (e["model"], e["batch"], e["new_tokens"]) == (size, bs, new_tokens))
                 floors.append({"model": size, "batch": bs, "new_tokens": new_tokens, "speedup": speedup, **shares,
                                "peak_gflops": peak,
-                               "bound_matmuls_only": speedup / (shares["linear_share"] + shares["attention_share"])})
+                               "bound_matmuls_only": speedup / (shares["linear_share"] + shares["attention_share"]),
+                               "bound_attention_free": speedup / (1 - shares["step_attention_share"])})
                 print(f"floor       {size:5s} B={bs} {new_tokens} new tokens: linear layers "
                       f"{shares['linear_share']:.0%} of the time at {shares['linear_gflops']:.0f} GFLOP/s "
                       f"(a {peak:.0f} GFLOP/s GEMM), attention matmuls {shares['attention_share']:.0%}: "
                       f"at most {floors[-1]['bound_matmuls_only']:.1f}x "
-                      f"if nothing else cost", flush=True)
+                      f"if nothing else cost; step attention {shares['step_attention_share']:.0%}: "
+                      f"{floors[-1]['bound_attention_free']:.1f}x if it cost nothing", flush=True)
     name = f"{args.results_base}_{device.type}{'_quick' if args.quick else ''}"
     md = [f"Times: medians of {rounds} interleaved rounds, {clock}.", "",
           "| model | batch | latents | batched (s) | multi-pass (s) | vs batched | per-sample (s) | vs batched |",
@@ -278,19 +306,21 @@ def main():
         md += ["", "Compiled single-position steps (`--eval.compile`: latents, `<eot>`, answer tokens) against "
                "the eager ones, same batches and rounds:", "",
                "| model | batch | new tokens | compiled (samples/s) | eager (samples/s) | compiled / eager "
-               "| identical |", "|---|---:|---:|---:|---:|---:|---|"]
+               "| compiled / per-sample | identical |", "|---|---:|---:|---:|---:|---:|---:|---|"]
         md += [f"| {e['model']} | {e['batch']} | {e['new_tokens']} | {e['compiled_samples_per_s']:.1f} | "
-               f"{e['batched_samples_per_s']:.1f} | {e['compiled_over_eager']:.2f}x | "
+               f"{e['batched_samples_per_s']:.1f} | {e['compiled_over_eager']:.2f}x | {e['compiled_speedup']:.1f}x | "
                f"{'yes' if e['compiled_identical'] else 'NO'} |" for e in evals]
     if floors:
         md += ["", "Where the largest batch's time goes (one more call under torch.profiler, self CPU time per op; "
                "GFLOP/s against a 1024^3 fp32 GEMM in the same process):", "",
                "| model | batch | new tokens | speed-up | linear layers' matmuls | their GFLOP/s (GEMM's) "
-               "| attention's matmuls | rest | speed-up if only the matmuls cost |",
-               "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+               "| attention's matmuls | rest | speed-up if only the matmuls cost "
+               "| step attention, all of it | speed-up if it cost nothing |",
+               "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         md += [f"| {f['model']} | {f['batch']} | {f['new_tokens']} | {f['speedup']:.1f}x | {f['linear_share']:.0%} | "
                f"{f['linear_gflops']:.0f} ({f['peak_gflops']:.0f}) | {f['attention_share']:.0%} | "
-               f"{1 - f['linear_share'] - f['attention_share']:.0%} | {f['bound_matmuls_only']:.1f}x |" for f in floors]
+               f"{1 - f['linear_share'] - f['attention_share']:.0%} | {f['bound_matmuls_only']:.1f}x | "
+               f"{f['step_attention_share']:.0%} | {f['bound_attention_free']:.1f}x |" for f in floors]
     path = write_results(name, {"train_step": rows, "eval": evals, "floor": floors, "rounds": rounds, "clock": clock},
                          "\n".join(md),
                          device=str(device))

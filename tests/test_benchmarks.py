@@ -112,6 +112,37 @@ def test_rollout_floor_counts_linear_and_attention_matmuls_apart():
     assert mixed["linear_share"] + mixed["attention_share"] <= 1.0
 
 
+def test_rollout_floor_times_the_whole_step_attention_inclusive():
+    """The floor table's attention-free bound divides by 1 - the step attention's share: the whole
+    time of `step_attention.cached_step_attention` (both matmuls, mask, softmax), not only its
+    bmm calls, and only while profiling (the function is itself again after)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_rollout
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    import torch
+    from simcot.models import step_attention
+
+    own = step_attention.cached_step_attention
+    q, k, v = torch.randn(64, 4, 1, 48), torch.randn(64, 4, 40, 48), torch.randn(64, 4, 40, 48)
+    mask = torch.zeros(64, 1, 1, 40)
+    x, w = torch.randn(2048, 192), torch.randn(512, 192)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        only_attention = bench_rollout.matmul_shares(
+            lambda: [step_attention._attention(None, q, k, v, mask) for _ in range(100)])
+        only_linear = bench_rollout.matmul_shares(lambda: [torch.nn.functional.linear(x, w) for _ in range(20)])
+    finally:
+        torch.set_num_threads(before)
+    assert step_attention.cached_step_attention is own
+    # inclusive: its bmm calls and the softmax, mask add and output copy around them
+    assert only_attention["step_attention_share"] > only_attention["attention_share"] > 0.0
+    assert only_attention["step_attention_share"] > 0.8
+    assert only_linear["step_attention_share"] == 0.0
+
+
 def test_rollout_baseline_runs_no_more_samples_than_its_batch_holds():
     """The baseline's samples/s divide by the samples it ran: the largest batch's first rows. With
     batches smaller than the samples asked (--eval-batches 1), the count used to stay at what was
