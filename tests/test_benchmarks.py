@@ -1,6 +1,8 @@
 """The benchmark scripts that a GPU session will run in one go still run: a CPU smoke run each
 (the figures themselves are measured on a GPU, never asserted here)."""
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
@@ -8,6 +10,27 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def import_bench_rollout():
+    """benchmarks/bench_rollout.py as a module (benchmarks/ is no package: on sys.path for the import only)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        return importlib.import_module("bench_rollout")
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread inside the block, as the rollout benchmark profiles; the suite's count after."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_train_step_benchmark_measures_a_method_and_reports_the_plan(tmp_path):
@@ -86,11 +109,7 @@ def test_land_sweep_grid_remakes_the_sweeps_tables_from_its_cells(tmp_path):
 def test_rollout_floor_counts_linear_and_attention_matmuls_apart():
     """The rollout benchmark's floor table splits a profiled call's CPU time into the linear
     layers' matmuls (mm/addmm, with their FLOPs) and attention's batched ones (bmm)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_rollout
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench_rollout = import_bench_rollout()
     import torch
     x, w, q, k = torch.randn(2048, 192), torch.randn(512, 192), torch.randn(64, 1, 48), torch.randn(64, 48, 40)
 
@@ -98,15 +117,12 @@ def test_rollout_floor_counts_linear_and_attention_matmuls_apart():
     # the ops around each mm (linear, t, matmul) cost the same per call, and with 256-row inputs, one
     # linear call against 50 bmm calls and two threads on a loaded machine, the shares swung from run
     # to run (linear 0.74 in a CI run of 2026-12-07; attention 0.02 with two busy loops beside it).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         only_linear = bench_rollout.matmul_shares(lambda: [torch.nn.functional.linear(x, w) for _ in range(20)])
         mixed = bench_rollout.matmul_shares(lambda: ([q @ k for _ in range(400)],
                                                      [torch.nn.functional.linear(x, w) for _ in range(5)]))
-    finally:
-        torch.set_num_threads(before)
     assert only_linear["linear_share"] > 0.8 and only_linear["attention_share"] == 0.0
+    assert only_linear["step_attention_share"] == 0.0  # no call of the steps' attention
     assert 1.0 < only_linear["linear_gflops"] < 1e4  # 20 x 2*2048*192*512 FLOPs counted, over their time
     assert mixed["attention_share"] > 0.05 and mixed["linear_share"] > 0.05
     assert mixed["linear_share"] + mixed["attention_share"] <= 1.0
@@ -115,43 +131,29 @@ def test_rollout_floor_counts_linear_and_attention_matmuls_apart():
 def test_rollout_floor_times_the_whole_step_attention_inclusive():
     """The floor table's attention-free bound divides by 1 - the step attention's share: the whole
     time of `step_attention.cached_step_attention` (both matmuls, mask, softmax), not only its
-    bmm calls, and only while profiling (the function is itself again after)."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_rollout
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bmm calls, and only while profiling (the function is itself again after; a call without it has
+    a share of 0: the test before)."""
+    bench_rollout = import_bench_rollout()
     import torch
     from simcot.models import step_attention
 
     own = step_attention.cached_step_attention
     q, k, v = torch.randn(64, 4, 1, 48), torch.randn(64, 4, 40, 48), torch.randn(64, 4, 40, 48)
     mask = torch.zeros(64, 1, 1, 40)
-    x, w = torch.randn(2048, 192), torch.randn(512, 192)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         only_attention = bench_rollout.matmul_shares(
             lambda: [step_attention._attention(None, q, k, v, mask) for _ in range(100)])
-        only_linear = bench_rollout.matmul_shares(lambda: [torch.nn.functional.linear(x, w) for _ in range(20)])
-    finally:
-        torch.set_num_threads(before)
     assert step_attention.cached_step_attention is own
     # inclusive: its bmm calls and the softmax, mask add and output copy around them
     assert only_attention["step_attention_share"] > only_attention["attention_share"] > 0.0
     assert only_attention["step_attention_share"] > 0.8
-    assert only_linear["step_attention_share"] == 0.0
 
 
 def test_rollout_baseline_runs_no_more_samples_than_its_batch_holds():
     """The baseline's samples/s divide by the samples it ran: the largest batch's first rows. With
     batches smaller than the samples asked (--eval-batches 1), the count used to stay at what was
     asked, and the baseline looked 4x faster than it was."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    try:
-        import bench_rollout
-    finally:
-        sys.path.remove(str(REPO / "benchmarks"))
+    bench_rollout = import_bench_rollout()
     assert bench_rollout.baseline_samples(8, False, [1, 32, 256]) == 8
     assert bench_rollout.baseline_samples(8, True, [1, 32, 256]) == 4
     assert bench_rollout.baseline_samples(8, True, [1]) == 1
